@@ -1,0 +1,200 @@
+"""Command line: a thin layer over `orchestrator.api`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator import api
+from orchestrator.config import load_config
+from orchestrator.console import ConsoleView
+from orchestrator.errors import LfsorchError
+from orchestrator.models import stage_json_schema
+from orchestrator.state import RunState
+
+app = typer.Typer(
+    name="lfsorch",
+    help="Build Linux From Scratch stage by stage, each package in a fresh container.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Show the configuration and where each value comes from.")
+app.add_typer(config_app, name="config")
+
+out = Console(highlight=False, soft_wrap=True)
+
+StageFiles = Annotated[list[Path], typer.Argument(help="stage files (YAML)", show_default=False)]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option("-o", "--option", help="configuration override KEY=VALUE (repeatable)"),
+]
+
+
+@app.command()
+def validate(files: StageFiles) -> None:
+    """Check stage files (syntax, schema, dependency graph) without Docker."""
+    plan = api.validate(files)
+    for stage_plan in plan.stages:
+        count = len(stage_plan.file.stage.packages)
+        out.print(f"{stage_plan.file.path}: stage {stage_plan.name}: {count} package(s), valid")
+
+
+@app.command()
+def plan(
+    files: StageFiles,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Print the build order: levels of packages that may build side by side."""
+    result = api.validate(files)
+    if as_json:
+        print(json.dumps(result.as_json(), indent=2))
+        return
+    for stage_plan in result.stages:
+        out.print(f"stage {stage_plan.name} ({stage_plan.file.path})")
+        for number, level in enumerate(stage_plan.levels, start=1):
+            out.print(f"  {number:>2}. {'  '.join(level)}")
+
+
+@app.command()
+def schema() -> None:
+    """Print the JSON Schema of the stage file format (for editors)."""
+    print(json.dumps(stage_json_schema(), indent=2))
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command()
+def run(
+    files: StageFiles,
+    lfs: Annotated[
+        Path, typer.Option("--lfs", help="the LFS partition (bind-mounted at /mnt/lfs)")
+    ],
+    parallel: Annotated[
+        int | None, typer.Option("--parallel", "-j", min=1, help="packages built side by side")
+    ] = None,
+    option: Overrides = None,
+) -> None:
+    """Build the stages, each package in a fresh container; resumes after a failure."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    config = load_config(option or [])
+    state = api.run(files, lfs, overrides=option or [], parallel=parallel, view=ConsoleView(out))
+    _print_summary(state, config.settings.log_tail_lines)
+    if state.outcome != "succeeded":
+        raise typer.Exit(1)
+
+
+def _print_summary(state: RunState, tail_lines: int) -> None:
+    counts: dict[str, int] = {}
+    for package in state.packages:
+        counts[package.status] = counts.get(package.status, 0) + 1
+    summary = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    out.print(f"\nrun {state.run_id} {state.outcome}: {summary}")
+    for package in state.packages:
+        if package.status != "failed":
+            continue
+        last = package.attempts[-1] if package.attempts else None
+        reason = last.error if last and last.error else f"exit status {package.exit_code}"
+        out.print(f"\nFAILED {package.stage}/{package.name}: {reason}", markup=False)
+        for line in api.log_tail(package, tail_lines):
+            out.print(f"  | {line}", markup=False)
+        out.print(f"  whole log: {package.log}", markup=False)
+
+
+def _status_table(state: RunState) -> Table:
+    table = Table(title=f"run {state.run_id} ({state.outcome})")
+    for column in (
+        "stage",
+        "package",
+        "status",
+        "tries",
+        "exit",
+        "oom",
+        "time",
+        "cpu s",
+        "mem peak",
+    ):
+        table.add_column(column)
+    for p in state.packages:
+        table.add_row(
+            p.stage,
+            p.name,
+            p.status,
+            str(len(p.attempts)),
+            "-" if p.exit_code is None else str(p.exit_code),
+            "yes" if p.oom_killed else "",
+            "-" if p.duration_s is None else f"{p.duration_s:.1f}s",
+            "-" if p.cpu_seconds is None else f"{p.cpu_seconds:.1f}",
+            "-" if p.memory_peak_bytes is None else f"{p.memory_peak_bytes / 2**20:.1f}MiB",
+        )
+    return table
+
+
+@app.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Show the last run: each package's status, attempts and container figures."""
+    state = api.last_run()
+    if state is None:
+        raise LfsorchError(
+            "no run recorded yet", hint="start one with `lfsorch run FILE --lfs DIR`"
+        )
+    if as_json:
+        print(json.dumps(state.status_json(), indent=2))
+    else:
+        out.print(_status_table(state))
+
+
+@app.command()
+def cleanup() -> None:
+    """Remove containers left behind by lfsorch processes that no longer exist."""
+    removed = api.cleanup()
+    out.print(f"removed {len(removed)} leftover container(s)" + (": " if removed else ""))
+    for name in removed:
+        out.print(f"  {name}")
+
+
+@config_app.command("show")
+def config_show(
+    option: Overrides = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Print every configuration value and the layer it came from."""
+    config = load_config(option or [])
+    rows = config.show()
+    if as_json:
+        data: dict[str, Any] = {
+            key: {"value": value, "from": origin} for key, value, origin in rows
+        }
+        print(json.dumps(data, indent=2))
+        return
+    table = Table(title="configuration")
+    for column in ("key", "value", "from"):
+        table.add_column(column)
+    for key, value, origin in rows:
+        table.add_row(key, json.dumps(value), origin)
+    out.print(table)
+
+
+def main() -> None:
+    try:
+        app()
+    except LfsorchError as exc:
+        err = Console(stderr=True, highlight=False, soft_wrap=True)
+        prefix = "" if getattr(exc, "problems", None) else "error: "
+        err.print(f"{prefix}{exc}", markup=False)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        sys.exit(130)

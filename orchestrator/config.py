@@ -1,0 +1,183 @@
+"""Layered configuration: each value remembers which layer set it.
+
+Layers, lowest first: built-in defaults, the system file, the profile, the user file,
+LFSORCH_* environment variables, and `-o key=value` on the command line.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import platformdirs
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from orchestrator.errors import ConfigError
+from orchestrator.models import CheckpointPolicy, Duration, Environment
+
+SYSTEM_FILE = Path("/etc/lfsorch/config.yaml")
+ENV_PREFIX = "LFSORCH_"
+Profile = Literal["minimal", "standard", "full"]
+
+
+def _default_makeflags() -> str:
+    return f"-j{os.cpu_count() or 1}"
+
+
+class Settings(BaseModel):
+    """Every configuration key, with its meaning."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    profile: Profile = Field("standard", description="minimal, standard or full")
+    image: str = Field("lfsorch/host:bookworm", description="image of stages that name none")
+    parallel_builds: int = Field(1, ge=1, le=64, description="packages built side by side")
+    makeflags: str = Field(
+        default_factory=_default_makeflags, description="MAKEFLAGS inside every build"
+    )
+    timeout: Duration = Field(7200.0, description="package timeout when the stage sets none")
+    environment: Environment = Field(
+        default_factory=dict, description="variables added to every build's clean environment"
+    )
+    network: bool = Field(False, description="allow network in build containers")
+    checkpoint: CheckpointPolicy = Field("stage", description="when to snapshot the partition")
+    run_tests: bool = Field(False, description="LFSORCH_RUN_TESTS=1 in builds (book's tests)")
+    source_set: str = Field("upstream", description="where sources come from (upstream, debian12)")
+    log_tail_lines: int = Field(20, ge=0, description="log lines shown for a failed package")
+    log_max_bytes: int = Field(10 << 20, ge=1024, description="JSON event log size before rotation")
+    log_backups: int = Field(5, ge=0, description="rotated, compressed event logs kept")
+
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "minimal": {"checkpoint": "none", "run_tests": False},
+    "standard": {"checkpoint": "stage", "run_tests": False},
+    "full": {"checkpoint": "package", "run_tests": True},
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    settings: Settings
+    origins: dict[str, str] = field(default_factory=dict)
+
+    def show(self) -> list[tuple[str, Any, str]]:
+        """(key, value, where it came from) for every key."""
+        data = self.settings.model_dump(mode="json")
+        return [(key, data[key], self.origins.get(key, "default")) for key in data]
+
+
+def user_file() -> Path:
+    return Path(platformdirs.user_config_dir("lfsorch")) / "config.yaml"
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of configuration keys")
+    return data
+
+
+def _parse_scalar(text: str) -> Any:
+    """`-o key=value` values are YAML scalars, so `4`, `true` and `{A: b}` mean what they say."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    keys = Settings.model_fields
+    layer: dict[str, Any] = {}
+    for name, value in environ.items():
+        if name.startswith(ENV_PREFIX):
+            key = name[len(ENV_PREFIX) :].lower()
+            if key in keys:
+                layer[key] = _parse_scalar(value)
+    return layer
+
+
+def _from_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    layer: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(
+                f"-o {item!r}: expected KEY=VALUE", hint="for example -o parallel_builds=2"
+            )
+        key = key.strip()
+        if key.startswith("environment."):
+            layer.setdefault("environment", {})[key.split(".", 1)[1]] = value
+        else:
+            layer[key] = _parse_scalar(value)
+    return layer
+
+
+def _check_keys(layer: Mapping[str, Any], origin: str) -> None:
+    unknown = sorted(set(layer) - set(Settings.model_fields))
+    if unknown:
+        known = ", ".join(Settings.model_fields)
+        raise ConfigError(f"{origin}: unknown key(s) {', '.join(unknown)}", hint=f"known: {known}")
+
+
+def load_config(
+    overrides: Sequence[str] = (),
+    *,
+    system_file: Path = SYSTEM_FILE,
+    user_config: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    environ = os.environ if environ is None else environ
+    if user_config is None:
+        explicit = environ.get("LFSORCH_CONFIG")
+        user_config = Path(explicit) if explicit else user_file()
+    named_layers = [
+        (f"system file {system_file}", _read_file(system_file)),
+        (f"user file {user_config}", _read_file(user_config)),
+        ("environment", _from_environment(environ)),
+        ("command line", _from_overrides(overrides)),
+    ]
+    for origin, layer in named_layers:
+        _check_keys(layer, origin)
+
+    merged: dict[str, Any] = {}
+    origins: dict[str, str] = {}
+    profile = "standard"
+    for origin, layer in named_layers:
+        if "profile" in layer:
+            profile, origins["profile"] = layer["profile"], origin
+    if profile not in PROFILES:
+        raise ConfigError(
+            f"{origins.get('profile', 'default')}: unknown profile {profile!r}",
+            hint=f"choose one of {', '.join(PROFILES)}",
+        )
+    # The profile sits between the system file and the user file.
+    ordered = [named_layers[0], (f"profile {profile}", PROFILES[profile]), *named_layers[1:]]
+    for origin, layer in ordered:
+        for key, value in layer.items():
+            if key == "environment" and isinstance(value, dict):
+                merged.setdefault("environment", {}).update(value)
+            else:
+                merged[key] = value
+            origins[key] = origin
+    merged["profile"] = profile
+    try:
+        settings = Settings.model_validate(merged)
+    except ValidationError as exc:
+        messages = [
+            f"{'.'.join(map(str, e['loc']))} (from {origins.get(str(e['loc'][0]), 'default')}): "
+            f"{e['msg']}"
+            for e in exc.errors()
+        ]
+        raise ConfigError("invalid configuration: " + "; ".join(messages)) from None
+    return Config(settings, origins)

@@ -1,0 +1,125 @@
+"""The console view of a run: live progress bars on a terminal, plain lines anywhere else."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+
+from orchestrator.events import Event
+
+_HEARTBEAT_S = 30.0
+
+
+def _size(value: Any) -> str:
+    if not isinstance(value, int):
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f}{unit}"
+        value //= 1024
+    return f"{value}TiB"
+
+
+def _finished_text(event: Event) -> str:
+    data = event.data
+    return (
+        f"{data.get('duration_s', 0):.1f}s, cpu {data.get('cpu_seconds') or 0:.1f}s, "
+        f"mem peak {_size(data.get('memory_peak_bytes'))}"
+    )
+
+
+class ConsoleView:
+    """Subscribes to the bus; `live` picks progress bars over plain lines."""
+
+    def __init__(self, console: Console | None = None, live: bool | None = None) -> None:
+        self.console = console or Console(highlight=False)
+        self.live = self.console.is_terminal if live is None else live
+        self._progress: Progress | None = None
+        self._tasks: dict[tuple[str | None, str | None], TaskID] = {}
+        self._heartbeat: dict[tuple[str | None, str | None], float] = {}
+
+    def __enter__(self) -> ConsoleView:
+        if self.live:
+            self._progress = Progress(
+                SpinnerColumn(),
+                TextColumn("[bold]{task.fields[name]}"),
+                TimeElapsedColumn(),
+                TextColumn("{task.fields[line]}", style="dim"),
+                console=self.console,
+                transient=True,
+            )
+            self._progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def print(self, text: str) -> None:
+        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+    def __call__(self, event: Event) -> None:
+        handler = getattr(self, "_on_" + event.name.replace(".", "_"), None)
+        if handler is not None:
+            handler(event)
+
+    def _label(self, event: Event) -> str:
+        return f"{event.stage}/{event.package}"
+
+    def _on_run_start(self, event: Event) -> None:
+        data = event.data
+        self.print(
+            f"run {event.run_id}: {data['packages']} package(s) in {', '.join(data['stages'])}"
+            f" ({data['already_done']} already done), partition {data['lfs']}"
+        )
+
+    def _on_engine_cleanup(self, event: Event) -> None:
+        self.print(f"removed {len(event.data['removed'])} container(s) left by a dead run")
+
+    def _on_stage_start(self, event: Event) -> None:
+        self.print(f"stage {event.stage}")
+
+    def _on_build_start(self, event: Event) -> None:
+        key = (event.stage, event.package)
+        attempt = event.data.get("attempt", 1)
+        suffix = f" (attempt {attempt})" if attempt > 1 else ""
+        if self._progress is not None:
+            self._tasks[key] = self._progress.add_task(
+                "", total=None, name=self._label(event) + suffix, line=""
+            )
+        else:
+            self._heartbeat[key] = time.monotonic()
+            self.print(f"  start  {self._label(event)}{suffix}")
+
+    def _on_build_progress(self, event: Event) -> None:
+        key = (event.stage, event.package)
+        line = str(event.data.get("line", ""))[:80]
+        if self._progress is not None and key in self._tasks:
+            self._progress.update(self._tasks[key], line=line)
+        elif self._progress is None:
+            last = self._heartbeat.get(key, 0.0)
+            if time.monotonic() - last >= _HEARTBEAT_S:
+                self._heartbeat[key] = time.monotonic()
+                self.print(f"  ...    {self._label(event)}: {line}")
+
+    def _end_task(self, event: Event) -> None:
+        task = self._tasks.pop((event.stage, event.package), None)
+        if self._progress is not None and task is not None:
+            self._progress.remove_task(task)
+
+    def _on_build_complete(self, event: Event) -> None:
+        self._end_task(event)
+        self.print(f"  done   {self._label(event)} in {_finished_text(event)}")
+
+    def _on_build_error(self, event: Event) -> None:
+        self._end_task(event)
+        self.print(f"  FAILED {self._label(event)}: {event.data.get('reason')}")
+
+    def _on_build_retry(self, event: Event) -> None:
+        self.print(f"  retry  {self._label(event)} (attempt {event.data.get('attempt')})")
+
+    def _on_build_skipped(self, event: Event) -> None:
+        self.print(f"  skip   {self._label(event)}: {event.data.get('reason')}")

@@ -1,0 +1,116 @@
+"""The Docker engine: connection, the labels on every container lfsorch starts, and cleanup.
+
+Every container carries labels naming its owner process (pid, start time, host), so a later
+run can tell containers of a live run from leftovers of a crashed one and remove the latter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import docker
+import docker.errors
+import psutil
+from docker.models.containers import Container
+
+from orchestrator.errors import EngineUnavailable
+
+LABEL_PREFIX = "org.lfsorch"
+MANAGED = f"{LABEL_PREFIX}.managed"
+RUN = f"{LABEL_PREFIX}.run"
+STAGE = f"{LABEL_PREFIX}.stage"
+PACKAGE = f"{LABEL_PREFIX}.package"
+PURPOSE = f"{LABEL_PREFIX}.purpose"
+OWNER_PID = f"{LABEL_PREFIX}.owner.pid"
+OWNER_START = f"{LABEL_PREFIX}.owner.start"
+OWNER_HOST = f"{LABEL_PREFIX}.owner.host"
+
+_ENGINE_HINT = (
+    "start the Docker engine (for example `dockerd &`) or point DOCKER_HOST at one; "
+    "`lfsorch validate`, `plan` and `schema` work without it"
+)
+
+
+def connect(timeout: int | None = 600) -> docker.DockerClient:
+    """Return a client for the engine, or raise EngineUnavailable with what to do.
+
+    `timeout=None` suits builds: waits and log streams last as long as a package builds.
+    """
+    try:
+        client = docker.from_env(version="auto", timeout=timeout)
+        client.ping()
+    except docker.errors.DockerException as exc:
+        raise EngineUnavailable(
+            f"no Docker engine answers ({_first_line(exc)})", hint=_ENGINE_HINT
+        ) from None
+    return client
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _own_process_start() -> str:
+    return f"{psutil.Process(os.getpid()).create_time():.2f}"
+
+
+def owner_labels(purpose: str, **extra: str) -> dict[str, str]:
+    """Labels for a container started by this process."""
+    labels = {
+        MANAGED: "true",
+        PURPOSE: purpose,
+        OWNER_PID: str(os.getpid()),
+        OWNER_START: _own_process_start(),
+        OWNER_HOST: socket.gethostname(),
+    }
+    labels.update({f"{LABEL_PREFIX}.{key}": value for key, value in extra.items()})
+    return labels
+
+
+def _owner_alive(labels: dict[str, str]) -> bool:
+    if labels.get(OWNER_HOST) != socket.gethostname():
+        # Another machine's (or another container's) run: we cannot judge it, so keep it.
+        return True
+    try:
+        pid = int(labels.get(OWNER_PID, "0"))
+        process = psutil.Process(pid)
+    except (ValueError, psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return f"{process.create_time():.2f}" == labels.get(OWNER_START)
+
+
+def reap_leftovers(client: docker.DockerClient) -> list[str]:
+    """Remove containers left by lfsorch processes that no longer exist; return their names."""
+    removed: list[str] = []
+    for container in client.containers.list(all=True, filters={"label": f"{MANAGED}=true"}):
+        if _owner_alive(container.labels):
+            continue
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            container.remove(force=True)
+            removed.append(container.name)
+    return removed
+
+
+def remove_quietly(container: Container) -> None:
+    """Kill and remove a container, ignoring that it may already be gone."""
+    with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+        container.remove(force=True)
+
+
+@contextlib.contextmanager
+def managed_container(
+    client: docker.DockerClient, purpose: str, labels: dict[str, str] | None = None, **create: Any
+) -> Iterator[Container]:
+    """Create a labelled container and remove it on every way out (error, Ctrl-C)."""
+    all_labels = owner_labels(purpose)
+    all_labels.update(labels or {})
+    container = client.containers.create(labels=all_labels, **create)
+    try:
+        yield container
+    finally:
+        remove_quietly(container)

@@ -1,0 +1,45 @@
+"""The structured event log: one JSON object per line, rotated and compressed with zstd."""
+
+from __future__ import annotations
+
+import json
+import logging
+import logging.handlers
+import os
+from pathlib import Path
+
+import zstandard
+
+from orchestrator import events
+from orchestrator.events import Event
+
+
+def _compress_rotated(source: str, destination: str) -> None:
+    with open(source, "rb") as plain, open(destination, "wb") as packed:
+        zstandard.ZstdCompressor(level=10).copy_stream(plain, packed)
+    os.remove(source)
+
+
+class JsonEventLog:
+    """A bus subscriber. Progress lines are logged sparsely: the package logs hold the output."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.handlers.RotatingFileHandler(
+            path, maxBytes=max_bytes, backupCount=backups, encoding="utf-8"
+        )
+        handler.namer = lambda name: name + ".zst"
+        handler.rotator = _compress_rotated
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        self._logger = logging.Logger(f"lfsorch.events.{path}", level=logging.INFO)
+        self._logger.propagate = False
+        self._logger.addHandler(handler)
+        self._handler = handler
+
+    def __call__(self, event: Event) -> None:
+        if event.name == events.BUILD_PROGRESS and event.data.get("lines", 0) % 50:
+            return
+        self._logger.info(json.dumps(event.as_json(), default=str, sort_keys=False))
+
+    def close(self) -> None:
+        self._handler.close()

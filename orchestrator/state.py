@@ -1,0 +1,108 @@
+"""The record of a run: what was built, how each attempt went. Resume and `status` read it."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from orchestrator.errors import LfsorchError
+
+Status = Literal["pending", "running", "done", "failed", "skipped"]
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class Attempt(BaseModel):
+    number: int
+    started: str
+    duration_s: float | None = None
+    exit_code: int | None = None
+    oom_killed: bool = False
+    timed_out: bool = False
+    interrupted: bool = False
+    error: str | None = None
+
+
+class PackageState(BaseModel):
+    stage: str
+    name: str
+    status: Status = "pending"
+    definition: str = ""
+    attempts: list[Attempt] = Field(default_factory=list)
+    exit_code: int | None = None
+    oom_killed: bool = False
+    timed_out: bool = False
+    duration_s: float | None = None
+    cpu_seconds: float | None = None
+    memory_peak_bytes: int | None = None
+    read_bytes: int | None = None
+    write_bytes: int | None = None
+    io_source: str | None = None
+    disk_added_bytes: int | None = None
+    log: str | None = None
+    finished: str | None = None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.stage, self.name)
+
+
+class RunState(BaseModel):
+    run_id: str
+    started: str = Field(default_factory=now_iso)
+    finished: str | None = None
+    lfs: str
+    files: list[str]
+    owner_pid: int = Field(default_factory=os.getpid)
+    outcome: Literal["running", "succeeded", "failed", "interrupted"] = "running"
+    packages: list[PackageState] = Field(default_factory=list)
+
+    def find(self, stage: str, name: str) -> PackageState | None:
+        for package in self.packages:
+            if package.stage == stage and package.name == name:
+                return package
+        return None
+
+    def status_json(self) -> dict[str, object]:
+        keys = (
+            "stage", "name", "status", "exit_code", "oom_killed", "timed_out", "duration_s",
+            "cpu_seconds", "memory_peak_bytes", "read_bytes", "write_bytes", "io_source", "log",
+        )  # fmt: skip
+        packages = []
+        for package in self.packages:
+            record: dict[str, object] = {key: getattr(package, key) for key in keys}
+            record["attempts"] = len(package.attempts)
+            record["attempt_log"] = [a.model_dump() for a in package.attempts]
+            packages.append(record)
+        return {"run_id": self.run_id, "outcome": self.outcome, "packages": packages}
+
+
+def save_state(state: RunState, path: Path) -> None:
+    """Write atomically, so a crash mid-write never leaves a half state file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".state-", suffix=".json")
+    with os.fdopen(fd, "w", encoding="utf-8") as handle:
+        handle.write(state.model_dump_json(indent=2))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def load_state(path: Path) -> RunState | None:
+    try:
+        return RunState.model_validate(json.loads(path.read_text(encoding="utf-8")))
+    except FileNotFoundError:
+        return None
+    except (ValueError, ValidationError) as exc:
+        raise LfsorchError(
+            f"the run record {path} is unreadable ({exc.__class__.__name__})",
+            hint="move it aside to start afresh",
+        ) from None

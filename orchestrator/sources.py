@@ -1,0 +1,881 @@
+"""Package sources: declaration, source sets, a verified cache, fetching.
+
+Layout under ``Workspace.sources_dir``::
+
+    store/sha256/<hex>     every verified file once, named by its content
+    sets/<set>/<file>      per-set view: hard links into the store under the book's names;
+                           this directory is what the runner mounts read-only at /sources
+    sets/<set>/.lfsorch-set.json   what the view was populated for (the expected digests)
+    partial/<set>/<file>.part      interrupted downloads, resumed with HTTP Range
+    rejected/<set>/<file>.<sha256>.rejected   files that failed verification, never used
+    apt/                   private apt state for the Debian source sets
+
+Two source sets can carry different bytes under one name (Debian repacks some upstream
+tarballs), so a name is only ever resolved inside one set's view, never across sets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Literal, Protocol
+
+import requests
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from rich.progress import TaskID
+
+from orchestrator.errors import LfsorchError
+from orchestrator.workspace import Workspace
+
+UPSTREAM = "upstream"
+SET_MARKER = ".lfsorch-set.json"
+_CHUNK = 1 << 20
+_HEX64 = r"^[0-9a-f]{64}$"
+_FILE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._+~-]*$"
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class SourceError(LfsorchError):
+    """Base of the errors about source files."""
+
+    exit_code = 4
+
+
+class ChecksumMismatch(SourceError):
+    """A file's digest is not the declared one. The file has been set aside, never used."""
+
+    def __init__(
+        self, file: str, algorithm: str, expected: str, actual: str, set_aside: Path | None
+    ) -> None:
+        where = f"; the bad copy was moved to {set_aside}" if set_aside else ""
+        super().__init__(
+            f"checksum mismatch for {file}: expected {algorithm} {expected}, got {actual}{where}",
+            hint="the server sent other bytes than declared; check the URL and the checksum in "
+            "the stage or source-set file, then fetch again",
+        )
+        self.file = file
+        self.algorithm = algorithm
+        self.expected = expected
+        self.actual = actual
+        self.set_aside = set_aside
+
+
+class DownloadFailed(SourceError):
+    """No URL of a file could be downloaded."""
+
+
+class SourcesNotReady(SourceError):
+    """Files a run needs are missing or wrong in the cache."""
+
+    def __init__(self, problems: Sequence[str], cache_dir: Path, set_name: str) -> None:
+        listing = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(
+            f"{len(problems)} source file(s) not ready in {cache_dir} (set {set_name}):\n{listing}",
+            hint=f"run `lfsorch sources fetch STAGE.yaml --set {set_name}`",
+        )
+        self.problems = list(problems)
+
+
+class SourceSetError(SourceError):
+    """A source-set file is missing or malformed, or apt cannot resolve it."""
+
+    exit_code = 2
+
+
+# --------------------------------------------------------------------------- models
+
+
+class Source(BaseModel):
+    """One file a package needs. `file` is its name in the cache and in /sources."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    file: str = Field(pattern=_FILE_NAME)
+    url: str | None = None
+    mirrors: list[str] = Field(default_factory=list)
+    sha256: str | None = Field(default=None, pattern=_HEX64)
+    md5: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+
+    def urls(self) -> list[str]:
+        return [u for u in [self.url, *self.mirrors] if u]
+
+
+class DebianOrig(BaseModel):
+    """Where a source set takes one file from: a Debian source package's orig tarball."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    package: str
+    # Pins a Debian version when the archive has moved on (linux gets point releases).
+    version: str | None = None
+    orig: str = Field(pattern=_FILE_NAME)
+    orig_sha256: str | None = Field(default=None, pattern=_HEX64)
+    # The orig wraps the real tarball (gcc-12's orig holds gcc-12.2.0-dfsg.tar.xz).
+    member: str | None = None
+    sha256: str = Field(pattern=_HEX64, description="digest of the file the build uses")
+    note: str | None = None
+
+
+class SourceSet(BaseModel):
+    """A named route to the files: `upstream` (the stage's URLs) or a Debian-derived set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    description: str = ""
+    kind: Literal["upstream", "debian"] = "upstream"
+    files: dict[str, DebianOrig] = Field(default_factory=dict)
+
+    def expected_sha256(self, source: Source) -> str | None:
+        entry = self.files.get(source.file)
+        return entry.sha256 if entry else source.sha256
+
+
+UPSTREAM_SET = SourceSet(name=UPSTREAM, description="the URLs declared in the stage files")
+
+
+def default_set_dirs() -> list[Path]:
+    """Where set files are looked up when the caller names none: the repo's stages/sourcesets."""
+    return [Path(__file__).resolve().parent.parent / "stages" / "sourcesets"]
+
+
+def load_source_set(name: str, search_dirs: Sequence[Path] | None = None) -> SourceSet:
+    """The set called `name`, read from `<dir>/<name>.yaml` in the first dir that has it."""
+    if name == UPSTREAM:
+        return UPSTREAM_SET
+    dirs = list(search_dirs) if search_dirs else default_set_dirs()
+    for directory in dirs:
+        path = directory / f"{name}.yaml"
+        if path.is_file():
+            return load_source_set_file(path)
+    looked = ", ".join(str(d) for d in dirs)
+    raise SourceSetError(
+        f"unknown source set {name!r}: no {name}.yaml in {looked}",
+        hint=f"use `{UPSTREAM}` or a set file name from one of those directories",
+    )
+
+
+def load_source_set_file(path: Path) -> SourceSet:
+    try:
+        data = yaml.safe_load(path.read_text())
+        return SourceSet.model_validate(data)
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        raise SourceSetError(f"cannot read source set {path}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------- cache layout
+
+
+def cache_dir_for(workspace: Workspace, source_set: str | SourceSet) -> Path:
+    """The directory of verified files for one set; the runner mounts it read-only at /sources."""
+    name = source_set if isinstance(source_set, str) else source_set.name
+    return workspace.sources_dir / "sets" / name
+
+
+def _store_dir(workspace_sources: Path) -> Path:
+    return workspace_sources / "store" / "sha256"
+
+
+def _sources_root(cache_dir: Path) -> Path:
+    # cache_dir is <sources>/sets/<name>
+    return cache_dir.parent.parent
+
+
+def sha256_of(path: Path) -> str:
+    return _digest(path, "sha256")
+
+
+def _digest(path: Path, algorithm: str) -> str:
+    h = hashlib.new(algorithm)
+    with path.open("rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _set_aside(path: Path, rejected_dir: Path, file: str, actual: str) -> Path:
+    """Move a bad file where nothing reads it, keeping it for inspection."""
+    rejected_dir.mkdir(parents=True, exist_ok=True)
+    target = rejected_dir / f"{file}.{actual[:16]}.rejected"
+    os.replace(path, target)
+    return target
+
+
+def _place(verified: Path, sha256: str, cache_dir: Path, file: str) -> None:
+    """Put a verified file into the store (by content) and link it into the set view."""
+    store = _store_dir(_sources_root(cache_dir))
+    store.mkdir(parents=True, exist_ok=True)
+    stored = store / sha256
+    if stored.exists():
+        verified.unlink()
+    else:
+        os.replace(verified, stored)
+        stored.chmod(0o444)
+    _link_into_view(stored, cache_dir / file)
+
+
+def _link_into_view(stored: Path, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.link")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    try:
+        os.link(stored, tmp)
+    except OSError:
+        # A store on another filesystem than the view cannot be hard-linked; copy instead.
+        shutil.copyfile(stored, tmp)
+    os.replace(tmp, target)
+
+
+@dataclass
+class _Expect:
+    file: str
+    sha256: str | None = None
+    md5: str | None = None
+    size: int | None = None
+    trusted: bool = False
+
+    @property
+    def declared(self) -> bool:
+        return bool(self.sha256 or self.md5)
+
+    def check(self, path: Path) -> tuple[str, str, str] | None:
+        """(algorithm, expected, actual) when the file is wrong, else None."""
+        if self.sha256:
+            actual = sha256_of(path)
+            return None if actual == self.sha256 else ("sha256", self.sha256, actual)
+        if self.md5:
+            actual = _digest(path, "md5")
+            return None if actual == self.md5 else ("md5", self.md5, actual)
+        return None
+
+
+def _write_marker(
+    cache_dir: Path, source_set: SourceSet, mapped: Mapping[str, str], trusted: Mapping[str, str]
+) -> None:
+    """Record what the view holds: digests the set maps, and digests trusted on first use."""
+    old = _read_marker(cache_dir)
+    payload = {
+        "name": source_set.name,
+        "mapped": dict(sorted({**old.mapped, **mapped}.items())),
+        "trusted": dict(sorted({**old.trusted, **trusted}.items())),
+    }
+    (cache_dir / SET_MARKER).write_text(json.dumps(payload, indent=1) + "\n")
+
+
+@dataclass(frozen=True)
+class _Marker:
+    name: str | None = None
+    mapped: Mapping[str, str] = field(default_factory=dict)
+    trusted: Mapping[str, str] = field(default_factory=dict)
+
+
+def _read_marker(cache_dir: Path) -> _Marker:
+    try:
+        data = json.loads((cache_dir / SET_MARKER).read_text())
+        return _Marker(
+            str(data["name"]),
+            {str(k): str(v) for k, v in data.get("mapped", {}).items()},
+            {str(k): str(v) for k, v in data.get("trusted", {}).items()},
+        )
+    except (ValueError, KeyError, OSError, AttributeError):
+        return _Marker()
+
+
+def _expected(src: Source, mapped: Mapping[str, str], trusted: Mapping[str, str]) -> _Expect:
+    """What a file must hash to: the set's digest, else the stage's, else one trusted earlier."""
+    if src.file in mapped:
+        return _Expect(src.file, sha256=mapped[src.file])
+    if src.sha256 or src.md5:
+        return _Expect(src.file, sha256=src.sha256, md5=src.md5)
+    return _Expect(src.file, sha256=trusted.get(src.file), trusted=src.file in trusted)
+
+
+def _expectations(
+    cache_dir: Path, source_set: SourceSet | None
+) -> tuple[str, dict[str, str], Mapping[str, str]]:
+    marker = _read_marker(cache_dir)
+    if source_set is not None:
+        mapped = {f: e.sha256 for f, e in source_set.files.items()}
+        return source_set.name, mapped, marker.trusted
+    return marker.name or cache_dir.name, dict(marker.mapped), marker.trusted
+
+
+# --------------------------------------------------------------------------- verify
+
+
+SourcesArg = Iterable[Source] | Mapping[str, Iterable[Source]]
+
+
+def _flatten(sources: SourcesArg) -> list[tuple[str | None, Source]]:
+    if isinstance(sources, Mapping):
+        return [(pkg, s) for pkg, items in sources.items() for s in items]
+    return [(None, s) for s in sources]
+
+
+def _unique(sources: SourcesArg) -> dict[str, tuple[list[str], Source]]:
+    """One entry per file name, remembering which packages need it."""
+    seen: dict[str, tuple[list[str], Source]] = {}
+    for pkg, src in _flatten(sources):
+        users, first = seen.setdefault(src.file, ([], src))
+        if pkg:
+            users.append(pkg)
+        if (src.sha256, src.md5) != (first.sha256, first.md5):
+            raise SourceError(
+                f"{src.file} is declared twice with different checksums"
+                + (f" (packages {', '.join(users)})" if users else ""),
+                hint="give every declaration of one file the same sha256/md5",
+            )
+    return seen
+
+
+def verify(
+    packages_sources: SourcesArg,
+    cache_dir: Path,
+    source_set: SourceSet | None = None,
+) -> None:
+    """Check every declared file is in `cache_dir` with its expected digest; report ALL problems.
+
+    The expected digest is the set's (when the set maps the file), else the stage's declaration.
+    Without `source_set`, the set `fetch` recorded in the cache dir is used, so the runner can
+    call `verify(sources, cache_dir_for(ws, name))` without loading set files.
+    """
+    set_name, mapped, trusted = _expectations(cache_dir, source_set)
+    problems: list[str] = []
+    for file, (users, src) in sorted(_unique(packages_sources).items()):
+        who = f" (needed by {', '.join(sorted(set(users)))})" if users else ""
+        path = cache_dir / file
+        exp = _expected(src, mapped, trusted)
+        if not path.is_file():
+            problems.append(f"{file}: missing{who}")
+        elif not exp.declared:
+            problems.append(f"{file}: no checksum declared, cannot be verified{who}")
+        elif (bad := exp.check(path)) is not None:
+            algorithm, expected, actual = bad
+            problems.append(f"{file}: {algorithm} {actual}, expected {expected}{who}")
+    if problems:
+        raise SourcesNotReady(problems, cache_dir, set_name)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class Progress(Protocol):
+    def begin(self, file: str, total: int | None, url: str, resumed_at: int) -> None: ...
+    def advance(self, file: str, n: int) -> None: ...
+    def end(self, file: str, message: str) -> None: ...
+    def note(self, message: str) -> None: ...
+
+
+class PlainProgress:
+    """One line per event: for logs and pipes, where bars would be noise."""
+
+    def __init__(self, stream: IO[str] | None = None) -> None:
+        self.stream = stream or sys.stdout
+
+    def _say(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
+    def begin(self, file: str, total: int | None, url: str, resumed_at: int) -> None:
+        size = f" ({total} bytes)" if total else ""
+        resume = f", resuming at byte {resumed_at}" if resumed_at else ""
+        self._say(f"get  {file}{size} from {url}{resume}")
+
+    def advance(self, file: str, n: int) -> None:
+        pass
+
+    def end(self, file: str, message: str) -> None:
+        self._say(f"ok   {file}: {message}")
+
+    def note(self, message: str) -> None:
+        self._say(message)
+
+
+class RichProgress:
+    """Bars on a terminal."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+        from rich.progress import Progress as RProgress
+
+        self.console = Console()
+        self.bars = RProgress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self.tasks: dict[str, TaskID] = {}
+
+    def __enter__(self) -> RichProgress:
+        self.bars.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bars.stop()
+
+    def begin(self, file: str, total: int | None, url: str, resumed_at: int) -> None:
+        task = self.bars.add_task(file, total=total, completed=resumed_at)
+        self.tasks[file] = task
+
+    def advance(self, file: str, n: int) -> None:
+        self.bars.advance(self.tasks[file], n)
+
+    def end(self, file: str, message: str) -> None:
+        if file in self.tasks:
+            self.bars.remove_task(self.tasks.pop(file))
+        self.console.print(f"[green]ok[/] {file}: {message}")
+
+    def note(self, message: str) -> None:
+        self.console.print(message)
+
+
+@contextlib.contextmanager
+def _progress(progress: Progress | None) -> Iterator[Progress]:
+    if progress is not None:
+        yield progress
+    elif sys.stdout.isatty():
+        with RichProgress() as bars:
+            yield bars
+    else:
+        yield PlainProgress()
+
+
+# --------------------------------------------------------------------------- download
+
+
+def _download(
+    url: str,
+    part: Path,
+    file: str,
+    progress: Progress,
+    session: requests.Session,
+    timeout: float,
+    size_hint: int | None = None,
+) -> bool:
+    """Fetch `url` into `part`, continuing an existing partial file. True if a Range was used."""
+    if url.startswith("file://"):
+        shutil.copyfile(url.removeprefix("file://"), part)
+        return False
+    have = part.stat().st_size if part.exists() else 0
+    if size_hint is not None and have == size_hint:
+        return False  # complete already: the digest check decides
+    headers = {"Range": f"bytes={have}-"} if have else {}
+    with session.get(url, headers=headers, stream=True, timeout=timeout) as resp:
+        if have and resp.status_code == 416:
+            # The server has nothing past our end: the part is complete or longer than the file;
+            # the digest check decides, and a bad part is set aside like any bad file.
+            return True
+        resp.raise_for_status()
+        resumed = have > 0 and resp.status_code == 206
+        mode = "ab" if resumed else "wb"
+        start = have if resumed else 0
+        length = resp.headers.get("Content-Length")
+        total = start + int(length) if length and length.isdigit() else size_hint
+        progress.begin(file, total, url, start)
+        with part.open(mode) as out:
+            for chunk in resp.iter_content(_CHUNK):
+                out.write(chunk)
+                progress.advance(file, len(chunk))
+        return resumed
+
+
+def _fetch_one(
+    urls: Sequence[str],
+    expect: _Expect,
+    part: Path,
+    rejected_dir: Path,
+    progress: Progress,
+    session: requests.Session,
+    timeout: float,
+) -> tuple[Path, str, bool]:
+    """Download with mirror fallback; returns (verified part, sha256, resumed)."""
+    if not urls:
+        raise DownloadFailed(
+            f"{expect.file}: no URL declared",
+            hint="add `url:` (and `mirrors:`) to the source, or use a source set that maps it",
+        )
+    part.parent.mkdir(parents=True, exist_ok=True)
+    failures: list[str] = []
+    mismatch: ChecksumMismatch | None = None
+    for url in urls:
+        try:
+            resumed = _download(url, part, expect.file, progress, session, timeout, expect.size)
+        except (requests.RequestException, OSError) as exc:
+            # The part is kept: the next mirror continues it (same file, checked by digest).
+            failures.append(f"{url}: {exc}")
+            continue
+        bad = expect.check(part)
+        if bad is None:
+            return part, sha256_of(part), resumed
+        algorithm, expected, actual = bad
+        aside = _set_aside(part, rejected_dir, expect.file, actual)
+        mismatch = ChecksumMismatch(expect.file, algorithm, expected, actual, aside)
+        failures.append(f"{url}: {mismatch.message}")
+    if mismatch is not None and len(urls) == 1:
+        raise mismatch
+    if mismatch is not None:
+        raise ChecksumMismatch(
+            mismatch.file,
+            mismatch.algorithm,
+            mismatch.expected,
+            mismatch.actual,
+            mismatch.set_aside,
+        ) from DownloadFailed("; ".join(failures))
+    raise DownloadFailed(
+        f"{expect.file}: every URL failed:\n" + "\n".join(f"    {f}" for f in failures),
+        hint="check the network or add a mirror; a partial download is kept and resumed",
+    )
+
+
+# --------------------------------------------------------------------------- debian route
+
+
+def deb822_to_src(text: str) -> str:
+    """deb-src stanzas for every `Types: deb` stanza of a deb822 .sources text (pure)."""
+    out: list[str] = []
+    for stanza in re.split(r"\n\s*\n", text.strip()):
+        lines = [ln for ln in stanza.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        fields: dict[str, str] = {}
+        order: list[str] = []
+        key = ""
+        for ln in lines:
+            if ln[:1].isspace() and key:  # continuation line (multi-line Signed-By)
+                fields[key] += "\n" + ln
+                continue
+            key, _, value = ln.partition(":")
+            key = key.strip()
+            fields[key] = value.strip()
+            order.append(key)
+        types = fields.get("Types", "").split()
+        if "deb" not in types or fields.get("Enabled", "yes").lower() == "no":
+            continue
+        body = ["Types: deb-src"]
+        body += [f"{k}: {fields[k]}" for k in order if k != "Types"]
+        out.append("\n".join(body))
+    return "\n\n".join(out) + ("\n" if out else "")
+
+
+def oneline_to_src(text: str) -> str:
+    """deb-src lines for every `deb` line of a one-line sources.list text (pure)."""
+    out = []
+    for ln in text.splitlines():
+        stripped = ln.strip()
+        if stripped.startswith("deb ") or stripped.startswith("deb\t"):
+            out.append("deb-src" + stripped[3:])
+    return "\n".join(out) + ("\n" if out else "")
+
+
+def derive_src_sources(etc_apt: Path = Path("/etc/apt")) -> tuple[str, str]:
+    """(deb822 text, one-line text) of deb-src entries mirroring the machine's deb entries."""
+    deb822: list[str] = []
+    oneline: list[str] = []
+    main = etc_apt / "sources.list"
+    if main.is_file():
+        oneline.append(oneline_to_src(main.read_text()))
+    parts = etc_apt / "sources.list.d"
+    if parts.is_dir():
+        for path in sorted(parts.iterdir()):
+            if path.suffix == ".sources":
+                deb822.append(deb822_to_src(path.read_text()))
+            elif path.suffix == ".list":
+                oneline.append(oneline_to_src(path.read_text()))
+    return "\n".join(t for t in deb822 if t), "".join(oneline)
+
+
+@dataclass(frozen=True)
+class AptFile:
+    uri: str
+    name: str
+    size: int
+    sha256: str | None
+
+
+_PRINT_URI = re.compile(r"^'(?P<uri>[^']+)' (?P<name>\S+) (?P<size>\d+) (?P<hash>\S+)")
+
+
+def parse_print_uris(output: str) -> list[AptFile]:
+    files = []
+    for ln in output.splitlines():
+        m = _PRINT_URI.match(ln)
+        if not m:
+            continue
+        algo, _, value = m["hash"].partition(":")
+        files.append(
+            AptFile(
+                m["uri"], m["name"], int(m["size"]), value if algo.upper() == "SHA256" else None
+            )
+        )
+    return files
+
+
+@dataclass
+class AptSources:
+    """A private apt setup answering `apt-get source --print-uris` with deb-src entries derived
+    from the machine's own sources; the system's apt config and lists are left untouched."""
+
+    root: Path
+    etc_apt: Path = Path("/etc/apt")
+    runner: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run
+    _ready: bool = field(default=False, init=False)
+
+    def _options(self) -> list[str]:
+        r = self.root
+        return [
+            "-o", f"Dir::State::Lists={r / 'lists'}",
+            "-o", f"Dir::Etc::SourceList={r / 'sources.list'}",
+            "-o", f"Dir::Etc::SourceParts={r / 'sources.list.d'}",
+            "-o", f"Dir::Cache={r / 'cache'}",
+            "-o", "Dir::Cache::pkgcache=",
+            "-o", "Dir::Cache::srcpkgcache=",
+            "-o", "APT::Get::List-Cleanup=false",
+        ]  # fmt: skip
+
+    def prepare(self) -> None:
+        if self._ready:
+            return
+        deb822, oneline = derive_src_sources(self.etc_apt)
+        if not deb822 and not oneline:
+            raise SourceSetError(
+                f"no `deb` entries in {self.etc_apt}: cannot derive deb-src entries",
+                hint="a Debian source set needs a Debian machine with working apt sources",
+            )
+        (self.root / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+        (self.root / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+        parts = self.root / "sources.list.d"
+        parts.mkdir(parents=True, exist_ok=True)
+        (self.root / "sources.list").write_text(oneline)
+        (parts / "lfsorch-src.sources").write_text(deb822)
+        self._run(["apt-get", *self._options(), "update"], "apt-get update (deb-src)")
+        self._ready = True
+
+    def _run(self, argv: list[str], what: str, cwd: Path | None = None) -> str:
+        try:
+            done = self.runner(argv, capture_output=True, text=True, cwd=cwd, check=False)
+        except FileNotFoundError as exc:
+            raise SourceSetError(f"{what}: {exc}", hint="install apt (Debian host)") from exc
+        if done.returncode != 0:
+            raise SourceSetError(f"{what} failed ({done.returncode}):\n{done.stderr.strip()}")
+        return done.stdout
+
+    def files(self, package: str, version: str | None = None) -> list[AptFile]:
+        self.prepare()
+        spec = f"{package}={version}" if version else package
+        with tempfile.TemporaryDirectory(prefix="lfsorch-apt-") as scratch:
+            out = self._run(
+                ["apt-get", *self._options(), "source", "--print-uris", "--download-only", spec],
+                f"apt-get source --print-uris {spec}",
+                cwd=Path(scratch),
+            )
+        return parse_print_uris(out)
+
+
+def _extract_member(orig: Path, member: str, dest: Path) -> None:
+    """Copy the tarball `member` (path or basename) out of `orig` into `dest`."""
+    with tarfile.open(orig) as tar:
+        for info in tar:
+            if info.isfile() and (info.name == member or Path(info.name).name == member):
+                src = tar.extractfile(info)
+                assert src is not None
+                with src, dest.open("wb") as out:
+                    shutil.copyfileobj(src, out, _CHUNK)
+                return
+    raise SourceSetError(f"{orig.name} has no member {member!r}", hint="fix `member:` in the set")
+
+
+# --------------------------------------------------------------------------- fetch
+
+
+@dataclass
+class FetchResult:
+    cache_dir: Path
+    fetched: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    unverified: list[str] = field(default_factory=list)
+    bytes_downloaded: int = 0
+    seconds: float = 0.0
+
+
+def fetch(
+    sources: SourcesArg,
+    workspace: Workspace,
+    source_set: str | SourceSet = UPSTREAM,
+    *,
+    set_dirs: Sequence[Path] | None = None,
+    progress: Progress | None = None,
+    allow_unverified: bool = False,
+    timeout: float = 60.0,
+    session: requests.Session | None = None,
+    apt: AptSources | None = None,
+) -> FetchResult:
+    """Make every file available, verified, in `cache_dir_for(workspace, set)`.
+
+    Files already present with the right digest are kept; a file in the store under its digest
+    is linked without downloading. A file without any checksum is refused unless
+    `allow_unverified` (then its digest is recorded and later runs check against it).
+    """
+    the_set = (
+        source_set if isinstance(source_set, SourceSet) else load_source_set(source_set, set_dirs)
+    )
+    cache_dir = cache_dir_for(workspace, the_set)
+    root = workspace.sources_dir
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    result = FetchResult(cache_dir)
+    started = time.monotonic()
+    sess = session or requests.Session()
+    apt_sources = apt or AptSources(root / "apt")
+    _, mapped, trusted = _expectations(cache_dir, the_set)
+    newly_trusted: dict[str, str] = {}
+    rejected = root / "rejected" / the_set.name
+    with _progress(progress) as prog:
+        for file, (_, src) in sorted(_unique(sources).items()):
+            exp = _expected(src, mapped, trusted)
+            if not exp.declared and not allow_unverified:
+                raise SourceError(
+                    f"{file}: no sha256/md5 declared, refusing to fetch it unverified",
+                    hint="declare a checksum, use a source set that maps this file, or "
+                    "pass --allow-unverified to trust the first download",
+                )
+            have = cache_dir / file
+            if have.is_file():
+                bad = exp.check(have) if exp.declared else None
+                if bad is None:
+                    result.cached.append(file)
+                    continue
+                aside = _set_aside(have, rejected, file, bad[2])
+                prog.note(f"warn {file}: cached copy had {bad[0]} {bad[2]}; moved to {aside}")
+            if exp.sha256 and (_store_dir(root) / exp.sha256).is_file():
+                _link_into_view(_store_dir(root) / exp.sha256, have)
+                result.cached.append(file)
+                continue
+            part = root / "partial" / the_set.name / f"{file}.part"
+            entry = the_set.files.get(file)
+            if entry is not None:
+                size = _fetch_debian(entry, file, root, part, apt_sources, prog, sess, timeout)
+                digest = entry.sha256
+            else:
+                part, digest, _ = _fetch_one(src.urls(), exp, part, rejected, prog, sess, timeout)
+                size = part.stat().st_size
+            if not exp.declared:
+                newly_trusted[file] = digest
+                result.unverified.append(file)
+                prog.note(f"warn {file}: no checksum declared; trusting sha256 {digest}")
+            _place(part, digest, cache_dir, file)
+            result.fetched.append(file)
+            result.bytes_downloaded += size
+            prog.end(file, f"sha256 {digest}")
+    _write_marker(cache_dir, the_set, mapped, newly_trusted)
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _fetch_debian(
+    entry: DebianOrig,
+    file: str,
+    root: Path,
+    part: Path,
+    apt: AptSources,
+    prog: Progress,
+    session: requests.Session,
+    timeout: float,
+) -> int:
+    """Fetch the Debian orig (verified against the signed Sources index and the set), then
+    produce the build's file from it into `part`, verified. Returns the bytes downloaded."""
+    listing = {f.name: f for f in apt.files(entry.package, entry.version)}
+    found = listing.get(entry.orig)
+    if found is None:
+        which = f"{entry.package}={entry.version}" if entry.version else entry.package
+        raise SourceSetError(
+            f"{file}: Debian source {which} does not list {entry.orig} "
+            f"(it lists {', '.join(sorted(listing)) or 'nothing'})",
+            hint="the archive moved on: pin `version:` in the set file to one that has it",
+        )
+    if entry.orig_sha256 and found.sha256 and entry.orig_sha256 != found.sha256:
+        raise SourceSetError(
+            f"{entry.orig}: the archive index says sha256 {found.sha256}, the set says "
+            f"{entry.orig_sha256}",
+            hint="the set file is stale for this archive; update it deliberately",
+        )
+    rejected = root / "rejected" / "debian-orig"
+    store = _store_dir(root)
+    orig_sha = entry.orig_sha256 or found.sha256
+    downloaded = 0
+    if orig_sha and (store / orig_sha).is_file():
+        orig = store / orig_sha
+    else:
+        orig_part = root / "partial" / "debian-orig" / f"{entry.orig}.part"
+        exp = _Expect(entry.orig, sha256=orig_sha, size=found.size)
+        orig_part, digest, _ = _fetch_one(
+            [found.uri], exp, orig_part, rejected, prog, session, timeout
+        )
+        downloaded = orig_part.stat().st_size
+        store.mkdir(parents=True, exist_ok=True)
+        orig = store / digest
+        os.replace(orig_part, orig)
+        orig.chmod(0o444)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    if entry.member:
+        _extract_member(orig, entry.member, part)
+    else:
+        shutil.copyfile(orig, part)
+    bad = _Expect(file, sha256=entry.sha256).check(part)
+    if bad is not None:
+        algorithm, expected, actual = bad
+        aside = _set_aside(part, root / "rejected" / "debian", file, actual)
+        raise ChecksumMismatch(file, algorithm, expected, actual, aside)
+    return downloaded
+
+
+# --------------------------------------------------------------------------- listing
+
+
+@dataclass(frozen=True)
+class SourceStatus:
+    file: str
+    state: Literal["ok", "missing", "bad", "unverified"]
+    detail: str = ""
+
+
+def status(
+    sources: SourcesArg, cache_dir: Path, source_set: SourceSet | None = None
+) -> list[SourceStatus]:
+    """Per-file state of the cache, for `lfsorch sources list`."""
+    _, mapped, trusted = _expectations(cache_dir, source_set)
+    out = []
+    for file, (_, src) in sorted(_unique(sources).items()):
+        exp = _expected(src, mapped, trusted)
+        path = cache_dir / file
+        if not path.is_file():
+            out.append(SourceStatus(file, "missing"))
+        elif not exp.declared:
+            out.append(SourceStatus(file, "unverified", "no checksum declared"))
+        elif (bad := exp.check(path)) is not None:
+            out.append(SourceStatus(file, "bad", f"{bad[0]} {bad[2]}, expected {bad[1]}"))
+        else:
+            note = ", trusted on first fetch" if exp.trusted else ""
+            out.append(SourceStatus(file, "ok", f"{path.stat().st_size} bytes{note}"))
+    return out

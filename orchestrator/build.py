@@ -133,7 +133,10 @@ class Build:
             for package in stage.packages:
                 digest = definition_digest(stage, package, self.settings)
                 old = carried.get((stage.stage, package.name))
-                if old is not None and old.status == "done" and old.definition == digest:
+                if old is not None and old.definition == digest:
+                    # Unchanged: keep its history; only what is not done is built again.
+                    if old.status != "done":
+                        old.status = "pending"
                     state.packages.append(old)
                 else:
                     state.packages.append(

@@ -26,6 +26,8 @@ def parse_duration(value: Any) -> float:
         seconds = float(value)
     elif isinstance(value, str):
         text = value.strip().lower().replace(" ", "")
+        if re.fullmatch(r"\d+(\.\d+)?", text):
+            text += "s"
         parts = _DURATION_PART.findall(text)
         if not text or "".join(n + u for n, u in parts) != text:
             raise ValueError(f"{value!r} is not a duration (use e.g. 90s, 10m, 1h30m)")

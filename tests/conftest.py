@@ -1,0 +1,87 @@
+"""Shared fixtures. Tests marked `docker` use the real engine; without one they are skipped,
+except in CI (CI=true), where a missing engine is a failure, never a silent skip."""
+
+from __future__ import annotations
+
+import os
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import pytest
+
+from orchestrator import engine
+from orchestrator.errors import EngineUnavailable
+from orchestrator.workspace import Workspace
+
+BASE_IMAGE = "lfsorch/base:bookworm"
+HOST_IMAGE = "lfsorch/host:bookworm"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _engine() -> docker.DockerClient | None:
+    try:
+        return engine.connect(timeout=None)
+    except EngineUnavailable:
+        return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not any(item.get_closest_marker("docker") for item in items):
+        return
+    if _engine() is not None:
+        return
+    if os.environ.get("CI"):
+        raise pytest.UsageError("CI: tests marked `docker` need a running Docker engine")
+    skip = pytest.mark.skip(reason="no Docker engine answers (start dockerd to run these)")
+    for item in items:
+        if item.get_closest_marker("docker"):
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> docker.DockerClient:
+    client = _engine()
+    assert client is not None
+    return client
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Workspace:
+    root = tmp_path / "home"
+    monkeypatch.setenv("LFSORCH_HOME", str(root))
+    # Keep a developer's own config files out of the tests.
+    monkeypatch.setenv("LFSORCH_CONFIG", str(tmp_path / "no-user-config.yaml"))
+    return Workspace(root)
+
+
+@pytest.fixture
+def lfs_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "lfs"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def stage_file(tmp_path: Path) -> Iterator[object]:
+    """Write a stage file from YAML text: `stage_file("name.yaml", text)` -> Path."""
+
+    def write(name: str, text: str) -> Path:
+        path = tmp_path / "stages" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip())
+        return path
+
+    yield write
+
+
+@pytest.fixture
+def no_leftovers(docker_client: docker.DockerClient) -> Iterator[None]:
+    """Fail a test that leaves any lfsorch container behind."""
+    yield
+    left = docker_client.containers.list(all=True, filters={"label": f"{engine.MANAGED}=true"})
+    names = [c.name for c in left]
+    for container in left:
+        container.remove(force=True)
+    assert names == [], f"containers left behind: {names}"

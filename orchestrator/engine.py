@@ -72,7 +72,7 @@ def owner_labels(purpose: str, **extra: str) -> dict[str, str]:
     return labels
 
 
-def _owner_alive(labels: dict[str, str]) -> bool:
+def owner_alive(labels: dict[str, str]) -> bool:
     if labels.get(OWNER_HOST) != socket.gethostname():
         # Another machine's (or another container's) run: we cannot judge it, so keep it.
         return True
@@ -88,7 +88,7 @@ def reap_leftovers(client: docker.DockerClient) -> list[str]:
     """Remove containers left by lfsorch processes that no longer exist; return their names."""
     removed: list[str] = []
     for container in client.containers.list(all=True, filters={"label": f"{MANAGED}=true"}):
-        if _owner_alive(container.labels):
+        if owner_alive(container.labels):
             continue
         with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
             container.remove(force=True)

@@ -80,7 +80,15 @@ def stage_file(tmp_path: Path) -> Iterator[object]:
 def no_leftovers(docker_client: docker.DockerClient) -> Iterator[None]:
     """Fail a test that leaves any lfsorch container behind."""
     yield
-    left = docker_client.containers.list(all=True, filters={"label": f"{engine.MANAGED}=true"})
+    # Containers of other live lfsorch processes (a parallel test session) are not ours.
+    left = [
+        container
+        for container in docker_client.containers.list(
+            all=True, filters={"label": f"{engine.MANAGED}=true"}
+        )
+        if container.labels.get(engine.OWNER_PID) == str(os.getpid())
+        or not engine.owner_alive(container.labels)
+    ]
     names = [c.name for c in left]
     for container in left:
         container.remove(force=True)

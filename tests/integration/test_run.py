@@ -72,6 +72,10 @@ def wait_for_container(client: docker.DockerClient, package: str, timeout: float
     raise AssertionError(f"no running container for {package}")
 
 
+def of_stage(client: docker.DockerClient, stage: str) -> list[docker.models.containers.Container]:
+    return client.containers.list(all=True, filters={"label": f"{engine.STAGE}={stage}"})
+
+
 def test_demo_stage_builds_into_the_partition(workspace: Workspace, lfs_dir: Path) -> None:
     state, recorded = run_build([REPO / "stages/demo.yaml"], lfs_dir, workspace, parallel=2)
     assert state.outcome == "succeeded"  # type: ignore[attr-defined]
@@ -304,7 +308,7 @@ def test_interrupt_stops_and_removes_containers(
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 130, output
     assert "interrupted: running containers were stopped and removed" in output
-    assert docker_client.containers.list(all=True, filters={"label": f"{engine.MANAGED}=true"}) == []
+    assert of_stage(docker_client, "long") == []
     state = api.last_run(workspace)
     assert state is not None and state.outcome == "interrupted"
     assert {p.name: p.status for p in state.packages} == {"first": "done", "endless": "pending"}
@@ -322,7 +326,7 @@ def test_sigterm_behaves_like_ctrl_c(
     process.send_signal(signal.SIGTERM)
     process.communicate(timeout=60)
     assert process.returncode == 130
-    assert docker_client.containers.list(all=True, filters={"label": f"{engine.MANAGED}=true"}) == []
+    assert of_stage(docker_client, "term") == []
 
 
 def test_killed_tool_leftovers_are_removed_and_done_work_is_kept(
@@ -346,7 +350,7 @@ def test_killed_tool_leftovers_are_removed_and_done_work_is_kept(
     wait_for_container(docker_client, "second")
     process.kill()
     process.communicate(timeout=30)
-    leftovers = docker_client.containers.list(all=True, filters={"label": f"{engine.MANAGED}=true"})
+    leftovers = of_stage(docker_client, "crash")
     assert [c.labels[engine.PACKAGE] for c in leftovers] == ["second"]
 
     (lfs_dir / "go").touch()

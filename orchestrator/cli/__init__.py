@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator import api
+from orchestrator.cli import images as images_cli
 from orchestrator.config import load_config
 from orchestrator.console import ConsoleView
 from orchestrator.errors import LfsorchError
@@ -29,6 +30,7 @@ app = typer.Typer(
 )
 config_app = typer.Typer(help="Show the configuration and where each value comes from.")
 app.add_typer(config_app, name="config")
+app.add_typer(images_cli.app, name="images")
 
 out = Console(highlight=False, soft_wrap=True)
 

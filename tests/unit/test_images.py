@@ -1,0 +1,167 @@
+"""Apt source parsing behind `images.apt_mirror` (no Docker needed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import docker.errors
+import pytest
+
+from orchestrator import images
+from orchestrator.errors import LfsorchError
+from orchestrator.workspace import Workspace
+
+DEB822 = """\
+Types: deb
+# http://snapshot.debian.org/archive/debian/20250520T000000Z
+URIs: http://deb.debian.org/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+
+Types: deb
+URIs: http://deb.debian.org/debian-security
+Suites: bookworm-security
+Components: main
+"""
+
+ONE_LINE = """\
+# deb cdrom:[Debian GNU/Linux 12.5.0 _Bookworm_]/ bookworm main
+deb-src http://src.example.org/debian bookworm main
+deb [arch=amd64 signed-by=/etc/k.gpg] http://ftp.example.org/debian/ bookworm main contrib
+deb http://security.debian.org/debian-security bookworm-security main
+"""
+
+
+def test_deb822_main_suite_uri() -> None:
+    sources = images.parse_deb822_sources(DEB822)
+    assert images.pick_mirror(sources) == ("http://deb.debian.org/debian", "bookworm")
+    assert [s.suite for s in sources] == ["bookworm", "bookworm-updates", "bookworm-security"]
+
+
+def test_deb822_skips_disabled_and_source_only_stanzas() -> None:
+    text = (
+        "Types: deb-src\nURIs: http://src.example.org/debian\nSuites: bookworm\n\n"
+        "Enabled: no\nTypes: deb\nURIs: http://off.example.org/debian\nSuites: bookworm\n\n"
+        "Types: deb deb-src\nURIs:\n http://on.example.org/debian\nSuites: trixie\n"
+    )
+    sources = images.parse_deb822_sources(text)
+    assert images.pick_mirror(sources) == ("http://on.example.org/debian", "trixie")
+
+
+def test_one_line_format_with_options_and_trailing_slash() -> None:
+    sources = images.parse_one_line_sources(ONE_LINE)
+    assert images.pick_mirror(sources) == ("http://ftp.example.org/debian", "bookworm")
+    assert len(sources) == 2  # comments and deb-src are not entries
+
+
+def test_one_line_options_with_spaces() -> None:
+    sources = images.parse_one_line_sources(
+        "deb [ arch=amd64 ] http://m.example.org/debian sid main"
+    )
+    assert sources == [images.AptSource("http://m.example.org/debian", "sid")]
+
+
+def test_only_update_suites_are_not_a_mirror() -> None:
+    sources = images.parse_one_line_sources(
+        "deb http://deb.debian.org/debian bookworm-updates main\n"
+        "deb cdrom:[Debian]/ bookworm main\n"
+    )
+    with pytest.raises(images.MirrorNotFound) as caught:
+        images.pick_mirror(sources)
+    assert isinstance(caught.value, LfsorchError)
+    assert "--mirror" in str(caught.value)
+
+
+def _apt_root(tmp_path: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        path = tmp_path / "etc" / "apt" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return tmp_path
+
+
+def test_apt_mirror_reads_sources_d(tmp_path: Path) -> None:
+    root = _apt_root(tmp_path, {"sources.list": "", "sources.list.d/debian.sources": DEB822})
+    assert images.apt_mirror(root) == ("http://deb.debian.org/debian", "bookworm")
+
+
+def test_apt_mirror_prefers_sources_list_first(tmp_path: Path) -> None:
+    root = _apt_root(tmp_path, {"sources.list": ONE_LINE, "sources.list.d/debian.sources": DEB822})
+    assert images.apt_mirror(root) == ("http://ftp.example.org/debian", "bookworm")
+
+
+def test_apt_mirror_missing_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(images.MirrorNotFound, match="no Debian mirror found"):
+        images.apt_mirror(tmp_path)
+
+
+def test_bootstrap_without_debootstrap_says_how_to_install(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(images.shutil, "which", lambda *_a, **_k: None)
+    with pytest.raises(images.BootstrapFailed) as caught:
+        images.bootstrap_base(object(), Workspace(tmp_path))  # type: ignore[arg-type]
+    assert caught.value.hint == "apt-get install debootstrap"
+
+
+def test_images_root_override_must_hold_host_dockerfile(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv(images.IMAGES_ENV, str(tmp_path))
+    with pytest.raises(LfsorchError, match="host/Dockerfile"):
+        images.images_root()
+
+
+def test_checkout_ships_host_image_definition() -> None:
+    root = images.images_root()
+    assert (root / "host" / "version-check.sh").is_file()
+
+
+class _FakeImages:
+    """Just enough of `client.images` for ensure_base's three paths."""
+
+    def __init__(self, present: bool, pull_works: bool) -> None:
+        self.present, self.pull_works, self.tagged = present, pull_works, ""
+
+    def get(self, ref: str) -> object:
+        if not self.present:
+            raise docker.errors.ImageNotFound(ref)
+        return SimpleNamespace(id="sha256:present")
+
+    def pull(self, repository: str, tag: str) -> object:
+        if not self.pull_works:
+            raise docker.errors.APIError("dial tcp: lookup registry-1.docker.io: no such host")
+        return SimpleNamespace(id="sha256:pulled", tag=self._tag)
+
+    def _tag(self, repository: str, tag: str) -> None:
+        self.tagged = f"{repository}:{tag}"
+
+
+@pytest.mark.parametrize(
+    ("present", "pull_works", "expected", "said"),
+    [
+        (True, False, "sha256:present", "is present"),
+        (False, True, "sha256:pulled", "pulled debian:bookworm"),
+        (False, False, "sha256:bootstrapped", "bootstrapping"),
+    ],
+)
+def test_ensure_base_says_which_path_it_took(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    present: bool,
+    pull_works: bool,
+    expected: str,
+    said: str,
+) -> None:
+    fake = _FakeImages(present, pull_works)
+    monkeypatch.setattr(images, "bootstrap_base", lambda *_a, **_k: "sha256:bootstrapped")
+    lines: list[str] = []
+    client = SimpleNamespace(images=fake)
+
+    got = images.ensure_base(client, Workspace(tmp_path), progress=lines.append)  # type: ignore[arg-type]
+
+    assert got == expected
+    assert any(said in line for line in lines), lines
+    assert fake.tagged == (images.BASE_IMAGE if expected == "sha256:pulled" else "")

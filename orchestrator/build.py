@@ -27,7 +27,7 @@ from orchestrator.config import Settings
 from orchestrator.errors import LfsorchError
 from orchestrator.events import EventBus
 from orchestrator.graph import Plan, StagePlan, package_graph
-from orchestrator.metrics import host_summary
+from orchestrator.metrics import host_summary, tree_usage
 from orchestrator.models import Package, Stage
 from orchestrator.runner import BuildJob, BuildResult, ContainerRunner, expand_environment
 from orchestrator.state import Attempt, PackageState, RunState, load_state, now_iso, save_state
@@ -355,9 +355,11 @@ class Build:
                 record.attempts.append(attempt)
                 record.log = str(job.log_path)
             self.bus.emit(events.BUILD_START, attempt=number, log=str(job.log_path), **common)
+            usage_before = tree_usage(job.lfs_dir)
             result = self.runner.run(job)
             with self._recording():
                 _record_result(record, attempt, result)
+                record.disk_added_bytes = tree_usage(job.lfs_dir) - usage_before
             figures = _figures(record)
             if result.succeeded:
                 self.bus.emit(events.BUILD_COMPLETE, attempt=number, **figures, **common)
@@ -411,4 +413,5 @@ def _figures(record: PackageState) -> dict[str, object]:
         "read_bytes": record.read_bytes,
         "write_bytes": record.write_bytes,
         "io_source": record.io_source,
+        "disk_added_bytes": record.disk_added_bytes,
     }

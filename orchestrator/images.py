@@ -33,7 +33,8 @@ DEFAULT_SUITE = "bookworm"
 UPSTREAM_BASE = "debian:bookworm"
 IMAGES_ENV = "LFSORCH_IMAGES"
 
-IMAGE_LABELS = {"org.lfsorch.managed": "true"}
+# Not org.lfsorch.managed: containers inherit image labels, and that one marks what lfsorch runs.
+IMAGE_LABELS = {"org.lfsorch.image.built-by": "lfsorch"}
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _TAIL_LINES = 30
 _CHUNK = 1 << 20

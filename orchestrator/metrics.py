@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -77,3 +79,30 @@ def host_summary() -> dict[str, Any]:
         "memory_available_bytes": memory.available,
         "load_average": list(psutil.getloadavg()),
     }
+
+
+def tree_usage(root: Path) -> int:
+    """Bytes a tree occupies on disk, each hard-linked file counted once (like `du -s`)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    pending = [root]
+    while pending:
+        directory = pending.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if info.st_nlink > 1:
+                identity = (info.st_dev, info.st_ino)
+                if identity in seen:
+                    continue
+                seen.add(identity)
+            total += info.st_blocks * 512
+            if entry.is_dir(follow_symlinks=False):
+                pending.append(Path(entry.path))
+    return total

@@ -19,6 +19,7 @@ from orchestrator.config import load_config
 from orchestrator.console import ConsoleView
 from orchestrator.errors import LfsorchError
 from orchestrator.models import stage_json_schema
+from orchestrator.report import SBU_REFERENCE, build_report
 from orchestrator.state import RunState
 
 app = typer.Typer(
@@ -156,6 +157,59 @@ def status(
         print(json.dumps(state.status_json(), indent=2))
     else:
         out.print(_status_table(state))
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.1f}"
+
+
+@app.command()
+def report(
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    reference: Annotated[
+        str, typer.Option(help="package whose wall time is one SBU")
+    ] = SBU_REFERENCE,
+) -> None:
+    """Per-package wall time, SBU, CPU seconds, memory peak and disk space added (last run)."""
+    state = api.last_run()
+    if state is None:
+        raise LfsorchError(
+            "no run recorded yet", hint="start one with `lfsorch run FILE --lfs DIR`"
+        )
+    result = build_report(state, reference)
+    if as_json:
+        print(json.dumps(result.as_json(), indent=2))
+        return
+    sbu = (
+        f"1 SBU = {result.sbu_s:.1f}s ({reference})" if result.sbu_s else f"no {reference}: no SBU"
+    )
+    table = Table(title=f"run {result.run_id}: {sbu}")
+    for column in (
+        "stage",
+        "package",
+        "status",
+        "wall",
+        "SBU",
+        "cpu s",
+        "mem peak MiB",
+        "disk +MiB",
+    ):
+        table.add_column(
+            column, justify="left" if column in ("stage", "package", "status") else "right"
+        )
+    for row in result.rows:
+        table.add_row(
+            row.stage,
+            row.package,
+            row.status,
+            "-" if row.wall_s is None else f"{row.wall_s:.1f}s",
+            "-" if row.sbu is None else f"{row.sbu:.2f}",
+            "-" if row.cpu_seconds is None else f"{row.cpu_seconds:.1f}",
+            _mib(row.memory_peak_bytes),
+            _mib(row.disk_added_bytes),
+        )
+    out.print(table)
+    out.print(f"total wall time of the packages: {result.total_wall_s / 60:.1f} min")
 
 
 @app.command()

@@ -6,7 +6,7 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from orchestrator import engine
+from orchestrator import engine, sources
 from orchestrator.build import Build, RunOptions
 from orchestrator.config import Config, load_config
 from orchestrator.console import ConsoleView
@@ -57,9 +57,25 @@ def run(
     workspace = workspace or Workspace.from_env()
     client = engine.connect(timeout=None)
     options = RunOptions(lfs_dir=lfs_dir, parallel=parallel or config.settings.parallel_builds)
+    sources_dir = verified_sources(plan, workspace, config.settings.source_set)
     with event_bus(workspace, config, view) as bus:
-        build = Build(plan, config.settings, workspace, client, bus, options)
+        build = Build(plan, config.settings, workspace, client, bus, options, sources_dir)
         return build.run()
+
+
+def verified_sources(plan: Plan, workspace: Workspace, source_set: str) -> Path | None:
+    """The cache directory of the plan's sources, after checking every file in it at once."""
+    needed = {
+        f"{stage_plan.name}/{package.name}": package.sources
+        for stage_plan in plan.stages
+        for package in stage_plan.file.stage.packages
+        if package.sources
+    }
+    if not needed:
+        return None
+    cache_dir = sources.cache_dir_for(workspace, source_set)
+    sources.verify(needed, cache_dir)
+    return cache_dir
 
 
 def last_run(workspace: Workspace | None = None) -> RunState | None:
@@ -80,6 +96,6 @@ def log_tail(package: PackageState, lines: int) -> list[str]:
     return text.splitlines()[-lines:]
 
 
-def cleanup(workspace: Workspace | None = None) -> list[str]:
+def cleanup() -> list[str]:
     """Remove containers left behind by lfsorch processes that no longer exist."""
     return engine.reap_leftovers(engine.connect())

@@ -13,6 +13,7 @@ from orchestrator.console import ConsoleView
 from orchestrator.eventlog import JsonEventLog
 from orchestrator.events import EventBus
 from orchestrator.graph import Plan, load_plan
+from orchestrator.plugins import PluginBridge, plugin_manager
 from orchestrator.state import PackageState, RunState, load_state
 from orchestrator.workspace import Workspace
 
@@ -31,6 +32,7 @@ def event_bus(workspace: Workspace, config: Config, view: ConsoleView | None) ->
         config.settings.log_backups,
     )
     bus.subscribe(log)
+    bus.subscribe(PluginBridge(plugin_manager(config.settings.plugins)))
     try:
         if view is None:
             yield bus

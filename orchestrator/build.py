@@ -367,6 +367,7 @@ class Build:
             self.bus.emit(
                 events.BUILD_ERROR,
                 attempt=number,
+                will_retry=try_index < tries - 1 and not result.interrupted,
                 reason=result.describe(),
                 log=str(job.log_path),
                 **figures,

@@ -47,6 +47,9 @@ class Settings(BaseModel):
     checkpoint: CheckpointPolicy = Field("stage", description="when to snapshot the partition")
     run_tests: bool = Field(False, description="LFSORCH_RUN_TESTS=1 in builds (book's tests)")
     source_set: str = Field("upstream", description="where sources come from (upstream, debian12)")
+    plugins: list[str] = Field(
+        default_factory=list, description="plugin modules whose hooks see every run"
+    )
     log_tail_lines: int = Field(20, ge=0, description="log lines shown for a failed package")
     log_max_bytes: int = Field(10 << 20, ge=1024, description="JSON event log size before rotation")
     log_backups: int = Field(5, ge=0, description="rotated, compressed event logs kept")

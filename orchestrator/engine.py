@@ -43,16 +43,15 @@ def connect(timeout: int | None = 600) -> docker.DockerClient:
     try:
         client = docker.from_env(version="auto", timeout=timeout)
         client.ping()
-    except docker.errors.DockerException as exc:
+    except docker.errors.DockerException:
         raise EngineUnavailable(
-            f"no Docker engine answers ({_first_line(exc)})", hint=_ENGINE_HINT
+            f"no Docker engine answers at {_endpoint()}: {_ENGINE_HINT}"
         ) from None
     return client
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def _endpoint() -> str:
+    return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
 
 
 def _own_process_start() -> str:

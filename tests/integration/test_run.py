@@ -21,7 +21,6 @@ from orchestrator.config import load_config
 from orchestrator.events import Event, EventBus
 from orchestrator.graph import load_plan
 from orchestrator.workspace import Workspace
-
 from tests.conftest import BASE_IMAGE, REPO
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]
@@ -80,7 +79,10 @@ def test_demo_stage_builds_into_the_partition(workspace: Workspace, lfs_dir: Pat
     state, recorded = run_build([REPO / "stages/demo.yaml"], lfs_dir, workspace, parallel=2)
     assert state.outcome == "succeeded"  # type: ignore[attr-defined]
     release = (lfs_dir / "etc/demo-release").read_text().splitlines()
-    assert [line.split()[1] for line in release] == ["/mnt/lfs/usr/bin/hello", "/mnt/lfs/usr/bin/crc32"]
+    assert [line.split()[1] for line in release] == [
+        "/mnt/lfs/usr/bin/hello",
+        "/mnt/lfs/usr/bin/crc32",
+    ]
     completed = names(recorded, "build.complete")
     assert completed.index("layout") < completed.index("libgreet") < completed.index("hello")
     assert completed[-1] == "release"
@@ -276,8 +278,10 @@ def test_independent_packages_run_side_by_side(
         stage: wide
         image: {BASE_IMAGE}
         packages:
-          - {{name: a, script: "date +%s.%N > /mnt/lfs/a.start; sleep 2; date +%s.%N > /mnt/lfs/a.end"}}
-          - {{name: b, script: "date +%s.%N > /mnt/lfs/b.start; sleep 2; date +%s.%N > /mnt/lfs/b.end"}}
+          - name: a
+            script: date +%s.%N > /mnt/lfs/a.start; sleep 2; date +%s.%N > /mnt/lfs/a.end
+          - name: b
+            script: date +%s.%N > /mnt/lfs/b.start; sleep 2; date +%s.%N > /mnt/lfs/b.end
         """,
     )
     state, _ = run_build([path], lfs_dir, workspace, parallel=2)
@@ -319,7 +323,8 @@ def test_sigterm_behaves_like_ctrl_c(
 ) -> None:
     path = stage_file(
         "term.yaml",
-        f"stage: term\nimage: {BASE_IMAGE}\npackages:\n  - {{name: endless, script: 'sleep 300'}}\n",
+        f"stage: term\nimage: {BASE_IMAGE}\n"
+        "packages:\n  - {name: endless, script: 'sleep 300'}\n",
     )
     process = lfsorch("run", str(path), "--lfs", str(lfs_dir))
     wait_for_container(docker_client, "endless")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import zstandard
+
 from orchestrator.eventlog import JsonEventLog
 from orchestrator.events import Event, EventBus
 from orchestrator.metrics import ContainerFigures, HostIO
@@ -103,8 +105,7 @@ def test_event_log_rotates_and_compresses(tmp_path: Path) -> None:
     log.close()
     rotated = sorted(p.name for p in tmp_path.iterdir())
     assert rotated == ["events.jsonl", "events.jsonl.1.zst", "events.jsonl.2.zst"]
-    import zstandard
-
-    text = zstandard.ZstdDecompressor().stream_reader(open(path.with_name("events.jsonl.1.zst"), "rb")).read()  # fmt: skip
+    packed = path.with_name("events.jsonl.1.zst").read_bytes()
+    text = zstandard.ZstdDecompressor().decompressobj().decompress(packed)
     first = json.loads(text.decode().splitlines()[0])
     assert first["event"] == "build.complete" and first["stage"] == "s"

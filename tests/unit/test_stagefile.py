@@ -158,7 +158,8 @@ packages:
 
 
 def test_unknown_required_stage_and_stage_cycle(tmp_path: Path) -> None:
-    lonely = write(tmp_path, "lonely.yaml", "stage: lonely\nrequires: [nowhere]\npackages:\n  - {name: x, script: x}\n")  # fmt: skip
+    lonely_text = "stage: lonely\nrequires: [nowhere]\npackages:\n  - {name: x, script: x}\n"
+    lonely = write(tmp_path, "lonely.yaml", lonely_text)
     with pytest.raises(StageFileError) as caught:
         load_plan([lonely])
     assert [str(p) for p in caught.value.problems] == [

@@ -7,14 +7,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from orchestrator import engine, sources
-from orchestrator.build import Build, RunOptions
+from orchestrator.build import Build, RunOptions, workspace_lock
 from orchestrator.config import Config, load_config
 from orchestrator.console import ConsoleView
 from orchestrator.eventlog import JsonEventLog
 from orchestrator.events import EventBus
 from orchestrator.graph import Plan, load_plan
 from orchestrator.plugins import PluginBridge, plugin_manager
-from orchestrator.state import PackageState, RunState, load_state
+from orchestrator.snapshots import SnapshotInfo, SnapshotStore
+from orchestrator.state import PackageState, RunState, load_state, save_state
 from orchestrator.workspace import Workspace
 
 
@@ -50,6 +51,8 @@ def run(
     *,
     overrides: Sequence[str] = (),
     parallel: int | None = None,
+    rebuild: bool = False,
+    from_stage: str | None = None,
     workspace: Workspace | None = None,
     view: ConsoleView | None = None,
 ) -> RunState:
@@ -58,7 +61,12 @@ def run(
     plan = load_plan(paths)
     workspace = workspace or Workspace.from_env()
     client = engine.connect(timeout=None)
-    options = RunOptions(lfs_dir=lfs_dir, parallel=parallel or config.settings.parallel_builds)
+    options = RunOptions(
+        lfs_dir=lfs_dir,
+        parallel=parallel or config.settings.parallel_builds,
+        rebuild=rebuild,
+        from_stage=from_stage,
+    )
     sources_dir = verified_sources(plan, workspace, config.settings.source_set)
     with event_bus(workspace, config, view) as bus:
         build = Build(plan, config.settings, workspace, client, bus, options, sources_dir)
@@ -101,3 +109,16 @@ def log_tail(package: PackageState, lines: int) -> list[str]:
 def cleanup() -> list[str]:
     """Remove containers left behind by lfsorch processes that no longer exist."""
     return engine.reap_leftovers(engine.connect())
+
+
+def restore(key_or_stage: str, lfs_dir: Path, workspace: Workspace | None = None) -> SnapshotInfo:
+    """Make the partition equal a snapshot; the run record learns where the partition is."""
+    workspace = workspace or Workspace.from_env()
+    store = SnapshotStore(workspace.snapshots_dir)
+    with workspace_lock(workspace):
+        info = store.restore(key_or_stage, lfs_dir)
+        state = load_state(workspace.state_file)
+        if state is not None and state.lfs == str(lfs_dir.resolve()):
+            state.partition_at = info.key
+            save_state(state, workspace.state_file)
+    return info

@@ -23,6 +23,7 @@ import docker
 import networkx as nx
 
 from orchestrator import engine, events
+from orchestrator.checkpoints import Checkpointer, policy_of
 from orchestrator.config import Settings
 from orchestrator.errors import LfsorchError
 from orchestrator.events import EventBus
@@ -30,6 +31,7 @@ from orchestrator.graph import Plan, StagePlan, package_graph
 from orchestrator.metrics import host_summary, tree_usage
 from orchestrator.models import Package, Stage
 from orchestrator.runner import BuildJob, BuildResult, ContainerRunner, expand_environment
+from orchestrator.snapshots import SnapshotStore
 from orchestrator.state import Attempt, PackageState, RunState, load_state, now_iso, save_state
 from orchestrator.workspace import Workspace
 
@@ -46,6 +48,8 @@ class WorkspaceBusy(LfsorchError):
 class RunOptions:
     lfs_dir: Path
     parallel: int = 1
+    rebuild: bool = False  # build stages even when a checkpoint of their inputs exists
+    from_stage: str | None = None  # restore the checkpoint before this stage, build from it
 
 
 def new_run_id() -> str:
@@ -115,8 +119,12 @@ class Build:
         self.sources_dir = sources_dir
         self.run_id = new_run_id()
         self.runner = ContainerRunner(client, bus)
+        self.checkpoints = Checkpointer(
+            SnapshotStore(workspace.snapshots_dir), client, settings, bus, self.run_id
+        )
         self._lock = threading.Lock()
         self.state = self._initial_state()
+        self._check_from_stage()
 
     # -- state -------------------------------------------------------------------------------
 
@@ -125,9 +133,12 @@ class Build:
         lfs = str(self.options.lfs_dir.resolve())
         files = [str(p.file.path) for p in self.plan.stages]
         carried: dict[tuple[str, str], PackageState] = {}
+        state = RunState(run_id=self.run_id, lfs=lfs, files=files)
         if previous is not None and previous.lfs == lfs:
             carried = {p.key: p for p in previous.packages}
-        state = RunState(run_id=self.run_id, lfs=lfs, files=files)
+            state.base_stage, state.base_key = previous.base_stage, previous.base_key
+            state.checkpoints = dict(previous.checkpoints)
+            state.partition_at = previous.partition_at
         for stage_plan in self.plan.stages:
             stage = stage_plan.file.stage
             for package in stage.packages:
@@ -222,20 +233,122 @@ class Build:
                 self.bus.emit(events.RUN_COMPLETE, run_id=self.run_id, outcome=self.state.outcome)
         return self.state
 
+    def _check_from_stage(self) -> None:
+        names = [stage_plan.name for stage_plan in self.plan.stages]
+        if self.options.from_stage is not None and self.options.from_stage not in names:
+            raise LfsorchError(
+                f"--from {self.options.from_stage}: no such stage in this plan",
+                hint=f"stages: {', '.join(names)}",
+            )
+
+    def _base_key(self) -> str:
+        """The checkpoint of the partition before the plan's first stage."""
+        first = self.plan.stages[0].name
+        if self.state.base_stage == first and self.state.base_key is not None:
+            return self.state.base_key
+        lfs = self.options.lfs_dir.resolve()
+        key, taken_here = self.checkpoints.initial(lfs)
+        with self._recording():
+            self.state.base_stage, self.state.base_key = first, key
+            self.state.partition_at = key if taken_here else None
+        return key
+
+    def _stage_records(self, stage: Stage) -> list[PackageState]:
+        records = [self.state.find(stage.stage, p.name) for p in stage.packages]
+        return [r for r in records if r is not None]
+
+    def _reset(self, records: list[PackageState]) -> None:
+        with self._recording():
+            for record in records:
+                record.status = "pending"
+
+    def _settle_partition(
+        self, stage: str, target: str, force: bool, records: list[PackageState]
+    ) -> None:
+        """Before building, make the partition equal the checkpoint `target`.
+
+        Nothing is ever built on top of half-installed files: when the partition may have
+        changed since that checkpoint (a failed or killed build), it is restored and the
+        packages built after it are built again; when the record says the partition is still
+        at that checkpoint, a drift check confirms it.
+        """
+        lfs = self.options.lfs_dir.resolve()
+        if not force and self.state.partition_at == target:
+            self.checkpoints.check_drift(target, lfs)
+            return
+        if self.checkpoints.store.get(target) is None:
+            if force:
+                raise LfsorchError(
+                    f"--from {stage}: no checkpoint of the partition before it",
+                    hint="build the stages before it once (with checkpoints enabled)",
+                )
+            return  # the stage before kept no checkpoint: continue in place, as the book does
+        reason = "--from" if force else "resume: back to the last checkpoint"
+        self.checkpoints.restore(target, lfs, stage=stage, reason=reason)
+        self._reset(records)
+        with self._recording():
+            self.state.partition_at = target
+
+    def _chain_keys(self, base: str) -> list[str]:
+        """Checkpoint keys along the plan: the base, then one per stage."""
+        keys = [base]
+        for stage_plan in self.plan.stages:
+            keys.append(self.checkpoints.stage_key(stage_plan, keys[-1]))
+        return keys
+
     def _run_stages(self) -> None:
         broken: set[str] = set()
-        for stage_plan in self.plan.stages:
+        checkpointing = any(
+            policy_of(s.file.stage, self.settings) != "none" for s in self.plan.stages
+        )
+        keys = self._chain_keys(self._base_key()) if checkpointing else []
+        # How far along the chain the partition is; None when a build may have changed it.
+        at = keys.index(self.state.partition_at) if self.state.partition_at in keys else None
+        starting = self.options.from_stage is None
+        for number, stage_plan in enumerate(self.plan.stages, start=1):
             stage = stage_plan.file.stage
+            policy = policy_of(stage, self.settings)
+            parent, key = (keys[number - 1], keys[number]) if keys else (None, None)
+            forced = stage.stage == self.options.from_stage
+            starting = starting or forced
+            if not starting:
+                continue
             blocked_by = sorted(set(stage.requires) & broken)
             if blocked_by:
                 broken.add(stage.stage)
                 self._skip_stage(stage_plan, f"required stage {', '.join(blocked_by)} failed")
                 continue
+            if key is not None and parent is not None and policy != "none":
+                # Built and checkpointed before, and the partition holds it (or a later
+                # stage; None: a later stage will restore what it needs).
+                done = all(r.status == "done" for r in self._stage_records(stage))
+                present = at is None or at >= number
+                if (
+                    not forced
+                    and done
+                    and present
+                    and self.state.checkpoints.get(stage.stage) == key
+                ):
+                    continue
+                rebuild = self.options.rebuild or self.options.from_stage is not None
+                if not rebuild and self._cache_hit(stage, key):
+                    at = number
+                    continue
             self.bus.emit(events.STAGE_START, run_id=self.run_id, stage=stage.stage)
             started = time.monotonic()
-            ok = self._run_stage(stage_plan)
+            if policy == "package" and parent is not None:
+                ok = self._run_stage_in_order(stage_plan, parent, forced)
+            else:
+                if parent is not None and policy == "stage":
+                    records = self._stage_records(stage)
+                    self._settle_partition(stage.stage, parent, forced, records)
+                ok = self._run_stage(stage_plan)
+            at = None
             if not ok:
                 broken.add(stage.stage)
+            elif key is not None and policy != "none":
+                self._checkpoint(stage.stage, key, parent)
+                at = number
             self.bus.emit(
                 events.STAGE_COMPLETE,
                 run_id=self.run_id,
@@ -243,6 +356,27 @@ class Build:
                 ok=ok,
                 duration_s=round(time.monotonic() - started, 3),
             )
+
+    def _cache_hit(self, stage: Stage, key: str) -> bool:
+        if self.checkpoints.store.get(key) is None:
+            return False
+        lfs = self.options.lfs_dir.resolve()
+        self.checkpoints.restore(key, lfs, stage=stage.stage, reason="cache hit")
+        with self._recording():
+            for record in self._stage_records(stage):
+                record.status = "done"
+            self.state.checkpoints[stage.stage] = key
+            self.state.partition_at = key
+        self.bus.emit(events.STAGE_CACHED, run_id=self.run_id, stage=stage.stage, key=key)
+        return True
+
+    def _checkpoint(self, name: str, key: str, parent: str | None, package: str = "") -> None:
+        lfs = self.options.lfs_dir.resolve()
+        stage = name.split("/")[0]
+        fresh = self.checkpoints.take(lfs, key, stage=stage, parent=parent, package=package or None)
+        with self._recording():
+            self.state.checkpoints[name] = key
+            self.state.partition_at = key if fresh else None
 
     def _skip_stage(self, stage_plan: StagePlan, reason: str) -> None:
         for package in stage_plan.file.stage.packages:
@@ -263,6 +397,7 @@ class Build:
         )
 
     def _run_stage(self, stage_plan: StagePlan) -> bool:
+        """Packages whose dependencies are done build side by side, up to `parallel`."""
         stage = stage_plan.file.stage
         graph, _ = package_graph(stage_plan.file)
         order = {package.name: index for index, package in enumerate(stage.packages)}
@@ -305,6 +440,39 @@ class Build:
                         future.result()
                 raise
         return not failed and not pending
+
+    def _run_stage_in_order(self, stage_plan: StagePlan, parent: str, forced: bool) -> bool:
+        """`checkpoint: package`: one package at a time, a checkpoint after each, so a resume
+        restores the checkpoint after the last good package instead of the stage's start."""
+        stage = stage_plan.file.stage
+        graph, _ = package_graph(stage_plan.file)
+        index = {package.name: i for i, package in enumerate(stage.packages)}
+        order = list(nx.lexicographical_topological_sort(graph, key=index.__getitem__))
+        keys: list[str] = []
+        for name in order:
+            keys.append(
+                self.checkpoints.package_key(stage, stage.package(name), (keys or [parent])[-1])
+            )
+        records = [r for r in (self.state.find(stage.stage, n) for n in order) if r is not None]
+        resume_at = 0
+        for position, (record, key) in enumerate(zip(records, keys, strict=True)):
+            checkpointed = self.state.checkpoints.get(f"{stage.stage}/{record.name}") == key
+            if forced or record.status != "done" or not checkpointed:
+                break
+            if self.checkpoints.store.get(key) is None:
+                break
+            resume_at = position + 1
+        start_key = keys[resume_at - 1] if resume_at else parent
+        self._settle_partition(stage.stage, start_key, forced, records[resume_at:])
+        for position in range(resume_at, len(order)):
+            name = order[position]
+            if not self._build_package(stage_plan, stage.package(name)):
+                for later in records[position + 1 :]:
+                    self._skip(later, f"{name} failed (checkpoint: package builds in order)")
+                return False
+            previous = keys[position - 1] if position else parent
+            self._checkpoint(f"{stage.stage}/{name}", keys[position], previous, package=name)
+        return True
 
     def _job(self, stage_plan: StagePlan, package: Package, attempt: int) -> BuildJob:
         stage = stage_plan.file.stage
@@ -354,6 +522,7 @@ class Build:
                 record.status = "running"
                 record.attempts.append(attempt)
                 record.log = str(job.log_path)
+                self.state.partition_at = None
             self.bus.emit(events.BUILD_START, attempt=number, log=str(job.log_path), **common)
             usage_before = tree_usage(job.lfs_dir)
             result = self.runner.run(job)

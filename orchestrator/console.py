@@ -121,5 +121,24 @@ class ConsoleView:
     def _on_build_retry(self, event: Event) -> None:
         self.print(f"  retry  {self._label(event)} (attempt {event.data.get('attempt')})")
 
+    def _on_stage_cached(self, event: Event) -> None:
+        self.print(f"  cached {event.stage}: its inputs match checkpoint {event.data['key'][:12]}")
+
+    def _on_snapshot_create(self, event: Event) -> None:
+        data = event.data
+        what = f"{event.stage}/{event.package}" if event.package else str(event.stage)
+        kind = "delta" if data.get("delta") else "full"
+        self.print(
+            f"  checkpoint {what}: {data['key'][:12]} ({kind}, {_size(data.get('archive_bytes'))}, "
+            f"{data.get('duration_s', 0):.1f}s)"
+        )
+
+    def _on_snapshot_restore(self, event: Event) -> None:
+        data = event.data
+        self.print(
+            f"  restored {data['key'][:12]} into the partition ({data.get('reason')}, "
+            f"{data.get('duration_s', 0):.1f}s)"
+        )
+
     def _on_build_skipped(self, event: Event) -> None:
         self.print(f"  skip   {self._label(event)}: {event.data.get('reason')}")

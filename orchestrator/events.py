@@ -23,6 +23,9 @@ BUILD_RETRY = "build.retry"
 BUILD_SKIPPED = "build.skipped"
 BUILD_STATS = "build.stats"
 CLEANUP = "engine.cleanup"
+STAGE_CACHED = "stage.cached"
+SNAPSHOT_CREATE = "snapshot.create"
+SNAPSHOT_RESTORE = "snapshot.restore"
 
 
 @dataclass(frozen=True)

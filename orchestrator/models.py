@@ -100,7 +100,7 @@ class Stage(StrictModel):
     timeout: Duration | None = None
     retries: int = Field(default=0, ge=0, le=100)
     network: bool = False
-    checkpoint: CheckpointPolicy = "stage"
+    checkpoint: CheckpointPolicy | None = None  # None: the configuration's `checkpoint`
     packages: list[Package] = Field(min_length=1)
 
     def package(self, name: str) -> Package:

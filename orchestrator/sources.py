@@ -750,6 +750,7 @@ def fetch(
     apt_sources = apt or AptSources(root / "apt")
     _, mapped, trusted = _expectations(cache_dir, the_set)
     newly_trusted: dict[str, str] = {}
+    failures: list[SourceError] = []
     rejected = root / "rejected" / the_set.name
     with _progress(progress) as prog:
         for file, (_, src) in sorted(_unique(sources).items()):
@@ -774,12 +775,20 @@ def fetch(
                 continue
             part = root / "partial" / the_set.name / f"{file}.part"
             entry = the_set.files.get(file)
-            if entry is not None:
-                size = _fetch_debian(entry, file, root, part, apt_sources, prog, sess, timeout)
-                digest = entry.sha256
-            else:
-                part, digest, _ = _fetch_one(src.urls(), exp, part, rejected, prog, sess, timeout)
-                size = part.stat().st_size
+            try:
+                if entry is not None:
+                    size = _fetch_debian(entry, file, root, part, apt_sources, prog, sess, timeout)
+                    digest = entry.sha256
+                else:
+                    part, digest, _ = _fetch_one(
+                        src.urls(), exp, part, rejected, prog, sess, timeout
+                    )
+                    size = part.stat().st_size
+            except SourceError as exc:
+                # Keep going: one unreachable file should not hide the state of the others.
+                failures.append(exc)
+                prog.note(f"FAIL {file}: {exc.message}")
+                continue
             if not exp.declared:
                 newly_trusted[file] = digest
                 result.unverified.append(file)
@@ -790,6 +799,15 @@ def fetch(
             prog.end(file, f"sha256 {digest}")
     _write_marker(cache_dir, the_set, mapped, newly_trusted)
     result.seconds = time.monotonic() - started
+    if len(failures) == 1:
+        raise failures[0]
+    if failures:
+        listing = "\n".join(f"  - {f.message}" for f in failures)
+        raise SourceError(
+            f"{len(failures)} source file(s) could not be fetched:\n{listing}",
+            hint=f"{len(result.fetched) + len(result.cached)} other file(s) are ready; "
+            "fix the URLs/checksums above (or use another --set) and fetch again",
+        )
     return result
 
 

@@ -64,6 +64,13 @@ class RunState(BaseModel):
     owner_pid: int = Field(default_factory=os.getpid)
     outcome: Literal["running", "succeeded", "failed", "interrupted"] = "running"
     packages: list[PackageState] = Field(default_factory=list)
+    # Checkpoints: the partition as the first stage found it, what each stage (or
+    # "stage/package") was checkpointed as, and the checkpoint the partition equals now
+    # (None while a build may have changed it since).
+    base_stage: str | None = None
+    base_key: str | None = None
+    checkpoints: dict[str, str] = Field(default_factory=dict)
+    partition_at: str | None = None
 
     def find(self, stage: str, name: str) -> PackageState | None:
         for package in self.packages:

@@ -15,6 +15,8 @@ from rich.table import Table
 
 from orchestrator import api
 from orchestrator.cli import images as images_cli
+from orchestrator.cli import snapshots as snapshots_cli
+from orchestrator.cli import sources as sources_cli
 from orchestrator.config import load_config
 from orchestrator.console import ConsoleView
 from orchestrator.errors import LfsorchError
@@ -32,6 +34,9 @@ app = typer.Typer(
 config_app = typer.Typer(help="Show the configuration and where each value comes from.")
 app.add_typer(config_app, name="config")
 app.add_typer(images_cli.app, name="images")
+app.add_typer(snapshots_cli.snapshots_app, name="snapshots")
+app.add_typer(sources_cli.app, name="sources")
+app.command("restore")(snapshots_cli.restore)
 
 out = Console(highlight=False, soft_wrap=True)
 

@@ -162,6 +162,7 @@ def test_failure_stops_dependents_and_reports_exit_status(
         f"""
         stage: fail
         image: {BASE_IMAGE}
+        checkpoint: none  # resuming in place; resuming onto checkpoints: test_checkpoints.py
         packages:
           - {{name: base, script: "touch /mnt/lfs/base"}}
           - name: broken
@@ -342,6 +343,7 @@ def test_killed_tool_leftovers_are_removed_and_done_work_is_kept(
         f"""
         stage: crash
         image: {BASE_IMAGE}
+        checkpoint: none  # resuming in place; resuming onto checkpoints: test_checkpoints.py
         packages:
           - {{name: first, script: "echo built >> /mnt/lfs/first"}}
           - name: second

@@ -1,0 +1,152 @@
+"""Checkpoints during a run: which snapshot a stage (or package) maps to, taking and restoring.
+
+Keys chain like the stages do: a stage's key hashes its definition, its image, its sources'
+checksums and the key of the checkpoint it was built on, so equal keys mean equal inputs all
+the way down from the first partition. The partition a run starts from gets a key from its
+own content, so two empty partitions share every downstream checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+
+from orchestrator import events, images
+from orchestrator.config import Settings
+from orchestrator.errors import LfsorchError
+from orchestrator.events import EventBus
+from orchestrator.graph import StagePlan
+from orchestrator.models import CheckpointPolicy, Package, Stage
+from orchestrator.snapshots import SnapshotStore, scan_tree, snapshot_key, verify_tree
+
+INITIAL = "(initial)"
+DRIFT_SHOWN = 10
+
+
+class PartitionDrift(LfsorchError):
+    exit_code = 2
+
+
+def policy_of(stage: Stage, settings: Settings) -> CheckpointPolicy:
+    return stage.checkpoint or settings.checkpoint
+
+
+def _source_checksums(packages: Sequence[Package]) -> dict[str, str]:
+    return {
+        source.file: source.sha256 or source.md5 or ""
+        for package in packages
+        for source in package.sources
+    }
+
+
+def tree_key(tree: Path) -> str:
+    """A key for a partition nobody built: from every entry's metadata and content."""
+    digest = hashlib.sha256()
+    for path, entry in scan_tree(tree).items():
+        if entry.type == "dir":
+            # A directory's mtime says when it was made, not what the partition holds.
+            entry = dataclasses.replace(entry, mtime_ns=0)
+        record = [path, entry.hardlink, *entry.content()]
+        if entry.type == "file" and entry.hardlink is None:
+            record.append(_file_digest(tree / path))
+        digest.update(json.dumps(record, sort_keys=True, default=list).encode())
+    return snapshot_key(INITIAL, "", {"tree": digest.hexdigest()}, None)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Checkpointer:
+    store: SnapshotStore
+    client: docker.DockerClient
+    settings: Settings
+    bus: EventBus
+    run_id: str
+
+    def _image_digest(self, stage: Stage) -> str:
+        return images.image_digest(self.client, stage.image or self.settings.image)
+
+    def stage_key(self, stage_plan: StagePlan, parent: str) -> str:
+        stage = stage_plan.file.stage
+        definition = stage.model_dump_json(exclude={"description"})
+        sources = _source_checksums(stage.packages)
+        return snapshot_key(definition, self._image_digest(stage), sources, parent)
+
+    def package_key(self, stage: Stage, package: Package, parent: str) -> str:
+        definition = json.dumps(
+            {"stage": stage.model_dump(mode="json", exclude={"packages", "description"}),
+             "package": package.model_dump(mode="json")},
+            sort_keys=True,
+        )  # fmt: skip
+        sources = _source_checksums([package])
+        return snapshot_key(definition, self._image_digest(stage), sources, parent)
+
+    def take(
+        self, lfs: Path, key: str, *, stage: str, parent: str | None, package: str | None = None
+    ) -> bool:
+        """Snapshot the partition under `key`; False when a snapshot of equal inputs already
+        existed (kept: other snapshots' deltas build on it), so the partition may differ."""
+        if self.store.get(key) is not None:
+            return False
+        started = time.monotonic()
+        metadata = {"run_id": self.run_id, "package": package}
+        info = self.store.create(lfs, key, stage=stage, parent=parent, metadata=metadata)
+        self.bus.emit(
+            events.SNAPSHOT_CREATE,
+            run_id=self.run_id,
+            stage=stage,
+            package=package,
+            key=key,
+            delta=info.delta_of is not None,
+            archive_bytes=info.archive_size,
+            duration_s=round(time.monotonic() - started, 3),
+        )
+        return True
+
+    def initial(self, lfs: Path) -> tuple[str, bool]:
+        """Checkpoint the partition as the run found it; its key comes from its content.
+
+        Returns the key and whether the checkpoint was taken from this very tree (an older
+        one with equal content may differ in directory mtimes, so it is restored, not assumed).
+        """
+        key = tree_key(lfs)
+        return key, self.take(lfs, key, stage=INITIAL, parent=None)
+
+    def restore(self, key: str, lfs: Path, *, stage: str, reason: str) -> None:
+        started = time.monotonic()
+        self.store.restore(key, lfs, self.client)
+        self.bus.emit(
+            events.SNAPSHOT_RESTORE,
+            run_id=self.run_id,
+            stage=stage,
+            key=key,
+            reason=reason,
+            duration_s=round(time.monotonic() - started, 3),
+        )
+
+    def check_drift(self, key: str, lfs: Path) -> None:
+        """Refuse to build on a partition that no longer equals the checkpoint it was left at."""
+        differences = verify_tree(self.store.manifest(key), lfs, content=False)
+        if not differences:
+            return
+        shown = "\n  ".join(differences[:DRIFT_SHOWN])
+        more = len(differences) - DRIFT_SHOWN
+        raise PartitionDrift(
+            f"the partition {lfs} changed since checkpoint {key[:12]} was taken:\n  {shown}"
+            + (f"\n  ... and {more} more" if more > 0 else ""),
+            hint=f"restore it with `lfsorch restore {key[:12]} --lfs {lfs}`, "
+            "or rebuild a stage with `--from STAGE`",
+        )

@@ -1,0 +1,130 @@
+"""`lfsorch snapshots` (list, show, verify, prune) and `lfsorch restore`: thin over the store."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from orchestrator import api
+from orchestrator.errors import ConfigError, LfsorchError
+from orchestrator.models import parse_size
+from orchestrator.snapshots import SnapshotInfo, SnapshotStore
+from orchestrator.workspace import Workspace
+
+snapshots_app = typer.Typer(
+    help="Checkpoints of the LFS partition taken after each stage.", no_args_is_help=True
+)
+
+
+def _store() -> SnapshotStore:
+    return SnapshotStore(Workspace.from_env().snapshots_dir)
+
+
+def _max_size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError:
+        raise ConfigError(
+            f"--max-size {text!r} is not a size", hint="write e.g. 10G or 500M"
+        ) from None
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024:
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} TiB"
+
+
+def _when(info: SnapshotInfo) -> str:
+    return datetime.fromtimestamp(info.created).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@snapshots_app.command("list")
+def list_() -> None:
+    """Show snapshots, oldest first: key, stage, kind, sizes."""
+    found = _store().list()
+    if not found:
+        print("no snapshots")
+        return
+    table = Table("key", "stage", "created", "kind", "archive", "tree", "entries")
+    for info in found:
+        kind = f"delta of {info.delta_of[:12]}" if info.delta_of else "full"
+        table.add_row(
+            info.key[:16],
+            info.stage,
+            _when(info),
+            kind,
+            _human(info.archive_size),
+            _human(info.tree_bytes),
+            str(info.entries),
+        )
+    Console().print(table)
+
+
+@snapshots_app.command()
+def show(key_or_stage: str = typer.Argument(..., metavar="KEY|STAGE")) -> None:
+    """Show one snapshot's manifest summary and caller metadata."""
+    store = _store()
+    info = store.resolve(key_or_stage)
+    manifest = store.manifest(info.key)
+    print(f"key:       {info.key}")
+    print(f"stage:     {info.stage}")
+    print(f"created:   {_when(info)}")
+    print(f"parent:    {info.parent or '-'}")
+    print(f"delta of:  {info.delta_of or '- (full)'}")
+    print(f"archive:   {_human(info.archive_size)} sha256 {manifest.archive_sha256}")
+    print(f"tree:      {_human(info.tree_bytes)} in {info.entries} entries")
+    carried = sum(1 for entry in manifest.entries.values() if entry.layer == info.key)
+    print(f"carries:   {carried} entries; deletes {len(manifest.deleted)}")
+    for name, value in sorted(manifest.metadata.items()):
+        print(f"meta {name}: {value}")
+
+
+@snapshots_app.command()
+def verify(key_or_stage: str = typer.Argument(..., metavar="KEY|STAGE")) -> None:
+    """Check archive digests and that every archive matches its manifest."""
+    store = _store()
+    info = store.resolve(key_or_stage)
+    problems = store.verify(info.key)
+    if problems:
+        for problem in problems:
+            print(problem)
+        raise LfsorchError(
+            f"snapshot {info.stage} ({info.key[:12]}) failed verification "
+            f"({len(problems)} problem(s))",
+            hint="delete it and snapshot the stage again",
+        )
+    print(f"snapshot {info.stage} ({info.key[:12]}): ok")
+
+
+@snapshots_app.command()
+def prune(
+    keep: int | None = typer.Option(None, "--keep", min=0, help="Keep the newest N."),
+    max_size: str | None = typer.Option(
+        None, "--max-size", help="Keep the newest ones whose archives fit, e.g. 10G."
+    ),
+) -> None:
+    """Remove old snapshots (never a base that a kept delta needs)."""
+    if keep is None and max_size is None:
+        raise ConfigError("prune needs --keep N and/or --max-size SIZE")
+    limit = _max_size(max_size) if max_size is not None else None
+    removed = _store().prune(keep_last=keep, max_bytes=limit)
+    for key in removed:
+        print(f"removed {key}")
+    print(f"{len(removed)} snapshot(s) removed")
+
+
+def restore(
+    target: str = typer.Argument(..., metavar="STAGE|KEY", help="Stage name or snapshot key."),
+    lfs: Path = typer.Option(..., "--lfs", help="The LFS directory to make equal the snapshot."),
+) -> None:
+    """Make the LFS directory equal a snapshot (by stage or key); refuses unsafe archives."""
+    info = api.restore(target, lfs)
+    print(f"restored {info.stage} ({info.key[:12]}) into {lfs}")

@@ -1,0 +1,95 @@
+"""`lfsorch sources`: fetch and inspect the source cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from orchestrator.config import load_config
+from orchestrator.errors import LfsorchError
+from orchestrator.graph import load_plan
+from orchestrator.sources import (
+    Source,
+    SourceError,
+    cache_dir_for,
+    default_set_dirs,
+    fetch,
+    load_source_set,
+    status,
+)
+from orchestrator.workspace import Workspace
+
+app = typer.Typer(help="Fetch, verify and list the packages' source files.", no_args_is_help=True)
+
+FilesArg = typer.Argument(..., exists=True, dir_okay=False, help="stage file(s)")
+SetOpt = typer.Option(
+    None, "--set", "-s", help="source set: upstream, debian12, ... (default: config source_set)"
+)
+
+
+def _collect(files: list[Path]) -> dict[str, list[Source]]:
+    """`stage/package` -> sources, for the given stages and every stage they require."""
+    plan = load_plan(files)
+    return {
+        f"{stage_plan.name}/{package.name}": list(package.sources)
+        for stage_plan in plan.stages
+        for package in stage_plan.file.stage.packages
+        if package.sources
+    }
+
+
+def _set_name(given: str | None) -> str:
+    return given or load_config().settings.source_set
+
+
+def _set_dirs(files: list[Path]) -> list[Path]:
+    """Set files beside the stage files first (stages/sourcesets), then the built-in ones."""
+    dirs = [p.resolve().parent / "sourcesets" for p in files]
+    return list(dict.fromkeys([*dirs, *default_set_dirs()]))
+
+
+def _fail(exc: LfsorchError) -> typer.Exit:
+    typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
+    return typer.Exit(exc.exit_code)
+
+
+@app.command("fetch")
+def fetch_cmd(
+    files: list[Path] = FilesArg,
+    source_set: str | None = SetOpt,
+    allow_unverified: bool = typer.Option(
+        False, help="fetch files that declare no checksum and trust their first digest"
+    ),
+) -> None:
+    """Download every source the stage files declare into the verified cache."""
+    try:
+        the_set = load_source_set(_set_name(source_set), _set_dirs(files))
+        result = fetch(
+            _collect(files), Workspace.from_env(), the_set, allow_unverified=allow_unverified
+        )
+    except LfsorchError as exc:
+        raise _fail(exc) from exc
+    mib = result.bytes_downloaded / 2**20
+    typer.echo(
+        f"{len(result.fetched)} fetched ({mib:.1f} MiB in {result.seconds:.0f}s), "
+        f"{len(result.cached)} already cached, in {result.cache_dir}"
+    )
+
+
+@app.command("list")
+def list_cmd(files: list[Path] = FilesArg, source_set: str | None = SetOpt) -> None:
+    """Show which sources are cached, missing or bad for a set."""
+    try:
+        the_set = load_source_set(_set_name(source_set), _set_dirs(files))
+        cache_dir = cache_dir_for(Workspace.from_env(), the_set)
+        rows = status(_collect(files), cache_dir, the_set)
+    except LfsorchError as exc:
+        raise _fail(exc) from exc
+    colors = {"ok": "green", "missing": "yellow", "bad": "red", "unverified": "yellow"}
+    for row in rows:
+        state = typer.style(f"{row.state:<10}", fg=colors[row.state])
+        typer.echo(f"{state} {row.file}  {row.detail}".rstrip())
+    typer.echo(f"cache: {cache_dir}")
+    if any(r.state != "ok" for r in rows):
+        raise typer.Exit(SourceError.exit_code)

@@ -1,0 +1,237 @@
+"""Checkpoints during runs on the real engine: cache hits, resume onto a checkpoint, --from,
+the drift check, and per-package checkpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import docker
+import pytest
+
+from orchestrator import engine
+from orchestrator.build import Build, RunOptions
+from orchestrator.checkpoints import PartitionDrift
+from orchestrator.config import load_config
+from orchestrator.events import Event, EventBus
+from orchestrator.graph import load_plan
+from orchestrator.state import RunState
+from orchestrator.workspace import Workspace
+from tests.conftest import BASE_IMAGE, REPO
+from tests.integration.test_run import wait_for_container
+
+pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]
+
+WriteStage = Callable[[str, str], Path]
+
+
+def build(
+    files: list[Path], lfs: Path, workspace: Workspace, **options: object
+) -> tuple[RunState, list[Event]]:
+    recorded: list[Event] = []
+    bus = EventBus()
+    bus.subscribe(recorded.append)
+    run = Build(
+        load_plan(files),
+        load_config().settings,
+        workspace,
+        engine.connect(timeout=None),
+        bus,
+        RunOptions(lfs_dir=lfs, **options),  # type: ignore[arg-type]
+    )
+    return run.run(), recorded
+
+
+def started(events: list[Event]) -> list[str]:
+    return [f"{e.stage}/{e.package}" for e in events if e.name == "build.start"]
+
+
+def restores(events: list[Event]) -> list[tuple[str | None, str]]:
+    return [(e.stage, e.data["reason"]) for e in events if e.name == "snapshot.restore"]
+
+
+def tree(root: Path) -> dict[str, str]:
+    return {
+        str(path.relative_to(root)): path.read_text() if path.is_file() else "<dir>"
+        for path in sorted(root.rglob("*"))
+    }
+
+
+@pytest.fixture
+def two_stages(stage_file: WriteStage) -> list[Path]:
+    stage_file(
+        "one.yaml",
+        f"""
+        stage: one
+        image: {BASE_IMAGE}
+        packages:
+          - {{name: base, script: "mkdir -p /mnt/lfs/usr && echo one > /mnt/lfs/usr/one"}}
+        """,
+    )
+    two = stage_file(
+        "two.yaml",
+        f"""
+        stage: two
+        requires: [one]
+        image: {BASE_IMAGE}
+        packages:
+          - {{name: a, script: "echo a >> /mnt/lfs/usr/a"}}
+          - name: b
+            depends: [a]
+            script: |
+              if [ -e /mnt/lfs/usr/half ]; then echo "built on half-installed files"; exit 9; fi
+              echo partial > /mnt/lfs/usr/half
+              if [ -e /stage/hold ]; then sleep 300; fi
+              if [ -e /stage/fail ]; then exit 4; fi
+              rm /mnt/lfs/usr/half
+              echo b > /mnt/lfs/usr/b
+        """,
+    )
+    return [two]
+
+
+def test_cache_hit_restores_instead_of_building(
+    workspace: Workspace, tmp_path: Path, two_stages: list[Path]
+) -> None:
+    first = tmp_path / "first"
+    first.mkdir()
+    state, recorded = build(two_stages, first, workspace)
+    assert state.outcome == "succeeded"
+    assert started(recorded) == ["one/base", "two/a", "two/b"]
+    assert [e.stage for e in recorded if e.name == "snapshot.create"] == ["(initial)", "one", "two"]
+
+    second = tmp_path / "second"
+    second.mkdir()
+    state, recorded = build(two_stages, second, workspace)
+    assert state.outcome == "succeeded"
+    assert started(recorded) == []
+    assert [e.stage for e in recorded if e.name == "stage.cached"] == ["one", "two"]
+    assert tree(second) == tree(first) == {
+        "usr": "<dir>",
+        "usr/a": "a\n",
+        "usr/b": "b\n",
+        "usr/one": "one\n",
+    }
+
+    third = tmp_path / "third"
+    third.mkdir()
+    _, recorded = build(two_stages, third, workspace, rebuild=True)
+    assert started(recorded) == ["one/base", "two/a", "two/b"]
+
+
+def test_failed_build_resumes_on_the_restored_checkpoint(
+    workspace: Workspace, lfs_dir: Path, two_stages: list[Path]
+) -> None:
+    fail = two_stages[0].parent / "fail"
+    fail.touch()
+    state, _ = build(two_stages, lfs_dir, workspace)
+    assert state.outcome == "failed"
+    assert (lfs_dir / "usr/half").read_text() == "partial\n"  # half-installed, as it failed
+
+    fail.unlink()
+    state, recorded = build(two_stages, lfs_dir, workspace)
+    assert state.outcome == "succeeded", [p.model_dump() for p in state.packages]
+    assert restores(recorded) == [("two", "resume: back to the last checkpoint")]
+    assert started(recorded) == ["two/a", "two/b"]
+    assert tree(lfs_dir) == {"usr": "<dir>", "usr/a": "a\n", "usr/b": "b\n", "usr/one": "one\n"}
+
+
+def test_killed_run_resumes_on_the_restored_checkpoint(
+    workspace: Workspace,
+    lfs_dir: Path,
+    two_stages: list[Path],
+    docker_client: docker.DockerClient,
+) -> None:
+    hold = two_stages[0].parent / "hold"
+    hold.touch()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator", "run", str(two_stages[0]), "--lfs", str(lfs_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=REPO,
+        env=dict(os.environ),
+    )
+    wait_for_container(docker_client, "b")
+    process.kill()
+    process.wait(timeout=30)
+    assert (lfs_dir / "usr/half").exists()
+
+    hold.unlink()
+    state, recorded = build(two_stages, lfs_dir, workspace)
+    assert [e.name for e in recorded][:2] == ["engine.cleanup", "run.start"]
+    assert restores(recorded) == [("two", "resume: back to the last checkpoint")]
+    assert started(recorded) == ["two/a", "two/b"]
+    assert state.outcome == "succeeded"
+    assert (lfs_dir / "usr/a").read_text() == "a\n"  # not "a\na\n": a was undone, then rebuilt
+    assert not (lfs_dir / "usr/half").exists()
+
+
+def test_from_stage_restores_the_checkpoint_before_it(
+    workspace: Workspace, lfs_dir: Path, two_stages: list[Path]
+) -> None:
+    build(two_stages, lfs_dir, workspace)
+    (lfs_dir / "usr/stray").write_text("made by hand\n")
+    state, recorded = build(two_stages, lfs_dir, workspace, from_stage="two")
+    assert state.outcome == "succeeded"
+    assert restores(recorded) == [("two", "--from")]
+    assert started(recorded) == ["two/a", "two/b"]
+    assert not (lfs_dir / "usr/stray").exists()
+    assert (lfs_dir / "usr/a").read_text() == "a\n"
+
+
+def test_drift_is_refused_with_what_differs(
+    workspace: Workspace, lfs_dir: Path, two_stages: list[Path], stage_file: WriteStage
+) -> None:
+    build(two_stages, lfs_dir, workspace)
+    three = stage_file(
+        "three.yaml",
+        f"stage: three\nrequires: [two]\nimage: {BASE_IMAGE}\n"
+        "packages:\n  - {name: c, script: 'touch /mnt/lfs/usr/c'}\n",
+    )
+    (lfs_dir / "usr/stray").write_text("made by hand\n")
+    (lfs_dir / "usr/one").write_text("edited\n")
+    with pytest.raises(PartitionDrift) as caught:
+        build([three], lfs_dir, workspace)
+    message = caught.value.message
+    assert message.startswith(f"the partition {lfs_dir.resolve()} changed since checkpoint ")
+    lines = message.splitlines()[1:]
+    assert lines[0] == "  unexpected: usr/stray"
+    assert "  size differs: usr/one (expected 4, found 7)" in lines
+    assert not (lfs_dir / "usr/c").exists()
+
+
+def test_package_checkpoints_resume_after_the_last_good_package(
+    workspace: Workspace, lfs_dir: Path, stage_file: WriteStage
+) -> None:
+    path = stage_file(
+        "steps.yaml",
+        f"""
+        stage: steps
+        image: {BASE_IMAGE}
+        checkpoint: package
+        packages:
+          - {{name: p1, script: "echo 1 >> /mnt/lfs/log"}}
+          - {{name: p2, depends: [p1], script: "echo 2 >> /mnt/lfs/log"}}
+          - name: p3
+            depends: [p2]
+            script: |
+              echo 3-partial >> /mnt/lfs/log
+              [ ! -e /stage/fail ]
+              echo 3 >> /mnt/lfs/log
+        """,
+    )
+    fail = path.parent / "fail"
+    fail.touch()
+    state, recorded = build([path], lfs_dir, workspace)
+    assert state.outcome == "failed"
+    assert [e.package for e in recorded if e.name == "snapshot.create"] == [None, "p1", "p2"]
+
+    fail.unlink()
+    state, recorded = build([path], lfs_dir, workspace)
+    assert state.outcome == "succeeded"
+    assert restores(recorded) == [("steps", "resume: back to the last checkpoint")]
+    assert started(recorded) == ["steps/p3"]
+    assert (lfs_dir / "log").read_text() == "1\n2\n3-partial\n3\n"

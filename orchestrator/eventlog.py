@@ -20,8 +20,12 @@ def _compress_rotated(source: str, destination: str) -> None:
     os.remove(source)
 
 
+PROGRESS_INTERVAL_S = 10.0
+
+
 class JsonEventLog:
-    """A bus subscriber. Progress lines are logged sparsely: the package logs hold the output."""
+    """A bus subscriber. Progress is logged at most every few seconds per package: the
+    package logs hold the output itself."""
 
     def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -35,10 +39,14 @@ class JsonEventLog:
         self._logger.propagate = False
         self._logger.addHandler(handler)
         self._handler = handler
+        self._last_progress: dict[tuple[str | None, str | None], float] = {}
 
     def __call__(self, event: Event) -> None:
-        if event.name == events.BUILD_PROGRESS and event.data.get("lines", 0) % 50:
-            return
+        if event.name == events.BUILD_PROGRESS:
+            key = (event.stage, event.package)
+            if event.time - self._last_progress.get(key, 0.0) < PROGRESS_INTERVAL_S:
+                return
+            self._last_progress[key] = event.time
         self._logger.info(json.dumps(event.as_json(), default=str, sort_keys=False))
 
     def close(self) -> None:

@@ -111,12 +111,18 @@ def cleanup() -> list[str]:
     return engine.reap_leftovers(engine.connect())
 
 
-def restore(key_or_stage: str, lfs_dir: Path, workspace: Workspace | None = None) -> SnapshotInfo:
-    """Make the partition equal a snapshot; the run record learns where the partition is."""
+def restore(
+    key_or_stage: str, lfs_dir: Path, *, image: bool = False, workspace: Workspace | None = None
+) -> SnapshotInfo:
+    """Make the partition equal a snapshot (or a snapshot image, with `image`); the run record
+    learns where the partition is."""
     workspace = workspace or Workspace.from_env()
     store = SnapshotStore(workspace.snapshots_dir)
     with workspace_lock(workspace):
-        info = store.restore(key_or_stage, lfs_dir)
+        if image:
+            info = store.restore_image(engine.connect(timeout=None), key_or_stage, lfs_dir)
+        else:
+            info = store.restore(key_or_stage, lfs_dir)
         state = load_state(workspace.state_file)
         if state is not None and state.lfs == str(lfs_dir.resolve()):
             state.partition_at = info.key

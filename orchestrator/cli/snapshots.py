@@ -9,10 +9,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator import api
+from orchestrator import api, engine
 from orchestrator.errors import ConfigError, LfsorchError
 from orchestrator.models import parse_size
-from orchestrator.snapshots import SnapshotInfo, SnapshotStore
+from orchestrator.snapshots import IMAGE_REPOSITORY, SnapshotInfo, SnapshotStore
 from orchestrator.workspace import Workspace
 
 snapshots_app = typer.Typer(
@@ -121,10 +121,24 @@ def prune(
     print(f"{len(removed)} snapshot(s) removed")
 
 
+@snapshots_app.command()
+def image(key_or_stage: str = typer.Argument(..., metavar="KEY|STAGE")) -> None:
+    """Turn a snapshot into a single-layer Docker image labelled with its key (to push)."""
+    store = _store()
+    info = store.resolve(key_or_stage)
+    image_id = store.to_image(engine.connect(timeout=None), info.key)
+    print(f"{IMAGE_REPOSITORY}:{info.key} {image_id}")
+
+
 def restore(
-    target: str = typer.Argument(..., metavar="STAGE|KEY", help="Stage name or snapshot key."),
+    target: str = typer.Argument(
+        ..., metavar="STAGE|KEY|IMAGE", help="Stage name, snapshot key, or with --image an image."
+    ),
     lfs: Path = typer.Option(..., "--lfs", help="The LFS directory to make equal the snapshot."),
+    image: bool = typer.Option(
+        False, "--image", help="TARGET is a snapshot image (`lfsorch snapshots image`)."
+    ),
 ) -> None:
     """Make the LFS directory equal a snapshot (by stage or key); refuses unsafe archives."""
-    info = api.restore(target, lfs)
+    info = api.restore(target, lfs, image=image)
     print(f"restored {info.stage} ({info.key[:12]}) into {lfs}")

@@ -179,3 +179,14 @@ def test_repository_stage_files_validate() -> None:
     assert files, "the repository ships stage files"
     plan = load_plan(files)
     assert {"demo"} <= {s.name for s in plan.stages}
+
+
+def test_ch6_plan_builds_the_stages_it_requires_first() -> None:
+    stages = Path(__file__).resolve().parents[2] / "stages"
+    plan = load_plan([stages / "ch6.yaml"]).as_json()["stages"]
+    assert [s["stage"] for s in plan] == ["ch4", "ch5", "ch6"]  # type: ignore[index]
+    ch5 = [level for s in plan if s["stage"] == "ch5" for level in s["levels"]]  # type: ignore[index]
+    assert ch5 == [["binutils-pass1"], ["gcc-pass1"], ["linux-headers"], ["glibc"], ["libstdcxx"]]
+    ch6 = next(s["levels"] for s in plan if s["stage"] == "ch6")  # type: ignore[index]
+    assert ch6[0] == ["cross-toolchain-check"]
+    assert ch6[-2:] == [["gcc-pass2"], ["temporary-tools-check"]]

@@ -15,7 +15,7 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +23,7 @@ from typing import Any
 import docker
 import docker.errors
 
+from orchestrator import aptsources
 from orchestrator.errors import ImageMissing, LfsorchError
 from orchestrator.workspace import Workspace
 
@@ -61,100 +62,14 @@ class ImageBuildFailed(LfsorchError):
 # --------------------------------------------------------------------------- apt sources
 
 
-@dataclass(frozen=True)
-class AptSource:
-    """One `deb` entry of the apt configuration."""
-
-    uri: str
-    suite: str
-
-    @property
-    def is_main_suite(self) -> bool:
-        # bookworm-updates, bookworm-security, bookworm/updates and the like live in other
-        # archives (or only hold deltas), so debootstrap cannot start from them.
-        return "-" not in self.suite and "/" not in self.suite
-
-    @property
-    def usable(self) -> bool:
-        # cdrom: needs a mounted disc, which debootstrap cannot use.
-        return not self.uri.startswith("cdrom:")
-
-
-def parse_one_line_sources(text: str) -> list[AptSource]:
-    """Parse the classic `sources.list` format: `deb [options] URI SUITE COMPONENT...`."""
-    sources: list[AptSource] = []
-    for raw in text.splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        fields = line.split()
-        if fields[0] != "deb":
-            continue
-        fields = fields[1:]
-        if fields and fields[0].startswith("["):
-            # Options may contain spaces: `[ arch=amd64 signed-by=... ]`.
-            while fields and not fields[0].endswith("]"):
-                fields.pop(0)
-            fields = fields[1:]
-        if len(fields) >= 2:
-            sources.append(AptSource(uri=fields[0].rstrip("/"), suite=fields[1]))
-    return sources
-
-
-def _deb822_stanzas(text: str) -> Iterator[dict[str, str]]:
-    fields: dict[str, str] = {}
-    key: str | None = None
-    for raw in [*text.splitlines(), ""]:
-        if raw.startswith("#"):
-            continue
-        if not raw.strip():
-            if fields:
-                yield fields
-            fields, key = {}, None
-        elif raw[0] in " \t" and key is not None:
-            fields[key] += " " + raw.strip()
-        elif ":" in raw:
-            key, value = raw.split(":", 1)
-            key = key.strip().lower()
-            fields[key] = value.strip()
-
-
-def parse_deb822_sources(text: str) -> list[AptSource]:
-    """Parse the deb822 `*.sources` format (stanzas with `Types:`, `URIs:`, `Suites:`)."""
-    sources: list[AptSource] = []
-    for stanza in _deb822_stanzas(text):
-        if "deb" not in stanza.get("types", "").split():
-            continue
-        if stanza.get("enabled", "yes").lower() == "no":
-            continue
-        for uri in stanza.get("uris", "").split():
-            for suite in stanza.get("suites", "").split():
-                sources.append(AptSource(uri=uri.rstrip("/"), suite=suite))
-    return sources
-
-
-def read_apt_sources(root: Path = Path("/")) -> list[AptSource]:
-    """All `deb` entries under ROOT/etc/apt, in the order apt reads them."""
-    apt = root / "etc" / "apt"
-    sources: list[AptSource] = []
-    main_list = apt / "sources.list"
-    if main_list.is_file():
-        sources += parse_one_line_sources(main_list.read_text(errors="replace"))
-    parts = apt / "sources.list.d"
-    if parts.is_dir():
-        for path in sorted(parts.iterdir()):
-            if path.suffix == ".list":
-                sources += parse_one_line_sources(path.read_text(errors="replace"))
-            elif path.suffix == ".sources":
-                sources += parse_deb822_sources(path.read_text(errors="replace"))
-    return sources
-
-
-def pick_mirror(sources: Iterable[AptSource]) -> tuple[str, str]:
-    """The first usable main-suite entry as (uri, suite), or raise MirrorNotFound."""
-    for source in sources:
-        if source.usable and source.is_main_suite:
-            return source.uri, source.suite
+def pick_mirror(pairs: Iterable[tuple[str, str]]) -> tuple[str, str]:
+    """The first usable main-suite (uri, suite) of PAIRS, or raise MirrorNotFound."""
+    for uri, suite in pairs:
+        # cdrom: needs a mounted disc, which debootstrap cannot use. bookworm-updates,
+        # bookworm-security, bookworm/updates and the like live in other archives (or only
+        # hold deltas), so debootstrap cannot start from them.
+        if not uri.startswith("cdrom:") and "-" not in suite and "/" not in suite:
+            return uri, suite
     raise MirrorNotFound(
         "no Debian mirror found in the apt sources (/etc/apt/sources.list, "
         "/etc/apt/sources.list.d/*.list or *.sources)",
@@ -164,7 +79,7 @@ def pick_mirror(sources: Iterable[AptSource]) -> tuple[str, str]:
 
 def apt_mirror(root: Path = Path("/")) -> tuple[str, str]:
     """(uri, suite) of the Debian mirror this machine's apt uses."""
-    return pick_mirror(read_apt_sources(root))
+    return pick_mirror(aptsources.deb_pairs(aptsources.machine_entries(root)))
 
 
 # --------------------------------------------------------------------------- bootstrap

@@ -37,6 +37,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rich.progress import TaskID
 
+from orchestrator import aptsources
 from orchestrator.errors import LfsorchError
 from orchestrator.workspace import Workspace
 
@@ -555,56 +556,10 @@ def _fetch_one(
 # --------------------------------------------------------------------------- debian route
 
 
-def deb822_to_src(text: str) -> str:
-    """deb-src stanzas for every `Types: deb` stanza of a deb822 .sources text (pure)."""
-    out: list[str] = []
-    for stanza in re.split(r"\n\s*\n", text.strip()):
-        lines = [ln for ln in stanza.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-        fields: dict[str, str] = {}
-        order: list[str] = []
-        key = ""
-        for ln in lines:
-            if ln[:1].isspace() and key:  # continuation line (multi-line Signed-By)
-                fields[key] += "\n" + ln
-                continue
-            key, _, value = ln.partition(":")
-            key = key.strip()
-            fields[key] = value.strip()
-            order.append(key)
-        types = fields.get("Types", "").split()
-        if "deb" not in types or fields.get("Enabled", "yes").lower() == "no":
-            continue
-        body = ["Types: deb-src"]
-        body += [f"{k}: {fields[k]}" for k in order if k != "Types"]
-        out.append("\n".join(body))
-    return "\n\n".join(out) + ("\n" if out else "")
-
-
-def oneline_to_src(text: str) -> str:
-    """deb-src lines for every `deb` line of a one-line sources.list text (pure)."""
-    out = []
-    for ln in text.splitlines():
-        stripped = ln.strip()
-        if stripped.startswith("deb ") or stripped.startswith("deb\t"):
-            out.append("deb-src" + stripped[3:])
-    return "\n".join(out) + ("\n" if out else "")
-
-
-def derive_src_sources(etc_apt: Path = Path("/etc/apt")) -> tuple[str, str]:
+def derive_src_sources(etc_apt: Path = aptsources.ETC_APT) -> tuple[str, str]:
     """(deb822 text, one-line text) of deb-src entries mirroring the machine's deb entries."""
-    deb822: list[str] = []
-    oneline: list[str] = []
-    main = etc_apt / "sources.list"
-    if main.is_file():
-        oneline.append(oneline_to_src(main.read_text()))
-    parts = etc_apt / "sources.list.d"
-    if parts.is_dir():
-        for path in sorted(parts.iterdir()):
-            if path.suffix == ".sources":
-                deb822.append(deb822_to_src(path.read_text()))
-            elif path.suffix == ".list":
-                oneline.append(oneline_to_src(path.read_text()))
-    return "\n".join(t for t in deb822 if t), "".join(oneline)
+    entries = aptsources.read_entries(etc_apt)
+    return aptsources.src_deb822(entries), aptsources.src_one_line(entries)
 
 
 @dataclass(frozen=True)

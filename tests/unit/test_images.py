@@ -1,4 +1,4 @@
-"""Apt source parsing behind `images.apt_mirror` (no Docker needed)."""
+"""Mirror choice (`images.apt_mirror`) and image plumbing (no Docker needed)."""
 
 from __future__ import annotations
 
@@ -34,42 +34,24 @@ deb http://security.debian.org/debian-security bookworm-security main
 """
 
 
-def test_deb822_main_suite_uri() -> None:
-    sources = images.parse_deb822_sources(DEB822)
-    assert images.pick_mirror(sources) == ("http://deb.debian.org/debian", "bookworm")
-    assert [s.suite for s in sources] == ["bookworm", "bookworm-updates", "bookworm-security"]
+def test_pick_mirror_takes_the_first_main_suite() -> None:
+    pairs = [
+        ("http://deb.debian.org/debian", "bookworm-updates"),
+        ("http://security.debian.org/debian-security", "bookworm-security"),
+        ("http://old.example.org/debian", "bookworm/updates"),
+        ("http://ftp.example.org/debian", "bookworm"),
+        ("http://later.example.org/debian", "trixie"),
+    ]
+    assert images.pick_mirror(pairs) == ("http://ftp.example.org/debian", "bookworm")
 
 
-def test_deb822_skips_disabled_and_source_only_stanzas() -> None:
-    text = (
-        "Types: deb-src\nURIs: http://src.example.org/debian\nSuites: bookworm\n\n"
-        "Enabled: no\nTypes: deb\nURIs: http://off.example.org/debian\nSuites: bookworm\n\n"
-        "Types: deb deb-src\nURIs:\n http://on.example.org/debian\nSuites: trixie\n"
-    )
-    sources = images.parse_deb822_sources(text)
-    assert images.pick_mirror(sources) == ("http://on.example.org/debian", "trixie")
-
-
-def test_one_line_format_with_options_and_trailing_slash() -> None:
-    sources = images.parse_one_line_sources(ONE_LINE)
-    assert images.pick_mirror(sources) == ("http://ftp.example.org/debian", "bookworm")
-    assert len(sources) == 2  # comments and deb-src are not entries
-
-
-def test_one_line_options_with_spaces() -> None:
-    sources = images.parse_one_line_sources(
-        "deb [ arch=amd64 ] http://m.example.org/debian sid main"
-    )
-    assert sources == [images.AptSource("http://m.example.org/debian", "sid")]
-
-
-def test_only_update_suites_are_not_a_mirror() -> None:
-    sources = images.parse_one_line_sources(
-        "deb http://deb.debian.org/debian bookworm-updates main\n"
-        "deb cdrom:[Debian]/ bookworm main\n"
-    )
+def test_only_update_suites_and_cdrom_are_not_a_mirror() -> None:
+    pairs = [
+        ("http://deb.debian.org/debian", "bookworm-updates"),
+        ("cdrom:[Debian GNU/Linux 12.5.0 _Bookworm_]", "bookworm"),
+    ]
     with pytest.raises(images.MirrorNotFound) as caught:
-        images.pick_mirror(sources)
+        images.pick_mirror(pairs)
     assert isinstance(caught.value, LfsorchError)
     assert "--mirror" in str(caught.value)
 
@@ -90,6 +72,23 @@ def test_apt_mirror_reads_sources_d(tmp_path: Path) -> None:
 def test_apt_mirror_prefers_sources_list_first(tmp_path: Path) -> None:
     root = _apt_root(tmp_path, {"sources.list": ONE_LINE, "sources.list.d/debian.sources": DEB822})
     assert images.apt_mirror(root) == ("http://ftp.example.org/debian", "bookworm")
+
+
+def test_apt_mirror_skips_disabled_source_only_and_cdrom(tmp_path: Path) -> None:
+    root = _apt_root(
+        tmp_path,
+        {
+            "sources.list": "deb cdrom:[Debian GNU/Linux 12.5.0 _Bookworm_]/ bookworm main\n",
+            "sources.list.d/a.sources": (
+                "Types: deb-src\nURIs: http://src.example.org/debian\nSuites: bookworm\n\n"
+                "Enabled: no\nTypes: deb\nURIs: http://off.example.org/debian\nSuites: bookworm\n"
+            ),
+            "sources.list.d/b.sources": (
+                "Types: deb deb-src\nURIs:\n http://on.example.org/debian/\nSuites: trixie\n"
+            ),
+        },
+    )
+    assert images.apt_mirror(root) == ("http://on.example.org/debian", "trixie")
 
 
 def test_apt_mirror_missing_is_a_clear_error(tmp_path: Path) -> None:

@@ -26,10 +26,9 @@ from orchestrator.sources import (
     SourceSet,
     SourcesNotReady,
     cache_dir_for,
-    deb822_to_src,
+    derive_src_sources,
     fetch,
     load_source_set,
-    oneline_to_src,
     parse_print_uris,
     status,
     verify,
@@ -329,43 +328,30 @@ Components: main
 """
 
 
-def test_deb822_deb_stanzas_become_deb_src() -> None:
-    assert deb822_to_src(DEB822) == (
-        "Types: deb-src\n"
-        "URIs: http://deb.example.org/debian\n"
-        "Suites: bookworm bookworm-updates\n"
-        "Components: main\n"
-        "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
-        "\n"
-        "Types: deb-src\n"
-        "URIs: http://deb.example.org/debian-security\n"
-        "Suites: bookworm-security\n"
-        "Components: main\n"
-        "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+def test_derive_src_sources_reads_both_formats_in_apt_order(tmp_path: Path) -> None:
+    etc = tmp_path / "etc-apt"
+    (etc / "sources.list.d").mkdir(parents=True)
+    (etc / "sources.list").write_text("deb http://a.example/debian bookworm main\n")
+    (etc / "sources.list.d" / "b.list").write_text("deb [arch=amd64] http://b.example/d sid main\n")
+    (etc / "sources.list.d" / "c.sources").write_text(DEB822)
+    (etc / "sources.list.d" / "d.sources").write_text(
+        "Types: deb\nURIs: http://d.example/debian\nSuites: trixie\nComponents: main\n"
+    )
+    (etc / "sources.list.d" / "e.list.disabled").write_text("deb http://e.example/d sid main\n")
+    deb822, oneline = derive_src_sources(etc)
+    assert oneline == (
+        "deb-src http://a.example/debian bookworm main\n"
+        "deb-src [arch=amd64] http://b.example/d sid main\n"
+    )
+    assert deb822.count("Types: deb-src\n") == 3
+    assert deb822.endswith(
+        "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n\n"
+        "Types: deb-src\nURIs: http://d.example/debian\nSuites: trixie\nComponents: main\n"
     )
 
 
-def test_deb822_keeps_multiline_fields_and_both_types() -> None:
-    text = (
-        "Types: deb deb-src\nURIs: http://m/\nSuites: s\nComponents: c\nSigned-By:\n key1\n key2\n"
-    )
-    out = deb822_to_src(text)
-    assert out.startswith("Types: deb-src\nURIs: http://m/\n")
-    assert "Signed-By: \n key1\n key2" in out
-
-
-def test_oneline_deb_lines_become_deb_src() -> None:
-    text = (
-        "# comment\n"
-        "deb http://deb.example.org/debian bookworm main contrib\n"
-        "deb [signed-by=/k.gpg arch=amd64] http://x.example/debian bookworm-updates main\n"
-        "deb-src http://deb.example.org/debian bookworm main\n"
-        "#deb http://commented.example/debian bookworm main\n"
-    )
-    assert oneline_to_src(text) == (
-        "deb-src http://deb.example.org/debian bookworm main contrib\n"
-        "deb-src [signed-by=/k.gpg arch=amd64] http://x.example/debian bookworm-updates main\n"
-    )
+def test_derive_src_sources_without_apt_is_empty(tmp_path: Path) -> None:
+    assert derive_src_sources(tmp_path / "missing") == ("", "")
 
 
 def test_parse_print_uris() -> None:
@@ -410,7 +396,20 @@ def test_apt_setup_is_private(tmp_path: Path) -> None:
     assert f"Dir::Etc::SourceParts={tmp_path / 'apt' / 'sources.list.d'}" in opts
     assert f"Dir::State::Lists={tmp_path / 'apt' / 'lists'}" in opts
     written = (tmp_path / "apt" / "sources.list.d" / "lfsorch-src.sources").read_text()
-    assert written == deb822_to_src(DEB822)
+    assert written == (
+        "Types: deb-src\n"
+        "URIs: http://deb.example.org/debian\n"
+        "Suites: bookworm bookworm-updates\n"
+        "Components: main\n"
+        "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+        "\n"
+        "Types: deb-src\n"
+        "URIs: http://deb.example.org/debian-security\n"
+        "Suites: bookworm-security\n"
+        "Components: main\n"
+        "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+    )
+    assert (tmp_path / "apt" / "sources.list").read_text() == ""
 
 
 # --------------------------------------------------------------------------- helpers

@@ -109,12 +109,16 @@ def test_cache_hit_restores_instead_of_building(
     assert state.outcome == "succeeded"
     assert started(recorded) == []
     assert [e.stage for e in recorded if e.name == "stage.cached"] == ["one", "two"]
-    assert tree(second) == tree(first) == {
-        "usr": "<dir>",
-        "usr/a": "a\n",
-        "usr/b": "b\n",
-        "usr/one": "one\n",
-    }
+    assert (
+        tree(second)
+        == tree(first)
+        == {
+            "usr": "<dir>",
+            "usr/a": "a\n",
+            "usr/b": "b\n",
+            "usr/one": "one\n",
+        }
+    )
 
     third = tmp_path / "third"
     third.mkdir()

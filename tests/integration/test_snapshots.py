@@ -16,12 +16,14 @@ import docker
 import pytest
 import zstandard
 
-from orchestrator.archive import UnsafeArchiveError
+from orchestrator.archive import UnsafeArchiveError, sort_key
 from orchestrator.snapshots import (
     ARCHIVE,
     KEY_LABEL,
     MANIFEST,
+    SnapshotError,
     SnapshotStore,
+    scan_tree,
     snapshot_key,
     verify_tree,
 )
@@ -378,3 +380,64 @@ def test_image_round_trip(
         assert (target / "added").read_text() == "delta content"
     finally:
         docker_client.images.remove(image_id, force=True)
+
+
+# --------------------------------------------------------------------------- streaming walk
+
+
+def test_walk_order_is_archive_order_and_tar_gets_the_same(
+    tree: Path, store: SnapshotStore
+) -> None:
+    """The walk feeds tar while it runs, so it must itself produce `sort_key` order."""
+    for name in ("a", "a-b", "a.b", "a/b", "a/b-c", "a/b/c", "ab", "B", "a0"):
+        path = tree / "order" / name
+        if name in ("a", "a/b"):
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(name)
+    found = list(scan_tree(tree))
+    assert found == sorted(found, key=sort_key)
+    store.create(tree, "k", stage="ch5", full=True)
+    manifest = store.manifest("k")
+    members = [m.name for m in _archive_members(store.root / "k" / ARCHIVE)]
+    assert members == list(manifest.entries) == found
+
+
+def _archive_members(path: Path) -> list[tarfile.TarInfo]:
+    raw = zstandard.ZstdDecompressor().stream_reader(path.open("rb")).read()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        members = tar.getmembers()
+    for member in members:
+        member.name = member.name.removeprefix("./") or "."
+    return members
+
+
+def test_block_device_is_refused_before_anything_is_stored(
+    tree: Path, store: SnapshotStore
+) -> None:
+    os.mknod(tree / "dev/sda", 0o600 | stat.S_IFBLK, os.makedev(8, 0))
+    with pytest.raises(SnapshotError, match="block device"):
+        store.create(tree, "k", stage="ch5")
+    assert store.get("k") is None
+    assert not store.root.exists() or list(store.root.iterdir()) == []
+
+
+def test_delta_notices_xattr_and_link_changes_on_unchanged_files(
+    tree: Path, store: SnapshotStore, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    """Unchanged inodes reuse the parent's xattrs: a changed xattr must show in ctime."""
+    store.create(tree, "base", stage="ch5")
+    os.setxattr(tree / "usr/bin/bash", "user.lfs.note", b"chapter 8")
+    os.setxattr(tree / "usr/bin/su", "user.lfs.extra", b"new")
+    os.unlink(tree / "usr/bin/rel")
+    os.symlink("../bin/other", tree / "usr/bin/rel")
+    store.create(tree, "delta", stage="ch6", parent="base")
+    manifest = store.manifest("delta")
+    assert manifest.entries["usr/bin/bash"].xattrs == {"user.lfs.note": b"chapter 8".hex()}
+    assert manifest.entries["usr/bin/su"].xattrs == {"user.lfs.extra": b"new".hex()}
+    assert manifest.entries["usr/bin/rel"].link == "../bin/other"
+    assert verify_tree(manifest, tree) == []
+    store.restore("delta", tmp_path / "out", docker_client)
+    assert os.getxattr(tmp_path / "out/usr/bin/bash", "user.lfs.note") == b"chapter 8"
+    assert verify_tree(manifest, tmp_path / "out") == []

@@ -9,9 +9,11 @@ import tarfile
 import pytest
 
 from orchestrator.archive import (
+    ArchiveError,
     MemberPolicy,
     TarScanner,
     UnsafeArchiveError,
+    _TarIndexer,
     scan_stream,
 )
 
@@ -235,3 +237,45 @@ def test_emitted_stream_equals_input_for_a_valid_archive() -> None:
     end = scanner.end_offset
     assert bytes(emitted[:end]) == data[:end]
     assert len(emitted) % 10240 == 0 and not any(emitted[end:])
+
+
+# --------------------------------------------------------------------------- write-side indexer
+
+
+def _written_archive() -> bytes:
+    """Members like GNU tar's posix output: PAX headers, long names, links, xattrs."""
+    long_dir = "usr/share/" + "d" * 120
+    regular = _file(f"{long_dir}/file.txt", b"x" * 70_000, pax_headers={"mtime": "1.5"})
+    xattr = _file("usr/bin/bash", b"bash", pax_headers={"SCHILY.xattr.user.note": "a\nb=c"})
+    link = _entry("usr/bin/bash-hl", tarfile.LNKTYPE, linkname="usr/bin/bash")
+    symlink = _entry("bin", tarfile.SYMTYPE, linkname="usr/bin/" + "s" * 110)
+    return _archive(
+        _entry(".", tarfile.DIRTYPE), regular, _file("empty", b""), xattr, link, symlink
+    )
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 511, 512, 513, 4096, 1 << 20])
+def test_indexer_agrees_with_the_validating_scanner(chunk: int) -> None:
+    data = _written_archive()
+    members = scan_stream(io.BytesIO(data), MemberPolicy(SOURCE), emit=None)
+    indexer = _TarIndexer()
+    for start in range(0, len(data), chunk):
+        indexer.feed(data[start : start + chunk])
+    indexer.close()
+    assert indexer.raw_size == len(data)
+    expected = [(m.name, m.kind, m.size, m.linkname, m.sha256) for m in members]
+    found = [(m.name, m.kind, m.size, m.linkname, m.sha256) for m in indexer.members]
+    assert found == expected
+    assert found[1][4] == hashlib.sha256(b"x" * 70_000).hexdigest()
+
+
+def test_indexer_refuses_what_tar_posix_never_writes() -> None:
+    indexer = _TarIndexer()
+    with pytest.raises(ArchiveError):
+        indexer.feed(
+            _archive(_file("old/v7"), fmt=tarfile.GNU_FORMAT)[:512].replace(b"ustar", b"xxxxx")
+        )
+    cut = _TarIndexer()
+    cut.feed(_written_archive()[:2048])
+    with pytest.raises(ArchiveError):
+        cut.close()

@@ -37,7 +37,7 @@ ONE_LINE = """\
 # deb cdrom:[Debian GNU/Linux 12.5.0 _Bookworm_]/ bookworm main
 deb-src http://src.example.org/debian bookworm main
 deb [arch=amd64 signed-by=/etc/k.gpg] http://ftp.example.org/debian/ bookworm main contrib
-deb http://security.debian.org/debian-security bookworm-security main # the fixes
+deb http://security.example.org/debian-security bookworm-security main # the fixes
 """
 
 
@@ -151,7 +151,7 @@ def test_one_line_entries() -> None:
 def test_one_line_pairs_strip_trailing_slash() -> None:
     assert aptsources.deb_pairs(aptsources.parse_one_line(ONE_LINE)) == [
         ("http://ftp.example.org/debian", "bookworm"),
-        ("http://security.debian.org/debian-security", "bookworm-security"),
+        ("http://security.example.org/debian-security", "bookworm-security"),
     ]
 
 

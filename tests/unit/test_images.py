@@ -11,33 +11,20 @@ import pytest
 from orchestrator import images
 from orchestrator.errors import LfsorchError
 from orchestrator.workspace import Workspace
-
-DEB822 = """\
-Types: deb
-# http://snapshot.debian.org/archive/debian/20250520T000000Z
-URIs: http://deb.debian.org/debian
-Suites: bookworm bookworm-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb
-URIs: http://deb.debian.org/debian-security
-Suites: bookworm-security
-Components: main
-"""
+from tests.unit.test_aptsources import DEB822
 
 ONE_LINE = """\
 # deb cdrom:[Debian GNU/Linux 12.5.0 _Bookworm_]/ bookworm main
 deb-src http://src.example.org/debian bookworm main
 deb [arch=amd64 signed-by=/etc/k.gpg] http://ftp.example.org/debian/ bookworm main contrib
-deb http://security.debian.org/debian-security bookworm-security main
+deb http://security.example.org/debian-security bookworm-security main
 """
 
 
 def test_pick_mirror_takes_the_first_main_suite() -> None:
     pairs = [
-        ("http://deb.debian.org/debian", "bookworm-updates"),
-        ("http://security.debian.org/debian-security", "bookworm-security"),
+        ("http://deb.example.org/debian", "bookworm-updates"),
+        ("http://security.example.org/debian-security", "bookworm-security"),
         ("http://old.example.org/debian", "bookworm/updates"),
         ("http://ftp.example.org/debian", "bookworm"),
         ("http://later.example.org/debian", "trixie"),
@@ -47,7 +34,7 @@ def test_pick_mirror_takes_the_first_main_suite() -> None:
 
 def test_only_update_suites_and_cdrom_are_not_a_mirror() -> None:
     pairs = [
-        ("http://deb.debian.org/debian", "bookworm-updates"),
+        ("http://deb.example.org/debian", "bookworm-updates"),
         ("cdrom:[Debian GNU/Linux 12.5.0 _Bookworm_]", "bookworm"),
     ]
     with pytest.raises(images.MirrorNotFound) as caught:
@@ -66,7 +53,7 @@ def _apt_root(tmp_path: Path, files: dict[str, str]) -> Path:
 
 def test_apt_mirror_reads_sources_d(tmp_path: Path) -> None:
     root = _apt_root(tmp_path, {"sources.list": "", "sources.list.d/debian.sources": DEB822})
-    assert images.apt_mirror(root) == ("http://deb.debian.org/debian", "bookworm")
+    assert images.apt_mirror(root) == ("http://deb.example.org/debian", "bookworm")
 
 
 def test_apt_mirror_prefers_sources_list_first(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ from orchestrator.sources import (
     verify,
 )
 from orchestrator.workspace import Workspace
+from tests.unit.test_aptsources import DEB822
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, not all-same bytes so offsets matter
 OTHER = b"another file\n" * 1000
@@ -299,33 +300,6 @@ def test_unknown_set_is_an_actionable_error(tmp_path: Path) -> None:
 
 
 # --------------------------------------------------------------------------- debian plumbing
-
-
-DEB822 = """\
-Types: deb
-# http://snapshot.example/archive/debian/20250520T000000Z
-URIs: http://deb.example.org/debian
-Suites: bookworm bookworm-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb
-URIs: http://deb.example.org/debian-security
-Suites: bookworm-security
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb-src
-URIs: http://already.example.org/debian
-Suites: bookworm
-Components: main
-
-Types: deb
-Enabled: no
-URIs: http://disabled.example.org/debian
-Suites: bookworm
-Components: main
-"""
 
 
 def test_derive_src_sources_reads_both_formats_in_apt_order(tmp_path: Path) -> None:

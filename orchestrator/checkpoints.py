@@ -23,8 +23,10 @@ from orchestrator.config import Settings
 from orchestrator.errors import LfsorchError
 from orchestrator.events import EventBus
 from orchestrator.graph import StagePlan
+from orchestrator.manifest import snapshot_key
 from orchestrator.models import CheckpointPolicy, Package, Stage
-from orchestrator.snapshots import SnapshotStore, scan_tree, snapshot_key, verify_tree
+from orchestrator.snapshots import SnapshotStore
+from orchestrator.treescan import scan_tree, verify_tree
 
 INITIAL = "(initial)"
 DRIFT_SHOWN = 10

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer
 
-from orchestrator.sources import Source
+from orchestrator.sourcesets import Source
 
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._+-]*$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]

@@ -1,4 +1,4 @@
-"""Package sources: declaration, source sets, a verified cache, fetching.
+"""Package sources: a verified cache of the files the stages declare, and fetching into it.
 
 Layout under ``Workspace.sources_dir``::
 
@@ -12,6 +12,9 @@ Layout under ``Workspace.sources_dir``::
 
 Two source sets can carry different bytes under one name (Debian repacks some upstream
 tarballs), so a name is only ever resolved inside one set's view, never across sets.
+
+Declarations and sets are in `sourcesets`, downloading in `download`, and the apt plumbing of
+the Debian sets in `debian_sources`; this module keeps the cache and fetches into it.
 """
 
 from __future__ import annotations
@@ -20,163 +23,28 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Literal, Protocol
+from typing import Literal
 
 import requests
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from rich.progress import TaskID
 
-from orchestrator import aptsources
-from orchestrator.errors import LfsorchError
+from orchestrator.debian_sources import AptSources, extract_member
+from orchestrator.download import CHUNK, Progress, download_part, open_progress
+from orchestrator.source_errors import (
+    ChecksumMismatch,
+    DownloadFailed,
+    SourceError,
+    SourceSetError,
+    SourcesNotReady,
+)
+from orchestrator.sourcesets import UPSTREAM, DebianOrig, Source, SourceSet, load_source_set
 from orchestrator.workspace import Workspace
 
-UPSTREAM = "upstream"
 SET_MARKER = ".lfsorch-set.json"
-_CHUNK = 1 << 20
-_HEX64 = r"^[0-9a-f]{64}$"
-_FILE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._+~-]*$"
-
-
-# --------------------------------------------------------------------------- errors
-
-
-class SourceError(LfsorchError):
-    """Base of the errors about source files."""
-
-    exit_code = 4
-
-
-class ChecksumMismatch(SourceError):
-    """A file's digest is not the declared one. The file has been set aside, never used."""
-
-    def __init__(
-        self, file: str, algorithm: str, expected: str, actual: str, set_aside: Path | None
-    ) -> None:
-        where = f"; the bad copy was moved to {set_aside}" if set_aside else ""
-        super().__init__(
-            f"checksum mismatch for {file}: expected {algorithm} {expected}, got {actual}{where}",
-            hint="the server sent other bytes than declared; check the URL and the checksum in "
-            "the stage or source-set file, then fetch again",
-        )
-        self.file = file
-        self.algorithm = algorithm
-        self.expected = expected
-        self.actual = actual
-        self.set_aside = set_aside
-
-
-class DownloadFailed(SourceError):
-    """No URL of a file could be downloaded."""
-
-
-class SourcesNotReady(SourceError):
-    """Files a run needs are missing or wrong in the cache."""
-
-    def __init__(self, problems: Sequence[str], cache_dir: Path, set_name: str) -> None:
-        listing = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(
-            f"{len(problems)} source file(s) not ready in {cache_dir} (set {set_name}):\n{listing}",
-            hint=f"run `lfsorch sources fetch STAGE.yaml --set {set_name}`",
-        )
-        self.problems = list(problems)
-
-
-class SourceSetError(SourceError):
-    """A source-set file is missing or malformed, or apt cannot resolve it."""
-
-    exit_code = 2
-
-
-# --------------------------------------------------------------------------- models
-
-
-class Source(BaseModel):
-    """One file a package needs. `file` is its name in the cache and in /sources."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    file: str = Field(pattern=_FILE_NAME)
-    url: str | None = None
-    mirrors: list[str] = Field(default_factory=list)
-    sha256: str | None = Field(default=None, pattern=_HEX64)
-    md5: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
-
-    def urls(self) -> list[str]:
-        return [u for u in [self.url, *self.mirrors] if u]
-
-
-class DebianOrig(BaseModel):
-    """Where a source set takes one file from: a Debian source package's orig tarball."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    package: str
-    # Pins a Debian version when the archive has moved on (linux gets point releases).
-    version: str | None = None
-    orig: str = Field(pattern=_FILE_NAME)
-    orig_sha256: str | None = Field(default=None, pattern=_HEX64)
-    # The orig wraps the real tarball (gcc-12's orig holds gcc-12.2.0-dfsg.tar.xz).
-    member: str | None = None
-    sha256: str = Field(pattern=_HEX64, description="digest of the file the build uses")
-    note: str | None = None
-
-
-class SourceSet(BaseModel):
-    """A named route to the files: `upstream` (the stage's URLs) or a Debian-derived set."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
-    description: str = ""
-    kind: Literal["upstream", "debian"] = "upstream"
-    files: dict[str, DebianOrig] = Field(default_factory=dict)
-
-    def expected_sha256(self, source: Source) -> str | None:
-        entry = self.files.get(source.file)
-        return entry.sha256 if entry else source.sha256
-
-
-UPSTREAM_SET = SourceSet(name=UPSTREAM, description="the URLs declared in the stage files")
-
-
-def default_set_dirs() -> list[Path]:
-    """Where set files are looked up when the caller names none: the repo's stages/sourcesets."""
-    return [Path(__file__).resolve().parent.parent / "stages" / "sourcesets"]
-
-
-def load_source_set(name: str, search_dirs: Sequence[Path] | None = None) -> SourceSet:
-    """The set called `name`, read from `<dir>/<name>.yaml` in the first dir that has it."""
-    if name == UPSTREAM:
-        return UPSTREAM_SET
-    dirs = list(search_dirs) if search_dirs else default_set_dirs()
-    for directory in dirs:
-        path = directory / f"{name}.yaml"
-        if path.is_file():
-            return load_source_set_file(path)
-    looked = ", ".join(str(d) for d in dirs)
-    raise SourceSetError(
-        f"unknown source set {name!r}: no {name}.yaml in {looked}",
-        hint=f"use `{UPSTREAM}` or a set file name from one of those directories",
-    )
-
-
-def load_source_set_file(path: Path) -> SourceSet:
-    try:
-        data = yaml.safe_load(path.read_text())
-        return SourceSet.model_validate(data)
-    except (OSError, yaml.YAMLError, ValidationError) as exc:
-        raise SourceSetError(f"cannot read source set {path}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- cache layout
@@ -204,7 +72,7 @@ def sha256_of(path: Path) -> str:
 def _digest(path: Path, algorithm: str) -> str:
     h = hashlib.new(algorithm)
     with path.open("rb") as fh:
-        while chunk := fh.read(_CHUNK):
+        while chunk := fh.read(CHUNK):
             h.update(chunk)
     return h.hexdigest()
 
@@ -373,136 +241,7 @@ def verify(
         raise SourcesNotReady(problems, cache_dir, set_name)
 
 
-# --------------------------------------------------------------------------- progress
-
-
-class Progress(Protocol):
-    def begin(self, file: str, total: int | None, url: str, resumed_at: int) -> None: ...
-    def advance(self, file: str, n: int) -> None: ...
-    def end(self, file: str, message: str) -> None: ...
-    def note(self, message: str) -> None: ...
-
-
-class PlainProgress:
-    """One line per event: for logs and pipes, where bars would be noise."""
-
-    def __init__(self, stream: IO[str] | None = None) -> None:
-        self.stream = stream or sys.stdout
-
-    def _say(self, text: str) -> None:
-        print(text, file=self.stream, flush=True)
-
-    def begin(self, file: str, total: int | None, url: str, resumed_at: int) -> None:
-        size = f" ({total} bytes)" if total else ""
-        resume = f", resuming at byte {resumed_at}" if resumed_at else ""
-        self._say(f"get  {file}{size} from {url}{resume}")
-
-    def advance(self, file: str, n: int) -> None:
-        pass
-
-    def end(self, file: str, message: str) -> None:
-        self._say(f"ok   {file}: {message}")
-
-    def note(self, message: str) -> None:
-        self._say(message)
-
-
-class RichProgress:
-    """Bars on a terminal."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-        from rich.progress import Progress as RProgress
-
-        self.console = Console()
-        self.bars = RProgress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            DownloadColumn(),
-            TransferSpeedColumn(),
-            TimeRemainingColumn(),
-            console=self.console,
-        )
-        self.tasks: dict[str, TaskID] = {}
-
-    def __enter__(self) -> RichProgress:
-        self.bars.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bars.stop()
-
-    def begin(self, file: str, total: int | None, url: str, resumed_at: int) -> None:
-        task = self.bars.add_task(file, total=total, completed=resumed_at)
-        self.tasks[file] = task
-
-    def advance(self, file: str, n: int) -> None:
-        self.bars.advance(self.tasks[file], n)
-
-    def end(self, file: str, message: str) -> None:
-        if file in self.tasks:
-            self.bars.remove_task(self.tasks.pop(file))
-        self.console.print(f"[green]ok[/] {file}: {message}")
-
-    def note(self, message: str) -> None:
-        self.console.print(message)
-
-
-@contextlib.contextmanager
-def _progress(progress: Progress | None) -> Iterator[Progress]:
-    if progress is not None:
-        yield progress
-    elif sys.stdout.isatty():
-        with RichProgress() as bars:
-            yield bars
-    else:
-        yield PlainProgress()
-
-
 # --------------------------------------------------------------------------- download
-
-
-def _download(
-    url: str,
-    part: Path,
-    file: str,
-    progress: Progress,
-    session: requests.Session,
-    timeout: float,
-    size_hint: int | None = None,
-) -> bool:
-    """Fetch `url` into `part`, continuing an existing partial file. True if a Range was used."""
-    if url.startswith("file://"):
-        shutil.copyfile(url.removeprefix("file://"), part)
-        return False
-    have = part.stat().st_size if part.exists() else 0
-    if size_hint is not None and have == size_hint:
-        return False  # complete already: the digest check decides
-    headers = {"Range": f"bytes={have}-"} if have else {}
-    with session.get(url, headers=headers, stream=True, timeout=timeout) as resp:
-        if have and resp.status_code == 416:
-            # The server has nothing past our end: the part is complete or longer than the file;
-            # the digest check decides, and a bad part is set aside like any bad file.
-            return True
-        resp.raise_for_status()
-        resumed = have > 0 and resp.status_code == 206
-        mode = "ab" if resumed else "wb"
-        start = have if resumed else 0
-        length = resp.headers.get("Content-Length")
-        total = start + int(length) if length and length.isdigit() else size_hint
-        progress.begin(file, total, url, start)
-        with part.open(mode) as out:
-            for chunk in resp.iter_content(_CHUNK):
-                out.write(chunk)
-                progress.advance(file, len(chunk))
-        return resumed
 
 
 def _fetch_one(
@@ -525,7 +264,7 @@ def _fetch_one(
     mismatch: ChecksumMismatch | None = None
     for url in urls:
         try:
-            resumed = _download(url, part, expect.file, progress, session, timeout, expect.size)
+            resumed = download_part(url, part, expect.file, progress, session, timeout, expect.size)
         except (requests.RequestException, OSError) as exc:
             # The part is kept: the next mirror continues it (same file, checked by digest).
             failures.append(f"{url}: {exc}")
@@ -551,115 +290,6 @@ def _fetch_one(
         f"{expect.file}: every URL failed:\n" + "\n".join(f"    {f}" for f in failures),
         hint="check the network or add a mirror; a partial download is kept and resumed",
     )
-
-
-# --------------------------------------------------------------------------- debian route
-
-
-def derive_src_sources(etc_apt: Path = aptsources.ETC_APT) -> tuple[str, str]:
-    """(deb822 text, one-line text) of deb-src entries mirroring the machine's deb entries."""
-    entries = aptsources.read_entries(etc_apt)
-    return aptsources.src_deb822(entries), aptsources.src_one_line(entries)
-
-
-@dataclass(frozen=True)
-class AptFile:
-    uri: str
-    name: str
-    size: int
-    sha256: str | None
-
-
-_PRINT_URI = re.compile(r"^'(?P<uri>[^']+)' (?P<name>\S+) (?P<size>\d+) (?P<hash>\S+)")
-
-
-def parse_print_uris(output: str) -> list[AptFile]:
-    files = []
-    for ln in output.splitlines():
-        m = _PRINT_URI.match(ln)
-        if not m:
-            continue
-        algo, _, value = m["hash"].partition(":")
-        files.append(
-            AptFile(
-                m["uri"], m["name"], int(m["size"]), value if algo.upper() == "SHA256" else None
-            )
-        )
-    return files
-
-
-@dataclass
-class AptSources:
-    """A private apt setup answering `apt-get source --print-uris` with deb-src entries derived
-    from the machine's own sources; the system's apt config and lists are left untouched."""
-
-    root: Path
-    etc_apt: Path = Path("/etc/apt")
-    runner: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run
-    _ready: bool = field(default=False, init=False)
-
-    def _options(self) -> list[str]:
-        r = self.root
-        return [
-            "-o", f"Dir::State::Lists={r / 'lists'}",
-            "-o", f"Dir::Etc::SourceList={r / 'sources.list'}",
-            "-o", f"Dir::Etc::SourceParts={r / 'sources.list.d'}",
-            "-o", f"Dir::Cache={r / 'cache'}",
-            "-o", "Dir::Cache::pkgcache=",
-            "-o", "Dir::Cache::srcpkgcache=",
-            "-o", "APT::Get::List-Cleanup=false",
-        ]  # fmt: skip
-
-    def prepare(self) -> None:
-        if self._ready:
-            return
-        deb822, oneline = derive_src_sources(self.etc_apt)
-        if not deb822 and not oneline:
-            raise SourceSetError(
-                f"no `deb` entries in {self.etc_apt}: cannot derive deb-src entries",
-                hint="a Debian source set needs a Debian machine with working apt sources",
-            )
-        (self.root / "lists" / "partial").mkdir(parents=True, exist_ok=True)
-        (self.root / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
-        parts = self.root / "sources.list.d"
-        parts.mkdir(parents=True, exist_ok=True)
-        (self.root / "sources.list").write_text(oneline)
-        (parts / "lfsorch-src.sources").write_text(deb822)
-        self._run(["apt-get", *self._options(), "update"], "apt-get update (deb-src)")
-        self._ready = True
-
-    def _run(self, argv: list[str], what: str, cwd: Path | None = None) -> str:
-        try:
-            done = self.runner(argv, capture_output=True, text=True, cwd=cwd, check=False)
-        except FileNotFoundError as exc:
-            raise SourceSetError(f"{what}: {exc}", hint="install apt (Debian host)") from exc
-        if done.returncode != 0:
-            raise SourceSetError(f"{what} failed ({done.returncode}):\n{done.stderr.strip()}")
-        return done.stdout
-
-    def files(self, package: str, version: str | None = None) -> list[AptFile]:
-        self.prepare()
-        spec = f"{package}={version}" if version else package
-        with tempfile.TemporaryDirectory(prefix="lfsorch-apt-") as scratch:
-            out = self._run(
-                ["apt-get", *self._options(), "source", "--print-uris", "--download-only", spec],
-                f"apt-get source --print-uris {spec}",
-                cwd=Path(scratch),
-            )
-        return parse_print_uris(out)
-
-
-def _extract_member(orig: Path, member: str, dest: Path) -> None:
-    """Copy the tarball `member` (path or basename) out of `orig` into `dest`."""
-    with tarfile.open(orig) as tar:
-        for info in tar:
-            if info.isfile() and (info.name == member or Path(info.name).name == member):
-                src = tar.extractfile(info)
-                assert src is not None
-                with src, dest.open("wb") as out:
-                    shutil.copyfileobj(src, out, _CHUNK)
-                return
-    raise SourceSetError(f"{orig.name} has no member {member!r}", hint="fix `member:` in the set")
 
 
 # --------------------------------------------------------------------------- fetch
@@ -707,7 +337,7 @@ def fetch(
     newly_trusted: dict[str, str] = {}
     failures: list[SourceError] = []
     rejected = root / "rejected" / the_set.name
-    with _progress(progress) as prog:
+    with open_progress(progress) as prog:
         for file, (_, src) in sorted(_unique(sources).items()):
             exp = _expected(src, mapped, trusted)
             if not exp.declared and not allow_unverified:
@@ -812,7 +442,7 @@ def _fetch_debian(
         orig.chmod(0o444)
     part.parent.mkdir(parents=True, exist_ok=True)
     if entry.member:
-        _extract_member(orig, entry.member, part)
+        extract_member(orig, entry.member, part)
     else:
         shutil.copyfile(orig, part)
     bad = _Expect(file, sha256=entry.sha256).check(part)

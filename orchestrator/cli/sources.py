@@ -9,15 +9,9 @@ import typer
 from orchestrator.config import load_config
 from orchestrator.errors import LfsorchError
 from orchestrator.graph import load_plan
-from orchestrator.sources import (
-    Source,
-    SourceError,
-    cache_dir_for,
-    default_set_dirs,
-    fetch,
-    load_source_set,
-    status,
-)
+from orchestrator.source_errors import SourceError
+from orchestrator.sources import cache_dir_for, fetch, status
+from orchestrator.sourcesets import Source, default_set_dirs, load_source_set
 from orchestrator.workspace import Workspace
 
 app = typer.Typer(help="Fetch, verify and list the packages' source files.", no_args_is_help=True)

@@ -16,17 +16,11 @@ import docker
 import pytest
 import zstandard
 
-from orchestrator.archive import UnsafeArchiveError, sort_key
-from orchestrator.snapshots import (
-    ARCHIVE,
-    KEY_LABEL,
-    MANIFEST,
-    SnapshotError,
-    SnapshotStore,
-    scan_tree,
-    snapshot_key,
-    verify_tree,
-)
+from orchestrator.archive import sort_key
+from orchestrator.manifest import ARCHIVE, SnapshotError, snapshot_key
+from orchestrator.snapshots import KEY_LABEL, MANIFEST, SnapshotStore
+from orchestrator.tarstream import UnsafeArchiveError
+from orchestrator.treescan import scan_tree, verify_tree
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]
 

@@ -8,12 +8,12 @@ import tarfile
 
 import pytest
 
-from orchestrator.archive import (
+from orchestrator.archive import _TarIndexer
+from orchestrator.tarstream import (
     ArchiveError,
     MemberPolicy,
     TarScanner,
     UnsafeArchiveError,
-    _TarIndexer,
     scan_stream,
 )
 

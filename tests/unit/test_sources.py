@@ -14,25 +14,16 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.sources import (
-    AptFile,
-    AptSources,
+from orchestrator.debian_sources import AptFile, AptSources, derive_src_sources, parse_print_uris
+from orchestrator.download import PlainProgress
+from orchestrator.source_errors import (
     ChecksumMismatch,
-    DebianOrig,
     DownloadFailed,
-    PlainProgress,
-    Source,
     SourceError,
-    SourceSet,
     SourcesNotReady,
-    cache_dir_for,
-    derive_src_sources,
-    fetch,
-    load_source_set,
-    parse_print_uris,
-    status,
-    verify,
 )
+from orchestrator.sources import cache_dir_for, fetch, status, verify
+from orchestrator.sourcesets import DebianOrig, Source, SourceSet, load_source_set
 from orchestrator.workspace import Workspace
 from tests.unit.test_aptsources import DEB822
 

@@ -1,0 +1,55 @@
+"""The errors about source files: missing, mismatched, undownloadable, badly declared."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from orchestrator.errors import LfsorchError
+
+
+class SourceError(LfsorchError):
+    """Base of the errors about source files."""
+
+    exit_code = 4
+
+
+class ChecksumMismatch(SourceError):
+    """A file's digest is not the declared one. The file has been set aside, never used."""
+
+    def __init__(
+        self, file: str, algorithm: str, expected: str, actual: str, set_aside: Path | None
+    ) -> None:
+        where = f"; the bad copy was moved to {set_aside}" if set_aside else ""
+        super().__init__(
+            f"checksum mismatch for {file}: expected {algorithm} {expected}, got {actual}{where}",
+            hint="the server sent other bytes than declared; check the URL and the checksum in "
+            "the stage or source-set file, then fetch again",
+        )
+        self.file = file
+        self.algorithm = algorithm
+        self.expected = expected
+        self.actual = actual
+        self.set_aside = set_aside
+
+
+class DownloadFailed(SourceError):
+    """No URL of a file could be downloaded."""
+
+
+class SourcesNotReady(SourceError):
+    """Files a run needs are missing or wrong in the cache."""
+
+    def __init__(self, problems: Sequence[str], cache_dir: Path, set_name: str) -> None:
+        listing = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(
+            f"{len(problems)} source file(s) not ready in {cache_dir} (set {set_name}):\n{listing}",
+            hint=f"run `lfsorch sources fetch STAGE.yaml --set {set_name}`",
+        )
+        self.problems = list(problems)
+
+
+class SourceSetError(SourceError):
+    """A source-set file is missing or malformed, or apt cannot resolve it."""
+
+    exit_code = 2

@@ -101,17 +101,8 @@ class ContainerExtractor:
         for path in layer.delete_before:
             remove_path(self.dest, path, layer.policy)
         pipe = _Pipe(fd)
-        scanner = TarScanner(
-            layer.policy.source,
-            on_member=layer.policy.check,
-            on_done=layer.on_member,
-            emit=pipe.write,
-            hash_data=False,
-        )
         try:
-            for chunk in layer.chunks:
-                scanner.feed(chunk)
-            scanner.close()
+            scanner = _stream_validated(layer, pipe)
         finally:
             pipe.close()
         if pipe.broken_at is not None and pipe.broken_at < scanner.end_offset:
@@ -145,19 +136,8 @@ class HostExtractor:
         with subprocess.Popen(command, stdin=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
             assert proc.stdin is not None and proc.stderr is not None
             pipe = _Pipe(proc.stdin.fileno(), closefd=False)
-            scanner = TarScanner(
-                layer.policy.source,
-                on_member=layer.policy.check,
-                on_done=layer.on_member,
-                emit=pipe.write,
-                # The archive digest, checked against the manifest, already covers every
-                # byte; re-hashing each file would cost a core-second per GB for nothing.
-                hash_data=False,
-            )
             try:
-                for chunk in layer.chunks:
-                    scanner.feed(chunk)
-                scanner.close()
+                scanner = _stream_validated(layer, pipe)
             finally:
                 pipe.close()
                 proc.stdin.close()
@@ -166,6 +146,23 @@ class HostExtractor:
         if status != 0 or (pipe.broken_at is not None and pipe.broken_at < scanner.end_offset):
             raise ArchiveError(f"tar could not extract {layer.policy.source} (exit {status}): "
                                f"{errors}")  # fmt: skip
+
+
+def _stream_validated(layer: Layer, pipe: _Pipe) -> TarScanner:
+    """Pass the layer to tar through `pipe`, each member only after it passed the policy."""
+    scanner = TarScanner(
+        layer.policy.source,
+        on_member=layer.policy.check,
+        on_done=layer.on_member,
+        emit=pipe.write,
+        # The archive digest, checked against the manifest, already covers every byte;
+        # re-hashing each file would cost a core-second per GB for nothing.
+        hash_data=False,
+    )
+    for chunk in layer.chunks:
+        scanner.feed(chunk)
+    scanner.close()
+    return scanner
 
 
 class _Pipe:

@@ -157,7 +157,6 @@ class Build:
 
     def _save(self) -> None:
         save_state(self.state, self.workspace.state_file)
-        save_state(self.state, self.workspace.run_dir(self.run_id) / "state.json")
 
     @contextlib.contextmanager
     def _recording(self) -> Iterator[None]:
@@ -230,6 +229,8 @@ class Build:
                         package.status = "pending"
                 self.state.finished = now_iso()
                 self._save()
+                save_state(self.state, self.workspace.run_dir(self.run_id) / "state.json")
+                self.runner.close()
                 self.bus.emit(events.RUN_COMPLETE, run_id=self.run_id, outcome=self.state.outcome)
         return self.state
 

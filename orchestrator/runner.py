@@ -16,6 +16,7 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -267,6 +268,9 @@ class ContainerRunner:
         self._lock = threading.Lock()
         self._live: dict[str, Container] = {}
         self._interrupted = threading.Event()
+        # Removal is off the critical path, as the daemon does for `docker run --rm`;
+        # `close()` waits for it, so no container outlives the run.
+        self._removals = ThreadPoolExecutor(max_workers=1, thread_name_prefix="remove")
 
     def check_image(self, image: str) -> None:
         try:
@@ -276,6 +280,10 @@ class ContainerRunner:
                 f"image '{image}' is not in the Docker engine",
                 hint="build it with `lfsorch images build` (or name another image in the stage)",
             ) from None
+
+    def close(self) -> None:
+        """Wait until every finished container is removed."""
+        self._removals.shutdown(wait=True)
 
     def interrupt(self) -> None:
         """Kill every running container; their builds end as interrupted."""
@@ -374,7 +382,7 @@ class ContainerRunner:
             timer.cancel()
             with self._lock:
                 self._live.pop(container.id, None)
-            engine.remove_quietly(container)
+            self._removals.submit(engine.remove_quietly, container)
 
 
 def _wrapper_error(status: dict[str, object]) -> str | None:

@@ -85,7 +85,8 @@ class Package(StrictModel):
     timeout: Duration | None = None
     retries: int | None = Field(default=None, ge=0, le=100)
     network: bool | None = None
-    script: str = Field(min_length=1)
+    # Passed to the container as one argument: Linux caps a single argument at 128 KiB.
+    script: str = Field(min_length=1, max_length=100_000)
 
 
 class Stage(StrictModel):

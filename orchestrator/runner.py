@@ -9,10 +9,8 @@ about the exit; logs and stats are read in threads because their streams can out
 from __future__ import annotations
 
 import contextlib
-import io
 import re
 import shlex
-import tarfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,7 +29,6 @@ from orchestrator.events import EventBus
 from orchestrator.metrics import ContainerFigures, HostIO
 from orchestrator.models import Resources
 
-SPEC_DIR = "/.lfsorch"
 BUILD_DIR = "/build"
 LFS_MOUNT = "/mnt/lfs"
 SOURCES_MOUNT = "/sources"
@@ -153,34 +150,20 @@ if [ -n "$unpack" ]; then
 fi
 workdir={workdir}
 if [ -n "$workdir" ]; then cd "$workdir"; fi
-mapfile -d '' variables < {SPEC_DIR}/environment
-exec "${{drop[@]}}" env -i "HOME=${{home:-/}}" "${{variables[@]}}" \\
-    bash -eo pipefail {SPEC_DIR}/script.sh
+script=$1
+shift
+exec "${{drop[@]}}" env -i "HOME=${{home:-/}}" "$@" bash -eo pipefail -c "$script" {shlex.quote(job.package)}
 """
 
 
-def _spec_archive(job: BuildJob) -> bytes:
-    environment = "".join(f"{name}={value}\0" for name, value in job.environment.items())
+def container_command(job: BuildJob) -> list[str]:
+    """`bash -c ENTRY lfsorch SCRIPT NAME=VALUE...`: the script and the environment travel as
+    arguments (any byte but NUL, which no environment value holds), so nothing is copied into
+    the container before it starts."""
     # The book's .bashrc: `set +h` so new tools in $LFS/tools/bin are found at once.
     script = "set +h\numask 022\n" + job.script
-    files = {
-        "entry.sh": _entry_script(job),
-        "environment": environment,
-        "script.sh": script,
-    }
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w") as archive:
-        directory = tarfile.TarInfo(SPEC_DIR.lstrip("/"))
-        directory.type = tarfile.DIRTYPE
-        directory.mode = 0o755
-        archive.addfile(directory)
-        for name, text in files.items():
-            data = text.encode()
-            info = tarfile.TarInfo(f"{SPEC_DIR.lstrip('/')}/{name}")
-            info.size = len(data)
-            info.mode = 0o644
-            archive.addfile(info, io.BytesIO(data))
-    return buffer.getvalue()
+    variables = [f"{name}={value}" for name, value in job.environment.items()]
+    return ["bash", "-c", _entry_script(job), "lfsorch", script, *variables]
 
 
 def _mounts(job: BuildJob) -> list[Mount]:
@@ -302,7 +285,7 @@ class ContainerRunner:
         try:
             container = self._client.containers.create(
                 job.image,
-                command=["bash", f"{SPEC_DIR}/entry.sh"],
+                command=container_command(job),
                 name=job.container_name,
                 user="0:0",
                 working_dir="/",
@@ -353,7 +336,6 @@ class ContainerRunner:
         timer.daemon = True
         started = time.monotonic()
         try:
-            container.put_archive("/", _spec_archive(job))
             host_before = HostIO.sample()
             container.start()
             timer.start()

@@ -152,7 +152,8 @@ workdir={workdir}
 if [ -n "$workdir" ]; then cd "$workdir"; fi
 script=$1
 shift
-exec "${{drop[@]}}" env -i "HOME=${{home:-/}}" "$@" bash -eo pipefail -c "$script" {shlex.quote(job.package)}
+exec "${{drop[@]}}" env -i "HOME=${{home:-/}}" "$@" \\
+    bash -eo pipefail -c "$script" {shlex.quote(job.package)}
 """
 
 

@@ -33,6 +33,21 @@ Suites: bookworm
 Components: main
 """
 
+# What DEB822's enabled `deb` stanzas become as `deb-src` entries.
+DEB822_SRC = (
+    "Types: deb-src\n"
+    "URIs: http://deb.example.org/debian\n"
+    "Suites: bookworm bookworm-updates\n"
+    "Components: main\n"
+    "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+    "\n"
+    "Types: deb-src\n"
+    "URIs: http://deb.example.org/debian-security\n"
+    "Suites: bookworm-security\n"
+    "Components: main\n"
+    "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
+)
+
 ONE_LINE = """\
 # deb cdrom:[Debian GNU/Linux 12.5.0 _Bookworm_]/ bookworm main
 deb-src http://src.example.org/debian bookworm main
@@ -99,19 +114,7 @@ def test_deb822_comments_and_blank_lines_between_stanzas() -> None:
 
 
 def test_deb822_src_stanzas() -> None:
-    assert aptsources.src_deb822(aptsources.parse_deb822(DEB822)) == (
-        "Types: deb-src\n"
-        "URIs: http://deb.example.org/debian\n"
-        "Suites: bookworm bookworm-updates\n"
-        "Components: main\n"
-        "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
-        "\n"
-        "Types: deb-src\n"
-        "URIs: http://deb.example.org/debian-security\n"
-        "Suites: bookworm-security\n"
-        "Components: main\n"
-        "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
-    )
+    assert aptsources.src_deb822(aptsources.parse_deb822(DEB822)) == DEB822_SRC
 
 
 def test_deb822_src_keeps_multiline_signed_by_and_both_types() -> None:
@@ -199,7 +202,7 @@ def test_one_line_src_lines() -> None:
 # --------------------------------------------------------------------------- the machine
 
 
-def _apt_root(tmp_path: Path, files: dict[str, str]) -> Path:
+def apt_root(tmp_path: Path, files: dict[str, str]) -> Path:
     for name, text in files.items():
         path = tmp_path / "etc" / "apt" / name
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -208,7 +211,7 @@ def _apt_root(tmp_path: Path, files: dict[str, str]) -> Path:
 
 
 def test_machine_entries_in_apt_order(tmp_path: Path) -> None:
-    root = _apt_root(
+    root = apt_root(
         tmp_path,
         {
             "sources.list": "deb http://main.example/debian bookworm main\n",

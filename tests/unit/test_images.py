@@ -11,7 +11,7 @@ import pytest
 from orchestrator import images
 from orchestrator.errors import LfsorchError
 from orchestrator.workspace import Workspace
-from tests.unit.test_aptsources import DEB822
+from tests.unit.test_aptsources import DEB822, apt_root
 
 ONE_LINE = """\
 # deb cdrom:[Debian GNU/Linux 12.5.0 _Bookworm_]/ bookworm main
@@ -43,26 +43,18 @@ def test_only_update_suites_and_cdrom_are_not_a_mirror() -> None:
     assert "--mirror" in str(caught.value)
 
 
-def _apt_root(tmp_path: Path, files: dict[str, str]) -> Path:
-    for name, text in files.items():
-        path = tmp_path / "etc" / "apt" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return tmp_path
-
-
 def test_apt_mirror_reads_sources_d(tmp_path: Path) -> None:
-    root = _apt_root(tmp_path, {"sources.list": "", "sources.list.d/debian.sources": DEB822})
+    root = apt_root(tmp_path, {"sources.list": "", "sources.list.d/debian.sources": DEB822})
     assert images.apt_mirror(root) == ("http://deb.example.org/debian", "bookworm")
 
 
 def test_apt_mirror_prefers_sources_list_first(tmp_path: Path) -> None:
-    root = _apt_root(tmp_path, {"sources.list": ONE_LINE, "sources.list.d/debian.sources": DEB822})
+    root = apt_root(tmp_path, {"sources.list": ONE_LINE, "sources.list.d/debian.sources": DEB822})
     assert images.apt_mirror(root) == ("http://ftp.example.org/debian", "bookworm")
 
 
 def test_apt_mirror_skips_disabled_source_only_and_cdrom(tmp_path: Path) -> None:
-    root = _apt_root(
+    root = apt_root(
         tmp_path,
         {
             "sources.list": "deb cdrom:[Debian GNU/Linux 12.5.0 _Bookworm_]/ bookworm main\n",

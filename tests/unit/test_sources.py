@@ -25,7 +25,7 @@ from orchestrator.source_errors import (
 from orchestrator.sources import cache_dir_for, fetch, status, verify
 from orchestrator.sourcesets import DebianOrig, Source, SourceSet, load_source_set
 from orchestrator.workspace import Workspace
-from tests.unit.test_aptsources import DEB822
+from tests.unit.test_aptsources import DEB822, DEB822_SRC
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, not all-same bytes so offsets matter
 OTHER = b"another file\n" * 1000
@@ -361,19 +361,7 @@ def test_apt_setup_is_private(tmp_path: Path) -> None:
     assert f"Dir::Etc::SourceParts={tmp_path / 'apt' / 'sources.list.d'}" in opts
     assert f"Dir::State::Lists={tmp_path / 'apt' / 'lists'}" in opts
     written = (tmp_path / "apt" / "sources.list.d" / "lfsorch-src.sources").read_text()
-    assert written == (
-        "Types: deb-src\n"
-        "URIs: http://deb.example.org/debian\n"
-        "Suites: bookworm bookworm-updates\n"
-        "Components: main\n"
-        "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
-        "\n"
-        "Types: deb-src\n"
-        "URIs: http://deb.example.org/debian-security\n"
-        "Suites: bookworm-security\n"
-        "Components: main\n"
-        "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
-    )
+    assert written == DEB822_SRC
     assert (tmp_path / "apt" / "sources.list").read_text() == ""
 
 

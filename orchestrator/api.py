@@ -50,6 +50,7 @@ def run(
     lfs_dir: Path,
     *,
     overrides: Sequence[str] = (),
+    config: Config | None = None,
     parallel: int | None = None,
     rebuild: bool = False,
     from_stage: str | None = None,
@@ -57,7 +58,7 @@ def run(
     view: ConsoleView | None = None,
 ) -> RunState:
     """Build every package of the given stages (and the stages they require)."""
-    config = load_config(overrides)
+    config = config or load_config(overrides)
     plan = load_plan(paths)
     workspace = workspace or Workspace.from_env()
     client = engine.connect(timeout=None)

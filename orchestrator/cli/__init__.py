@@ -91,12 +91,27 @@ def run(
     parallel: Annotated[
         int | None, typer.Option("--parallel", "-j", min=1, help="packages built side by side")
     ] = None,
+    rebuild: Annotated[
+        bool, typer.Option("--rebuild", help="build stages even when a checkpoint matches")
+    ] = False,
+    from_stage: Annotated[
+        str | None,
+        typer.Option("--from", help="restore the checkpoint before STAGE and build from it"),
+    ] = None,
     option: Overrides = None,
 ) -> None:
     """Build the stages, each package in a fresh container; resumes after a failure."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
     config = load_config(option or [])
-    state = api.run(files, lfs, overrides=option or [], parallel=parallel, view=ConsoleView(out))
+    state = api.run(
+        files,
+        lfs,
+        config=config,
+        parallel=parallel,
+        rebuild=rebuild,
+        from_stage=from_stage,
+        view=ConsoleView(out),
+    )
     _print_summary(state, config.settings.log_tail_lines)
     if state.outcome != "succeeded":
         raise typer.Exit(1)

@@ -239,3 +239,20 @@ def test_package_checkpoints_resume_after_the_last_good_package(
     assert restores(recorded) == [("steps", "resume: back to the last checkpoint")]
     assert started(recorded) == ["steps/p3"]
     assert (lfs_dir / "log").read_text() == "1\n2\n3-partial\n3\n"
+
+
+def test_command_line_from_and_rebuild(
+    workspace: Workspace, lfs_dir: Path, two_stages: list[Path]
+) -> None:
+    def lfsorch(*args: str) -> str:
+        done = subprocess.run(
+            [sys.executable, "-m", "orchestrator", "run", str(two_stages[0]), "--lfs", str(lfs_dir),
+             *args],
+            capture_output=True, text=True, cwd=REPO, env=dict(os.environ), timeout=120,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    lfsorch()
+    assert "(--from, " in lfsorch("--from", "two")
+    assert "start  one/base" in lfsorch("--rebuild", "--from", "one")

@@ -7,7 +7,6 @@ from pathlib import Path
 import typer
 
 from orchestrator.config import load_config
-from orchestrator.errors import LfsorchError
 from orchestrator.graph import load_plan
 from orchestrator.source_errors import SourceError
 from orchestrator.sources import cache_dir_for, fetch, status
@@ -43,11 +42,6 @@ def _set_dirs(files: list[Path]) -> list[Path]:
     return list(dict.fromkeys([*dirs, *default_set_dirs()]))
 
 
-def _fail(exc: LfsorchError) -> typer.Exit:
-    typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-    return typer.Exit(exc.exit_code)
-
-
 @app.command("fetch")
 def fetch_cmd(
     files: list[Path] = FilesArg,
@@ -57,13 +51,10 @@ def fetch_cmd(
     ),
 ) -> None:
     """Download every source the stage files declare into the verified cache."""
-    try:
-        the_set = load_source_set(_set_name(source_set), _set_dirs(files))
-        result = fetch(
-            _collect(files), Workspace.from_env(), the_set, allow_unverified=allow_unverified
-        )
-    except LfsorchError as exc:
-        raise _fail(exc) from exc
+    the_set = load_source_set(_set_name(source_set), _set_dirs(files))
+    result = fetch(
+        _collect(files), Workspace.from_env(), the_set, allow_unverified=allow_unverified
+    )
     mib = result.bytes_downloaded / 2**20
     typer.echo(
         f"{len(result.fetched)} fetched ({mib:.1f} MiB in {result.seconds:.0f}s), "
@@ -74,12 +65,9 @@ def fetch_cmd(
 @app.command("list")
 def list_cmd(files: list[Path] = FilesArg, source_set: str | None = SetOpt) -> None:
     """Show which sources are cached, missing or bad for a set."""
-    try:
-        the_set = load_source_set(_set_name(source_set), _set_dirs(files))
-        cache_dir = cache_dir_for(Workspace.from_env(), the_set)
-        rows = status(_collect(files), cache_dir, the_set)
-    except LfsorchError as exc:
-        raise _fail(exc) from exc
+    the_set = load_source_set(_set_name(source_set), _set_dirs(files))
+    cache_dir = cache_dir_for(Workspace.from_env(), the_set)
+    rows = status(_collect(files), cache_dir, the_set)
     colors = {"ok": "green", "missing": "yellow", "bad": "red", "unverified": "yellow"}
     for row in rows:
         state = typer.style(f"{row.state:<10}", fg=colors[row.state])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import os
 import shlex
 import shutil
@@ -166,7 +167,7 @@ def _stream_validated(layer: Layer, pipe: _Pipe) -> TarScanner:
 
 
 class _Pipe:
-    """Buffered fifo writer that notes, instead of raising, when the reader has gone.
+    """Writer to tar's pipe or fifo that notes, instead of raising, when the reader has gone.
 
     tar may exit as soon as it has read the end-of-archive blocks; whether it stopped too
     early is judged from where the pipe broke, and the stream is still read to its end so
@@ -174,28 +175,31 @@ class _Pipe:
     """
 
     def __init__(self, fd: int, *, closefd: bool = True) -> None:
-        self._file = os.fdopen(fd, "wb", buffering=CHUNK, closefd=closefd)
+        self._fd = fd
+        self._closefd = closefd
         self.written = 0
         self.broken_at: int | None = None
+        with contextlib.suppress(OSError):
+            # The scanner hands over about a chunk at a time; a 64 KiB pipe would split each
+            # into sixteen wake-ups of tar.
+            fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, CHUNK)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self.broken_at is not None:
             return
+        view = memoryview(data)
         try:
-            self._file.write(data)
+            while view:
+                count = os.write(self._fd, view)
+                self.written += count
+                view = view[count:]
         except BrokenPipeError:
             self.broken_at = self.written
-            return
-        self.written += len(data)
 
     def close(self) -> None:
-        try:
-            self._file.close()
-        except BrokenPipeError:
-            if self.broken_at is None:
-                self.broken_at = self.written
+        if self._closefd:
             with contextlib.suppress(OSError):
-                self._file.close()
+                os.close(self._fd)
 
 
 def _open_fifo_for_writing(fifo: Path, container: Any, timeout: float = 120.0) -> int:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
@@ -37,6 +38,7 @@ from orchestrator.manifest import (
     members_vs_manifest,
     topmost,
 )
+from orchestrator.mounts import mounts_below
 from orchestrator.tarstream import Member, MemberPolicy
 from orchestrator.treescan import TreeScan, diff_tree, entry_of
 
@@ -47,6 +49,10 @@ STAGE_LABEL = "org.lfsorch.snapshot.stage"
 IMAGE_REPOSITORY = "lfsorch/snapshot"
 # Deltas of deltas make restores slower and pruning harder; past this depth, take a full one.
 MAX_CHAIN = 8
+# Hidden directories a restore into a mount point works in (inside the mount point).
+STAGING_PREFIX = ".lfsorch-restore-"
+OLD_PREFIX = ".lfsorch-old-"
+RECENT_MANIFESTS = 4
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,10 @@ class SnapshotStore:
         host's tar (images from elsewhere always go through a container)."""
         self.root = root
         self.isolate = isolate
+        # Parsing a manifest of a whole root filesystem takes tens of milliseconds, and a
+        # restore asks for the same one several times (resolve, chain, check). Keyed by the
+        # file's identity too, so a manifest replaced on disk is read again.
+        self._recent: dict[str, tuple[tuple[int, int, int], Manifest]] = {}
 
     # ---- reading
 
@@ -88,6 +98,23 @@ class SnapshotStore:
         return self.root / key
 
     def manifest(self, key: str) -> Manifest:
+        """The manifest of snapshot `key`, shared with other callers: do not modify it."""
+        try:
+            info = (self._dir(key) / MANIFEST).stat()
+        except FileNotFoundError:
+            self._recent.pop(key, None)
+            return self._read_manifest(key)  # raises the readable error
+        identity = (info.st_ino, info.st_size, info.st_mtime_ns)
+        cached = self._recent.pop(key, None)
+        manifest = cached[1] if cached is not None and cached[0] == identity else None
+        if manifest is None:
+            manifest = self._read_manifest(key)
+        self._recent[key] = (identity, manifest)
+        while len(self._recent) > RECENT_MANIFESTS:
+            del self._recent[next(iter(self._recent))]
+        return manifest
+
+    def _read_manifest(self, key: str) -> Manifest:
         path = self._dir(key) / MANIFEST
         try:
             return Manifest.from_json(json.loads(path.read_text()))
@@ -182,6 +209,7 @@ class SnapshotStore:
         tree = Path(tree)
         if not tree.is_dir():
             raise SnapshotError(f"cannot snapshot {tree}: not a directory")
+        refuse_nested_mounts(tree.absolute(), "snapshot")
         base = self._delta_base(parent, tree) if not full else None
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
@@ -198,7 +226,7 @@ class SnapshotStore:
         if parent is None or not (self._dir(parent) / MANIFEST).is_file():
             return None
         # Each manifest is parsed once: it is the bulk of an incremental snapshot's fixed cost.
-        base = self.manifest(parent)
+        base = self._read_manifest(parent)  # a private copy: the stat index is applied to it
         depth, below = 1, base.delta_of
         while below is not None and depth < MAX_CHAIN:
             depth += 1
@@ -343,20 +371,25 @@ class SnapshotStore:
     def _restore_layers(
         self, layers: Layers, final: Manifest, target: Path, client: Any, *, isolate: bool
     ) -> None:
-        """Extract into a fresh sibling directory, check it, then swap it in by rename."""
+        """Extract into a fresh directory, check it, then swap it in by rename.
+
+        The fresh directory is a sibling of `target`, or, when `target` is a mount point
+        (an LFS partition mounted at $LFS), a hidden directory inside it whose entries are
+        then moved up one by one: rename cannot cross filesystems.
+        """
         if isolate and client is None:
             from orchestrator.engine import connect
 
             client = connect()
         target = target.absolute()
-        if os.path.ismount(target):
-            raise SnapshotError(
-                f"cannot restore into {target}: it is a mount point, and the restore swaps "
-                "the directory by rename",
-                hint="restore into a directory on that filesystem and bind-mount it instead",
-            )
+        refuse_nested_mounts(target, "restore into")
+        in_place = os.path.ismount(target)
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.restore-", dir=target.parent))
+        staging = Path(
+            tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=target)
+            if in_place
+            else tempfile.mkdtemp(prefix=f".{target.name}.restore-", dir=target.parent)
+        )
         try:
             if isolate:
                 extract.ContainerExtractor(client, staging).extract(layers)
@@ -367,13 +400,14 @@ class SnapshotStore:
                 shown = "; ".join(differences[:5])
                 more = f" (and {len(differences) - 5} more)" if len(differences) > 5 else ""
                 raise SnapshotError(f"{final.label}: restored tree differs: {shown}{more}")
-            _swap(staging, target)
+            moved = _swap_contents(staging, target) if in_place else _swap(staging, target)
         except BaseException:
             if staging.exists():
                 extract.remove_tree(staging)
             raise
-        # Renaming the root changed its ctime; every other inode is as the check saw it.
-        found["."] = entry_of(target, ".", os.lstat(target))
+        # A rename changes the ctime of what it moves; every other inode is as checked.
+        for path in moved:
+            found[path] = entry_of(target, path, os.lstat(target / path))
         self._write_stat_index(final.key, target, found)
 
     # ---- pruning
@@ -504,17 +538,71 @@ def _saved_layer(client: Any, image: str, diff_id: str) -> Iterator[bytes]:
         raise SnapshotError(f"image {image}: expected one layer in the saved image, got {found}")
 
 
-def _swap(staging: Path, target: Path) -> None:
-    """Put `staging` in place of `target` by rename; the old tree is removed afterwards."""
+def refuse_nested_mounts(tree: Path, doing: str) -> None:
+    """Refuse to work on a tree with filesystems mounted inside it (chapter 7's /dev etc.)."""
+    nested = mounts_below(tree)
+    if nested:
+        more = f" and {len(nested) - 3} more" if len(nested) > 3 else ""
+        raise SnapshotError(
+            f"cannot {doing} {tree}: filesystems are mounted inside it "
+            f"({', '.join(nested[:3])}{more})",
+            hint=f"unmount them first, e.g. `umount -R {nested[0]}`: "
+            "a snapshot holds the partition's own files only",
+        )
+
+
+def _swap(staging: Path, target: Path) -> list[str]:
+    """Put `staging` in place of `target` by rename; the old tree is removed afterwards.
+
+    Returns the paths (relative to `target`) whose inodes were renamed.
+    """
     if not target.exists() and not target.is_symlink():
         os.rename(staging, target)
-        return
+        return ["."]
     if not target.is_dir() or target.is_symlink():
         raise SnapshotError(f"cannot restore over {target}: it is not a directory")
     trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
     os.rename(target, trash / "tree")
     os.rename(staging, target)
     extract.remove_tree(trash)
+    return ["."]
+
+
+def _swap_contents(staging: Path, target: Path) -> list[str]:
+    """Replace what mount point `target` holds with what `staging` (inside it) holds.
+
+    The old entries go into a hidden directory first, so a crash leaves them recoverable
+    rather than half deleted, and the root directory takes the restored root's owner,
+    mode, xattrs and times last. Returns the top-level names moved.
+    """
+    restored_root = os.lstat(staging)  # before moving its entries changes its mtime
+    trash = Path(tempfile.mkdtemp(prefix=OLD_PREFIX, dir=target))
+    for name in sorted(os.listdir(target)):
+        if name not in (staging.name, trash.name):
+            os.rename(target / name, trash / name)
+    moved = sorted(os.listdir(staging))
+    for name in moved:
+        os.rename(staging / name, target / name)
+    _copy_xattrs(staging, target)
+    os.chown(target, restored_root.st_uid, restored_root.st_gid)
+    os.chmod(target, stat.S_IMODE(restored_root.st_mode))
+    os.rmdir(staging)
+    extract.remove_tree(trash)
+    os.utime(target, ns=(restored_root.st_atime_ns, restored_root.st_mtime_ns))
+    return [".", *moved]
+
+
+def _copy_xattrs(source: Path, target: Path) -> None:
+    wanted = {
+        name: os.getxattr(source, name, follow_symlinks=False)
+        for name in os.listxattr(source, follow_symlinks=False)
+        if not name.startswith("system.")
+    }
+    for name in os.listxattr(target, follow_symlinks=False):
+        if not name.startswith("system.") and name not in wanted:
+            os.removexattr(target, name, follow_symlinks=False)
+    for name, value in wanted.items():
+        os.setxattr(target, name, value, follow_symlinks=False)
 
 
 __all__ = ["SnapshotInfo", "SnapshotStore"]

@@ -101,10 +101,16 @@ def canonical_name(raw: str) -> str:
 class TarScanner:
     """Incremental ustar/PAX parser fed with arbitrary chunks.
 
-    `on_member` sees each member (and may raise to refuse it) before any of its bytes reach
-    `emit`; `on_done` sees it again once its data is hashed. Only what GNU tar's posix format
-    writes is understood; anything else (GNU long names, sparse files, global headers) is
-    refused, which keeps our reading and tar's reading of the same bytes identical.
+    `on_member` sees each member (and may raise to refuse it) before any of its bytes (or of
+    its PAX header) reach `emit`; `on_done` sees it again once its data is hashed. Only what
+    GNU tar's posix format writes is understood; anything else (GNU long names, sparse
+    files, global headers) is refused, which keeps our reading and tar's reading of the same
+    bytes identical.
+
+    Headers are parsed in place in the chunk; checked bytes are emitted as one slice per
+    chunk, not piece by piece, because the per-member cost in Python is what bounds restore
+    throughput on trees of many small files. Only a header sequence (PAX header, its
+    records, the ustar header) cut by a chunk boundary is copied, into `_held`.
     """
 
     def __init__(
@@ -121,10 +127,11 @@ class TarScanner:
         self._on_done = on_done
         self._emit = emit
         self._hash_data = hash_data
-        self._held = bytearray()  # header bytes not yet passed on
-        self._need = BLOCK
+        self._held = bytearray()  # a header sequence begun in an earlier chunk, not yet emitted
+        self._piece = BLOCK  # length `_held` must reach for the next parsing step
+        self._piece_size = BLOCK  # size of the next piece of the header sequence
+        self._pax_next = False  # the next piece is the records of a PAX header
         self._pax: dict[str, bytes] | None = None
-        self._in_pax = False
         self._member: Member | None = None
         self._hasher: Any = None
         self._data_left = 0
@@ -135,83 +142,118 @@ class TarScanner:
         self.emitted = 0
         self.raw_size = 0
 
-    def feed(self, chunk: bytes | memoryview) -> None:
+    def feed(self, chunk: bytes | bytearray | memoryview) -> None:
         view = memoryview(chunk)
-        self.raw_size += len(view)
-        pos, end = 0, len(view)
+        end = len(view)
+        self.raw_size += end
+        pos = 0
+        flushed = 0  # view[:flushed] is emitted (or held)
+        sequence_start = -1  # where an unchecked header sequence begins in view, if any
         while pos < end:
-            if self.ended:
+            if self._data_left:
+                take = min(self._data_left, end - pos)
+                if self._hasher is not None:
+                    self._hasher.update(view[pos : pos + take])
+                self._data_left -= take
+                pos += take
+                if not self._data_left:
+                    self._finish_member()
+            elif self._pad_left:
+                take = min(self._pad_left, end - pos)
+                self._pad_left -= take
+                pos += take
+            elif self.ended:
                 self._trailing(view[pos:])
-                return
-            if self._data_left or self._pad_left:
-                pos = self._data(view, pos, end)
-                continue
-            take = min(self._need - len(self._held), end - pos)
-            self._held += view[pos : pos + take]
-            pos += take
-            if len(self._held) == self._need:
-                self._block_ready()
+                end = pos  # trailing zeros are checked, not passed on
+            elif self._held:
+                take = min(self._piece - len(self._held), end - pos)
+                self._held += view[pos : pos + take]
+                pos += take
+                if len(self._held) == self._piece:
+                    piece_start = self._piece - self._piece_size
+                    if self._step(memoryview(self._held)[piece_start:]):
+                        self._out(self._held)
+                        self._held = bytearray()
+                        flushed = pos
+                        self._mark_end()
+                    else:
+                        self._piece += self._piece_size
+            else:
+                if sequence_start < 0:
+                    sequence_start = pos
+                    self._piece_size = BLOCK
+                if end - pos < self._piece_size:
+                    break
+                stop = pos + self._piece_size
+                complete = self._step(view[pos:stop])
+                pos = stop
+                if complete:
+                    sequence_start = -1
+                    if self.ended:
+                        self._out(view[flushed:pos])
+                        flushed = pos
+                        self._mark_end()
+        if sequence_start >= 0:
+            # The sequence runs past this chunk: keep it, pass on what precedes it.
+            self._out(view[flushed:sequence_start])
+            self._held = bytearray(view[sequence_start:end])
+            self._piece = pos - sequence_start + self._piece_size
+        elif not self._held:
+            self._out(view[flushed:end])
+
+    def _mark_end(self) -> None:
+        if self.ended:
+            self.end_offset = self.emitted
 
     def close(self) -> None:
-        if not self.ended or self._pax is not None:
+        if not self.ended or self._held or self._pax is not None or self._pax_next:
             name = self._member.name if self._member else "(end)"
             raise UnsafeArchiveError(self.source, name, "is cut short (truncated archive)")
         if self._emit is not None and self.emitted % RECORD:
             self._out(bytes(RECORD - self.emitted % RECORD))
 
     def _out(self, data: bytes | bytearray | memoryview) -> None:
-        if self._emit is not None:
+        if self._emit is not None and len(data):
             self._emit(data)
             self.emitted += len(data)
 
     def _trailing(self, rest: memoryview) -> None:
-        if any(rest.tobytes()):
+        if rest.tobytes().strip(b"\0"):
             raise UnsafeArchiveError(self.source, "(end)", "is followed by trailing data")
 
-    def _data(self, view: memoryview, pos: int, end: int) -> int:
-        if self._data_left:
-            take = min(self._data_left, end - pos)
-            part = view[pos : pos + take]
-            if self._hasher is not None:
-                self._hasher.update(part)
-            self._out(part)
-            self._data_left -= take
-            pos += take
-            if not self._data_left:
-                self._finish_member()
-            return pos
-        take = min(self._pad_left, end - pos)
-        self._out(view[pos : pos + take])
-        self._pad_left -= take
-        return pos + take
+    def _step(self, piece: memoryview) -> bool:
+        """Parse one piece of a header sequence; True once the sequence is complete.
 
-    def _block_ready(self) -> None:
-        if self._in_pax:
-            self._pax = _parse_pax(self.source, bytes(self._held[BLOCK:]), self._pending_name())
-            self._in_pax = False
-            self._need = len(self._held) + BLOCK
-            return
-        block = bytes(self._held[-BLOCK:])
+        Sets `_piece_size` to the size of the next piece when the sequence goes on.
+        """
+        if self._pax_next:
+            self._pax = _parse_pax(self.source, piece.tobytes(), "(PAX header)")
+            self._pax_next = False
+            self._piece_size = BLOCK
+            return False
+        block = piece.tobytes()
         if not any(block):
-            self._zero_block()
-            return
+            self._zero_blocks += 1
+            self.ended = self._zero_blocks == 2
+            self._piece_size = BLOCK
+            return self.ended
         if self._zero_blocks:
             raise UnsafeArchiveError(self.source, "(end)", "has a lone zero block mid-stream")
-        info = self._header(block)
-        if info.type == tarfile.XHDTYPE:
+        self._check_block(block)
+        if block[156:157] == tarfile.XHDTYPE:
+            where = "(PAX header)"
             if self._pax is not None:
-                raise UnsafeArchiveError(self.source, info.name, "has two PAX headers in a row")
-            self._in_pax = True
-            self._need = len(self._held) + padded_size(info.size)
-            if info.size > 1 << 20:
-                raise UnsafeArchiveError(self.source, info.name, "has an oversized PAX header")
-            return
-        member = self._member_from(info)
+                raise UnsafeArchiveError(self.source, where, "follows another PAX header")
+            size = self._octal(block, 124, 136)
+            if size > 1 << 20:
+                raise UnsafeArchiveError(self.source, where, "is oversized")
+            self._pax_next = size > 0
+            self._pax = None if size else {}
+            self._piece_size = padded_size(size) if size else BLOCK
+            return False
+        member = self._member_from(block)
         if self._on_member is not None:
             self._on_member(member)
-        self._out(self._held)
-        self._held = bytearray()
-        self._need = BLOCK
         self._pax = None
         self._member = member
         self._data_left = member.size
@@ -219,52 +261,77 @@ class TarScanner:
         self._hasher = hashlib.sha256() if self._hash_data and member.kind == "file" else None
         if not member.size:
             self._finish_member()
+        return True
 
-    def _pending_name(self) -> str:
-        return "(PAX header)"
-
-    def _zero_block(self) -> None:
-        self._zero_blocks += 1
-        if self._zero_blocks == 2:
-            self._out(self._held)
-            self._held = bytearray()
-            self.ended = True
-            self.end_offset = self.emitted
-        else:
-            self._need = len(self._held) + BLOCK
-
-    def _header(self, block: bytes) -> _Header:
+    def _check_block(self, block: bytes) -> None:
         try:
-            return _parse_header(block)
-        except ValueError as exc:
-            reason = f"is not a valid tar header ({exc})"
-            raise UnsafeArchiveError(self.source, "(header)", reason) from None
+            checksum = parse_octal(block[148:156])
+        except ValueError:
+            checksum = -1
+        if checksum != sum(block) - sum(block[148:156]) + 256:
+            raise UnsafeArchiveError(
+                self.source, "(header)", "is not a valid tar header (bad checksum)"
+            )
+        if block[257:265] != b"ustar\x0000":
+            raise UnsafeArchiveError(
+                self.source, "(header)", "is not a valid tar header (not POSIX ustar)"
+            )
 
-    def _member_from(self, info: _Header) -> Member:
+    def _octal(self, block: bytes, start: int, stop: int) -> int:
+        try:
+            return parse_octal(block[start:stop])
+        except ValueError as exc:
+            raise UnsafeArchiveError(
+                self.source, "(header)", f"is not a valid tar header ({exc})"
+            ) from None
+
+    def _member_from(self, block: bytes) -> Member:
+        """The member a checked ustar header and the PAX records before it describe.
+
+        Only the fields the member needs are parsed: PAX records override their ustar
+        counterparts, and device numbers matter only for devices (tar ignores them
+        elsewhere).
+        """
         pax = self._pax or {}
-        raw_name = decode_text(pax["path"]) if "path" in pax else info.name
-        name = canonical_name(raw_name)
-        kind = TYPE_NAMES.get(info.type)
+        if "path" in pax:
+            name = canonical_name(decode_text(pax["path"]))
+        else:
+            prefix = field_text(block[345:500])
+            base = field_text(block[0:100])
+            name = canonical_name(f"{prefix}/{base}" if prefix else base)
+        type_ = block[156:157]
+        kind = TYPE_NAMES.get(type_)
         if kind is None:
             raise UnsafeArchiveError(
                 self.source,
                 name,
-                f"has unsupported type {info.type!r} (only files, dirs, "
+                f"has unsupported type {type_!r} (only files, dirs, "
                 "links, char devices and fifos are allowed)",
             )
+        octal = self._octal
         member = Member(
             name=name,
             kind=kind,
-            mode=info.mode,
-            uid=_pax_int(self.source, name, pax, "uid", info.uid),
-            gid=_pax_int(self.source, name, pax, "gid", info.gid),
-            size=_pax_int(self.source, name, pax, "size", info.size),
-            mtime=decode_text(pax["mtime"]) if "mtime" in pax else str(int(info.mtime)),
-            linkname=decode_text(pax["linkpath"]) if "linkpath" in pax else info.linkname,
-            devmajor=info.devmajor,
-            devminor=info.devminor,
-            xattrs={k[len(_XATTR_PREFIX) :]: v for k, v in pax.items() if k.startswith("SCHILY")},
+            mode=octal(block, 100, 108),
+            uid=_pax_int(self.source, name, pax, "uid") if "uid" in pax else octal(block, 108, 116),
+            gid=_pax_int(self.source, name, pax, "gid") if "gid" in pax else octal(block, 116, 124),
+            size=(
+                _pax_int(self.source, name, pax, "size")
+                if "size" in pax
+                else octal(block, 124, 136)
+            ),
+            mtime=decode_text(pax["mtime"]) if "mtime" in pax else str(octal(block, 136, 148)),
+            linkname=(
+                decode_text(pax["linkpath"]) if "linkpath" in pax else field_text(block[157:257])
+            ),
         )
+        if kind in ("chardev", "blockdev"):
+            member.devmajor = octal(block, 329, 337)
+            member.devminor = octal(block, 337, 345)
+        if pax:
+            member.xattrs = {
+                k[len(_XATTR_PREFIX) :]: v for k, v in pax.items() if k.startswith(_XATTR_PREFIX)
+            }
         return member
 
     def _finish_member(self) -> None:
@@ -277,52 +344,22 @@ class TarScanner:
             self._on_done(member)
 
 
-@dataclass(frozen=True, slots=True)
-class _Header:
-    name: str
-    type: bytes
-    mode: int
-    uid: int
-    gid: int
-    size: int
-    mtime: int
-    linkname: str
-    devmajor: int
-    devminor: int
-
-
 def parse_octal(field: bytes) -> int:
-    if field[:1] and field[0] & 0x80:
-        # GNU base-256: our writer uses PAX records for big values instead.
-        raise ValueError("base-256 number")
+    """A ustar number: octal digits, space/NUL padded. Nothing else, as GNU tar reads it.
+
+    Python's int() would also take a sign or underscores, and base-256 is a GNU extension:
+    a "-1" size that tar refuses but we read would put the two parsers out of step.
+    """
     digits = field.split(b"\0", 1)[0].strip(b" ")
-    return int(digits, 8) if digits else 0
+    if not digits:
+        return 0
+    if not digits.isdigit():
+        raise ValueError(f"bad number field {bytes(field)!r}")
+    return int(digits, 8)
 
 
 def field_text(field: bytes) -> str:
     return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-
-
-def _parse_header(block: bytes) -> _Header:
-    """Parse a ustar header; tarfile.TarInfo.frombuf is five times slower for this."""
-    if parse_octal(block[148:156]) != sum(block) - sum(block[148:156]) + 256:
-        raise ValueError("bad checksum")
-    if block[257:265] != b"ustar\x0000":
-        raise ValueError("not POSIX ustar")
-    name = field_text(block[0:100])
-    prefix = field_text(block[345:500])
-    return _Header(
-        name=f"{prefix}/{name}" if prefix else name,
-        type=block[156:157],
-        mode=parse_octal(block[100:108]),
-        uid=parse_octal(block[108:116]),
-        gid=parse_octal(block[116:124]),
-        size=parse_octal(block[124:136]),
-        mtime=parse_octal(block[136:148]),
-        linkname=field_text(block[157:257]),
-        devmajor=parse_octal(block[329:337]),
-        devminor=parse_octal(block[337:345]),
-    )
 
 
 def padded_size(size: int) -> int:
@@ -333,16 +370,11 @@ def decode_text(value: bytes) -> str:
     return value.decode("utf-8", "surrogateescape")
 
 
-def _pax_int(source: str, name: str, pax: dict[str, bytes], key: str, default: int) -> int:
-    if key not in pax:
-        return default
-    try:
-        value = int(pax[key])
-    except ValueError:
-        raise UnsafeArchiveError(source, name, f"has a malformed PAX {key} record") from None
-    if value < 0:
-        raise UnsafeArchiveError(source, name, f"has a negative PAX {key} record")
-    return value
+def _pax_int(source: str, name: str, pax: dict[str, bytes], key: str) -> int:
+    value = pax[key]
+    if not value.isdigit():  # int() would take signs, spaces and underscores
+        raise UnsafeArchiveError(source, name, f"has a malformed PAX {key} record")
+    return int(value)
 
 
 def _parse_pax(source: str, data: bytes, where: str) -> dict[str, bytes]:
@@ -433,11 +465,13 @@ class MemberPolicy:
             raise self.refuse(name, "has a non-canonical name (empty or '.' component)")
 
     def _check_parents(self, name: str) -> None:
-        parts = name.split("/")
-        for depth in range(1, len(parts)):
-            prefix = "/".join(parts[:depth])
-            if prefix in self.symlinks:
+        symlinks = self.symlinks
+        slash = name.find("/")
+        while slash > 0:
+            prefix = name[:slash]
+            if prefix in symlinks:
                 raise self.refuse(name, f"lies below symlink {prefix!r} (would write through it)")
+            slash = name.find("/", slash + 1)
 
     def _check_kind(self, member: Member) -> None:
         name, kind = member.name, member.kind

@@ -213,30 +213,85 @@ def test_corrupt_header_checksum_is_refused() -> None:
     )
 
 
-def test_refused_member_never_reaches_the_extractor() -> None:
+# Chunk sizes that cut headers, PAX records and data at every kind of boundary.
+CHUNK_SIZES = [1, 7, 100, 333, 511, 512, 513, 1000, 4096, 1 << 20]
+
+
+def _patched(data: bytes, start: int, field: bytes) -> bytes:
+    """`data` with its first header's field at `start` replaced and the checksum redone."""
+    block = bytearray(data[:512])
+    block[start : start + len(field)] = field
+    block[148:156] = b" " * 8
+    block[148:156] = b"%06o\0 " % sum(block)
+    return bytes(block) + data[512:]
+
+
+@pytest.mark.parametrize(
+    ("field", "shown"),
+    [
+        (b"-0000000001\0", "-0000000001"),
+        (b"0_00000001\0", "0_00000001"),
+        (b"\x80" + bytes(10) + b"\x01", "\\x80"),
+    ],
+)
+def test_numbers_tar_would_not_read_are_refused(field: bytes, shown: str) -> None:
+    data = _patched(_archive(_file("a", b"x" * 600), fmt=tarfile.USTAR_FORMAT), 124, field)
+    message = _refusal(data)
+    assert message.startswith(f"{SOURCE}: member '(header)' is not a valid tar header (bad number")
+    assert shown in message
+
+
+def test_pax_numbers_tar_would_not_read_are_refused() -> None:
+    info = _info("a")
+    info.pax_headers = {"size": "1_0"}
+    assert _refusal(_archive((info, b"x" * 10))) == (
+        f"{SOURCE}: member 'a' has a malformed PAX size record"
+    )
+
+
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+def test_refused_member_never_reaches_the_extractor(chunk: int) -> None:
+    evil = _info("harmless-looking")
+    evil.pax_headers = {"path": "lib/passwd", "mtime": "1.25"}
     data = _archive(_file("ok", b"fine"), _entry("lib", tarfile.SYMTYPE, linkname="/etc"),
-                    _file("lib/passwd", b"root::0:0::/:/bin/sh"))  # fmt: skip
+                    (evil, b"root::0:0::/:/bin/sh"))  # fmt: skip
     emitted = bytearray()
     policy = MemberPolicy(SOURCE)
     scanner = TarScanner(SOURCE, on_member=policy.check, emit=emitted.extend)
-    with pytest.raises(UnsafeArchiveError):
-        for start in range(0, len(data), 100):  # odd chunk sizes cross header boundaries
-            scanner.feed(data[start : start + 100])
-    assert b"fine" in emitted
-    assert b"lib/passwd" not in emitted
+    with pytest.raises(UnsafeArchiveError) as caught:
+        for start in range(0, len(data), chunk):
+            scanner.feed(data[start : start + chunk])
+    assert caught.value.member == "lib/passwd"
+    assert b"lib/passwd" not in emitted  # not even the PAX header naming it
     assert b"root::0:0" not in emitted
+    assert bytes(emitted) == data[: len(emitted)]
 
 
-def test_emitted_stream_equals_input_for_a_valid_archive() -> None:
-    data = _archive(_file("a", b"x" * 1000), _entry("d", tarfile.DIRTYPE))
+@pytest.mark.parametrize("chunk", CHUNK_SIZES)
+def test_emitted_stream_equals_input_for_a_valid_archive(chunk: int) -> None:
+    data = _written_archive()
     emitted = bytearray()
-    scanner = TarScanner(SOURCE, on_member=MemberPolicy(SOURCE).check, emit=emitted.extend)
-    for start in range(0, len(data), 333):
-        scanner.feed(data[start : start + 333])
+    done: list[str] = []
+    scanner = TarScanner(
+        SOURCE,
+        on_member=MemberPolicy(SOURCE).check,
+        on_done=lambda member: done.append(member.name),
+        emit=emitted.extend,
+    )
+    for start in range(0, len(data), chunk):
+        scanner.feed(data[start : start + chunk])
     scanner.close()
     end = scanner.end_offset
     assert bytes(emitted[:end]) == data[:end]
+    assert not any(data[end:]) and len(data) - end >= 0
     assert len(emitted) % 10240 == 0 and not any(emitted[end:])
+    assert done == [m.name for m in scan_stream(io.BytesIO(data), MemberPolicy(SOURCE), emit=None)]
+    assert len(done) == 6
+
+
+def test_trailing_data_after_the_end_is_refused() -> None:
+    data = _archive(_file("a")) + b"\x01" * 512
+    assert _refusal(data) == f"{SOURCE}: member '(end)' is followed by trailing data"
 
 
 # --------------------------------------------------------------------------- write-side indexer

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from orchestrator import archive, extract, tarstream
 from orchestrator.errors import LfsorchError
 from orchestrator.extract import Layer
@@ -117,7 +119,7 @@ class SnapshotStore:
     def _read_manifest(self, key: str) -> Manifest:
         path = self._dir(key) / MANIFEST
         try:
-            return Manifest.from_json(json.loads(path.read_text()))
+            return Manifest.from_json(orjson.loads(path.read_bytes()))
         except FileNotFoundError:
             raise SnapshotError(
                 f"no snapshot {key} in {self.root}", hint="`lfsorch snapshots list` shows them"
@@ -215,7 +217,7 @@ class SnapshotStore:
         staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
         try:
             manifest = self._write(tree, key, stage, parent, base, metadata or {}, staging)
-            (staging / MANIFEST).write_text(json.dumps(manifest.to_json(), separators=(",", ":")))
+            (staging / MANIFEST).write_bytes(orjson.dumps(manifest.to_json()))
             os.rename(staging, self._dir(key))
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
@@ -301,7 +303,7 @@ class SnapshotStore:
         stats = {path: [e.ino, e.ctime_ns] for path, e in found.items()}
         index = self._index_path(key, tree)
         scratch = index.with_suffix(".tmp")
-        scratch.write_text(json.dumps(stats, separators=(",", ":")))
+        scratch.write_bytes(orjson.dumps(stats))
         os.rename(scratch, index)
 
     def _apply_stat_index(self, base: Manifest, tree: Path) -> None:
@@ -309,7 +311,7 @@ class SnapshotStore:
         if not index.is_file():
             return
         with contextlib.suppress(ValueError, OSError):
-            stats = json.loads(index.read_text())
+            stats = orjson.loads(index.read_bytes())
             for path, (ino, ctime_ns) in stats.items():
                 entry = base.entries.get(path)
                 if entry is not None:

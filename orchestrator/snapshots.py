@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import os
 import shutil
 import stat
+import tarfile
 import tempfile
 import time
 from collections.abc import Iterator
@@ -49,6 +51,9 @@ IMAGE_RECORD = "image.json"
 KEY_LABEL = "org.lfsorch.snapshot.key"
 STAGE_LABEL = "org.lfsorch.snapshot.stage"
 IMAGE_REPOSITORY = "lfsorch/snapshot"
+# First member of a snapshot image's layer: the manifest, for machines without this store.
+MANIFEST_MEMBER = ".lfsorch-snapshot-manifest.json"
+MAX_MANIFEST_BYTES = 1 << 30
 # Deltas of deltas make restores slower and pruning harder; past this depth, take a full one.
 MAX_CHAIN = 8
 # Hidden directories a restore into a mount point works in (inside the mount point).
@@ -410,7 +415,8 @@ class SnapshotStore:
         # A rename changes the ctime of what it moves; every other inode is as checked.
         for path in moved:
             found[path] = entry_of(target, path, os.lstat(target / path))
-        self._write_stat_index(final.key, target, found)
+        if self._dir(final.key).is_dir():  # not yet for an image this store lacks
+            self._write_stat_index(final.key, target, found)
 
     # ---- pruning
 
@@ -441,22 +447,27 @@ class SnapshotStore:
     # ---- image form
 
     def to_image(self, client: Any, key: str) -> str:
-        """Import the snapshot as a single-layer image labelled with its key; return its id."""
+        """Import the snapshot as a single-layer image labelled with its key; return its id.
+
+        The layer's first member is the snapshot's manifest (MANIFEST_MEMBER), so a machine
+        that pulls the image has what it needs to check the restore without this store.
+        """
         manifest = self.manifest(key)
         chain = self.chain(key)
         with contextlib.ExitStack() as stack:
             if len(chain) == 1:
-                chunks: Iterator[bytes] = self._chunks(manifest)
+                tree_chunks: Iterator[bytes] = self._chunks(manifest)
             else:
                 scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=self.root)))
                 tree = scratch / "tree"
                 self.restore(key, tree, client)
-                chunks = archive.tar_chunks(tree, list(manifest.entries))
+                tree_chunks = archive.tar_chunks(tree, list(manifest.entries))
             _check_docker_names(manifest)
             digest = hashlib.sha256()
+            head = _manifest_member((self._dir(key) / MANIFEST).read_bytes(), manifest.created)
 
             def counted() -> Iterator[bytes]:
-                for chunk in chunks:
+                for chunk in itertools.chain([head], tree_chunks):
                     digest.update(chunk)
                     yield chunk
 
@@ -475,25 +486,54 @@ class SnapshotStore:
         return str(image_id)
 
     def restore_image(self, client: Any, image: str, target: Path) -> SnapshotInfo:
-        """Restore `target` from a snapshot image, checked against the local manifest."""
+        """Restore `target` from a snapshot image, checked against the manifest it carries.
+
+        Extraction runs in a throwaway container (the image came from elsewhere). A
+        snapshot this store lacks is then taken of the restored tree under the image's key,
+        so later runs find the checkpoint (a cache hit, `--from`, a delta parent) here too.
+        """
         attrs = client.api.inspect_image(image)
         key = (attrs.get("Config") or {}).get("Labels", {}).get(KEY_LABEL)
         if not key:
             raise SnapshotError(f"image {image} carries no {KEY_LABEL} label")
-        manifest = self.manifest(key)
+        self._dir(key)  # refuses a label that is not a key
         layers = attrs["RootFS"]["Layers"]
         if len(layers) != 1:
             raise SnapshotError(f"image {image} has {len(layers)} layers; a snapshot has one")
-        policy = MemberPolicy(f"image {image[:19]} ({manifest.label})", max_bytes=1 << 42)
+        source = f"image {image[:19]}"
+        embedded, chunks = _split_manifest(_saved_layer(client, image, layers[0]), source)
+        try:
+            manifest = Manifest.from_json(orjson.loads(embedded))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise SnapshotError(f"{source}: its snapshot manifest is unreadable ({exc})") from None
+        if manifest.key != key:
+            raise SnapshotError(
+                f"{source}: labelled {key[:12]} but carries the manifest of {manifest.key[:12]}"
+            )
+        local = self.get(key)
+        if local is not None and _contents(self.manifest(key)) != _contents(manifest):
+            raise SnapshotError(
+                f"{source}: its manifest differs from this store's snapshot {key[:12]}",
+                hint="one of them was altered; `lfsorch snapshots verify` checks the local one",
+            )
+        policy = MemberPolicy(f"{source} ({manifest.label})", max_bytes=1 << 42)
         expect = manifest.entries
 
         def check(member: Member) -> None:
             check_member(manifest, expect, member)
 
-        chunks = _saved_layer(client, image, layers[0])
         layer = Layer(chunks, policy, on_member=check)
         self._restore_layers([layer], manifest, Path(target), client, isolate=True)
-        return self._info(manifest)
+        if local is not None:
+            return local
+        return self.create(
+            Path(target),
+            key,
+            stage=manifest.stage,
+            parent=manifest.parent,
+            metadata=manifest.metadata,
+            full=True,
+        )
 
 
 # --------------------------------------------------------------------------- helpers
@@ -508,6 +548,54 @@ def _check_docker_names(manifest: Manifest) -> None:
             )
 
 
+def _manifest_member(manifest_json: bytes, created: float) -> bytes:
+    """The tar member (header, data, padding) that carries a manifest in an image layer."""
+    info = tarfile.TarInfo(MANIFEST_MEMBER)
+    info.size = len(manifest_json)
+    info.mode = 0o644
+    info.mtime = int(created)
+    header = info.tobuf(format=tarfile.USTAR_FORMAT)
+    return header + manifest_json + bytes(tarstream.padded_size(info.size) - info.size)
+
+
+def _split_manifest(chunks: Iterator[bytes], source: str) -> tuple[bytes, Iterator[bytes]]:
+    """Take the manifest member off the head of a layer; return it and the rest of the layer.
+
+    The rest is a tar stream of its own (members start on block boundaries), which goes
+    through the usual validation; this member is never extracted.
+    """
+    buffer = bytearray()
+
+    def fill(size: int) -> None:
+        while len(buffer) < size:
+            chunk = next(chunks, None)
+            if chunk is None:
+                raise SnapshotError(f"{source}: the layer ends inside its snapshot manifest")
+            buffer.extend(chunk)
+
+    fill(tarstream.BLOCK)
+    try:
+        header = bytes(buffer[: tarstream.BLOCK])
+        info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+    except tarfile.TarError as exc:
+        reason = f"the layer does not start with a tar header ({exc})"
+        raise SnapshotError(f"{source}: {reason}") from None
+    if info.name != MANIFEST_MEMBER or not info.isreg() or info.size > MAX_MANIFEST_BYTES:
+        raise SnapshotError(
+            f"{source}: the layer does not start with a snapshot manifest (found {info.name!r})",
+            hint="only images made by `lfsorch snapshots image` can be restored",
+        )
+    end = tarstream.BLOCK + tarstream.padded_size(info.size)
+    fill(end)
+    manifest_json = bytes(buffer[tarstream.BLOCK : tarstream.BLOCK + info.size])
+    rest = bytes(buffer[end:])
+    return manifest_json, itertools.chain([rest] if rest else [], chunks)
+
+
+def _contents(manifest: Manifest) -> dict[str, tuple[Any, ...]]:
+    return {path: entry.content() for path, entry in manifest.entries.items()}
+
+
 def _imported_id(answer: Any) -> str:
     for line in reversed(str(answer).strip().splitlines()):
         with contextlib.suppress(ValueError):
@@ -519,8 +607,6 @@ def _imported_id(answer: Any) -> str:
 
 def _saved_layer(client: Any, image: str, diff_id: str) -> Iterator[bytes]:
     """The image's single layer tar exactly as imported, checked against its diff id."""
-    import tarfile
-
     stream = archive.chunk_stream(client.api.get_image(image, chunk_size=tarstream.CHUNK))
     found = 0
     with tarfile.open(fileobj=stream, mode="r|") as outer:

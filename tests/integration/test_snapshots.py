@@ -18,7 +18,7 @@ import zstandard
 
 from orchestrator.archive import sort_key
 from orchestrator.manifest import ARCHIVE, SnapshotError, snapshot_key
-from orchestrator.snapshots import KEY_LABEL, MANIFEST, SnapshotStore
+from orchestrator.snapshots import KEY_LABEL, MANIFEST, MANIFEST_MEMBER, SnapshotStore
 from orchestrator.tarstream import UnsafeArchiveError
 from orchestrator.treescan import scan_tree, verify_tree
 
@@ -372,6 +372,42 @@ def test_image_round_trip(
         assert verify_tree(store.manifest("img-delta"), target) == []
         assert_tree_kinds(target)
         assert (target / "added").read_text() == "delta content"
+        assert not (target / MANIFEST_MEMBER).exists()
+
+        # Another machine: only the image, an empty store. The restore is checked against the
+        # manifest the image carries, and the store then holds the checkpoint for later runs.
+        elsewhere = SnapshotStore(tmp_path / "other-machine")
+        other_target = tmp_path / "other-lfs"
+        info = elsewhere.restore_image(docker_client, image_id, other_target)
+        assert (info.key, info.stage, info.parent) == ("img-delta", "ch6", "img-base")
+        assert verify_tree(elsewhere.manifest("img-delta"), other_target) == []
+        assert_tree_kinds(other_target)
+        assert not (other_target / MANIFEST_MEMBER).exists()
+        again = tmp_path / "other-lfs-again"
+        elsewhere.restore("ch6", again)
+        assert verify_tree(store.manifest("img-delta"), again) == []
+    finally:
+        docker_client.images.remove(image_id, force=True)
+
+
+def test_image_without_a_manifest_is_refused(
+    tree: Path, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    store = SnapshotStore(tmp_path / "snapshots")
+    raw = _crafted((_member("etc/passwd"), b"root::0:0::/:/bin/sh"))
+    answer = docker_client.api.import_image_from_stream(
+        iter([raw]), repository="lfsorch/snapshot", tag="forged",
+        changes=[f"LABEL {KEY_LABEL}=forged"],
+    )  # fmt: skip
+    image_id = next(json.loads(line)["status"] for line in answer.splitlines() if "sha256:" in line)
+    try:
+        target = tmp_path / "target"
+        with pytest.raises(SnapshotError) as caught:
+            store.restore_image(docker_client, image_id, target)
+        assert caught.value.message == (
+            f"image {image_id[:19]}: the layer does not start with a snapshot manifest (found '.')"
+        )
+        assert not target.exists() and store.list() == []
     finally:
         docker_client.images.remove(image_id, force=True)
 

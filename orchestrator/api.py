@@ -6,6 +6,8 @@ import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import docker
+
 from orchestrator import engine, sources
 from orchestrator.build import Build, RunOptions, workspace_lock
 from orchestrator.config import Config, load_config
@@ -13,6 +15,7 @@ from orchestrator.console import ConsoleView
 from orchestrator.eventlog import JsonEventLog
 from orchestrator.events import EventBus
 from orchestrator.graph import Plan, load_plan
+from orchestrator.manifest import SnapshotError
 from orchestrator.plugins import PluginBridge, plugin_manager
 from orchestrator.snapshots import SnapshotInfo, SnapshotStore
 from orchestrator.state import PackageState, RunState, load_state, save_state
@@ -110,6 +113,24 @@ def log_tail(package: PackageState, lines: int) -> list[str]:
 def cleanup() -> list[str]:
     """Remove containers left behind by lfsorch processes that no longer exist."""
     return engine.reap_leftovers(engine.connect())
+
+
+def pull_snapshot(image: str, *, workspace: Workspace | None = None) -> SnapshotInfo:
+    """Add a snapshot image's snapshot to the store, pulling the image if the engine lacks it."""
+    workspace = workspace or Workspace.from_env()
+    client = engine.connect(timeout=None)
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        try:
+            client.images.pull(image)
+        except docker.errors.APIError as exc:
+            raise SnapshotError(
+                f"cannot pull {image}: {exc.explanation or exc}",
+                hint="`docker login` to the registry, or `docker load` the image first",
+            ) from None
+    with workspace_lock(workspace):
+        return SnapshotStore(workspace.snapshots_dir).import_image(client, image)
 
 
 def restore(

@@ -335,6 +335,8 @@ class Build:
                 if not rebuild and self._cache_hit(stage, key):
                     at = number
                     continue
+                if not rebuild and self._covered_by_later(stage, keys[number + 1 :]):
+                    continue
             self.bus.emit(events.STAGE_START, run_id=self.run_id, stage=stage.stage)
             started = time.monotonic()
             if policy == "package" and parent is not None:
@@ -369,6 +371,24 @@ class Build:
             self.state.checkpoints[stage.stage] = key
             self.state.partition_at = key
         self.bus.emit(events.STAGE_CACHED, run_id=self.run_id, stage=stage.stage, key=key)
+        return True
+
+    def _covered_by_later(self, stage: Stage, later_keys: list[str]) -> bool:
+        """True when a later stage's checkpoint exists: keys chain, so it holds this stage.
+
+        This is the case on a machine that restored a snapshot image of a later stage: its
+        store has that checkpoint and none of those before it, and nothing before it needs
+        building again. The later stage restores the partition as its cache hit.
+        """
+        later = next((k for k in later_keys if self.checkpoints.store.get(k) is not None), None)
+        if later is None:
+            return False
+        with self._recording():
+            for record in self._stage_records(stage):
+                record.status = "done"
+        self.bus.emit(
+            events.STAGE_CACHED, run_id=self.run_id, stage=stage.stage, key=later, covered=True
+        )
         return True
 
     def _checkpoint(self, name: str, key: str, parent: str | None, package: str = "") -> None:

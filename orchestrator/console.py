@@ -122,7 +122,11 @@ class ConsoleView:
         self.print(f"  retry  {self._label(event)} (attempt {event.data.get('attempt')})")
 
     def _on_stage_cached(self, event: Event) -> None:
-        self.print(f"  cached {event.stage}: its inputs match checkpoint {event.data['key'][:12]}")
+        key = event.data["key"][:12]
+        if event.data.get("covered"):
+            self.print(f"  cached {event.stage}: contained in the later checkpoint {key}")
+        else:
+            self.print(f"  cached {event.stage}: its inputs match checkpoint {key}")
 
     def _on_snapshot_create(self, event: Event) -> None:
         data = event.data

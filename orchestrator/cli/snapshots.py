@@ -1,4 +1,5 @@
-"""`lfsorch snapshots` (list, show, verify, prune) and `lfsorch restore`: thin over the store."""
+"""`lfsorch snapshots` (list, show, verify, prune, image, pull) and `lfsorch restore`: thin
+over the store."""
 
 from __future__ import annotations
 
@@ -128,6 +129,14 @@ def image(key_or_stage: str = typer.Argument(..., metavar="KEY|STAGE")) -> None:
     info = store.resolve(key_or_stage)
     image_id = store.to_image(engine.connect(timeout=None), info.key)
     print(f"{IMAGE_REPOSITORY}:{info.key} {image_id}")
+
+
+@snapshots_app.command()
+def pull(image_ref: str = typer.Argument(..., metavar="IMAGE")) -> None:
+    """Add the snapshot a snapshot image holds to this workspace (pulling it if absent)."""
+    info = api.pull_snapshot(image_ref)
+    print(f"snapshot {info.stage} ({info.key[:12]}) added: runs whose stages lead to it "
+          "start after it")  # fmt: skip
 
 
 def restore(

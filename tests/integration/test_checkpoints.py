@@ -18,6 +18,7 @@ from orchestrator.checkpoints import PartitionDrift
 from orchestrator.config import load_config
 from orchestrator.events import Event, EventBus
 from orchestrator.graph import load_plan
+from orchestrator.snapshots import SnapshotStore
 from orchestrator.state import RunState
 from orchestrator.workspace import Workspace
 from tests.conftest import BASE_IMAGE, REPO
@@ -256,3 +257,29 @@ def test_command_line_from_and_rebuild(
     lfsorch()
     assert "(--from, " in lfsorch("--from", "two")
     assert "start  one/base" in lfsorch("--rebuild", "--from", "one")
+
+
+def test_another_machine_continues_after_a_pulled_snapshot_image(
+    workspace: Workspace, tmp_path: Path, two_stages: list[Path], docker_client: docker.DockerClient
+) -> None:
+    first = tmp_path / "first"
+    first.mkdir()
+    state, _ = build(two_stages, first, workspace)
+    assert state.outcome == "succeeded"
+    store = SnapshotStore(workspace.snapshots_dir)
+    image_id = store.to_image(docker_client, store.resolve("two").key)
+    try:
+        # Another workspace, as on another runner: only the image of the last stage.
+        elsewhere = Workspace(tmp_path / "other-home")
+        added = SnapshotStore(elsewhere.snapshots_dir).import_image(docker_client, image_id)
+        assert added.stage == "two"
+        fresh = tmp_path / "fresh"
+        fresh.mkdir()
+        state, recorded = build(two_stages, fresh, elsewhere)
+    finally:
+        docker_client.images.remove(image_id, force=True)
+    assert state.outcome == "succeeded"
+    assert started(recorded) == []
+    cached = [(e.stage, e.data.get("covered", False)) for e in recorded if e.name == "stage.cached"]
+    assert cached == [("one", True), ("two", False)]
+    assert tree(fresh) == tree(first)

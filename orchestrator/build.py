@@ -376,9 +376,10 @@ class Build:
     def _covered_by_later(self, stage: Stage, later_keys: list[str]) -> bool:
         """True when a later stage's checkpoint exists: keys chain, so it holds this stage.
 
-        This is the case on a machine that restored a snapshot image of a later stage: its
-        store has that checkpoint and none of those before it, and nothing before it needs
-        building again. The later stage restores the partition as its cache hit.
+        This is the case in a workspace that imported a later stage's snapshot image
+        (`lfsorch snapshots pull`): it has that checkpoint and none of those before it, and
+        nothing before it needs building again. The later stage restores the partition as
+        its cache hit.
         """
         later = next((k for k in later_keys if self.checkpoints.store.get(k) is not None), None)
         if later is None:

@@ -77,6 +77,18 @@ class Checkpointer:
     settings: Settings
     bus: EventBus
     run_id: str
+    # What each key computed in this run was made of; recorded in the snapshot's manifest.
+    inputs: dict[str, dict[str, object]] = dataclasses.field(default_factory=dict)
+
+    def _key(self, definition: str, stage: Stage, sources: dict[str, str], parent: str) -> str:
+        image = self._image_digest(stage)
+        key = snapshot_key(definition, image, sources, parent)
+        self.inputs[key] = {
+            "image": image,
+            "sources": sources,
+            "definition": json.loads(definition),
+        }
+        return key
 
     def _image_digest(self, stage: Stage) -> str:
         return images.image_digest(self.client, stage.image or self.settings.image)
@@ -84,8 +96,7 @@ class Checkpointer:
     def stage_key(self, stage_plan: StagePlan, parent: str) -> str:
         stage = stage_plan.file.stage
         definition = stage.model_dump_json(exclude={"description"})
-        sources = _source_checksums(stage.packages)
-        return snapshot_key(definition, self._image_digest(stage), sources, parent)
+        return self._key(definition, stage, _source_checksums(stage.packages), parent)
 
     def package_key(self, stage: Stage, package: Package, parent: str) -> str:
         definition = json.dumps(
@@ -93,8 +104,7 @@ class Checkpointer:
              "package": package.model_dump(mode="json")},
             sort_keys=True,
         )  # fmt: skip
-        sources = _source_checksums([package])
-        return snapshot_key(definition, self._image_digest(stage), sources, parent)
+        return self._key(definition, stage, _source_checksums([package]), parent)
 
     def take(
         self, lfs: Path, key: str, *, stage: str, parent: str | None, package: str | None = None
@@ -104,7 +114,7 @@ class Checkpointer:
         if self.store.get(key) is not None:
             return False
         started = time.monotonic()
-        metadata = {"run_id": self.run_id, "package": package}
+        metadata = {"run_id": self.run_id, "package": package, **self.inputs.get(key, {})}
         info = self.store.create(lfs, key, stage=stage, parent=parent, metadata=metadata)
         self.bus.emit(
             events.SNAPSHOT_CREATE,

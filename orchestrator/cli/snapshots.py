@@ -3,6 +3,7 @@ over the store."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from pathlib import Path
 
@@ -70,8 +71,13 @@ def list_() -> None:
 
 
 @snapshots_app.command()
-def show(key_or_stage: str = typer.Argument(..., metavar="KEY|STAGE")) -> None:
-    """Show one snapshot's manifest summary and caller metadata."""
+def show(
+    key_or_stage: str = typer.Argument(..., metavar="KEY|STAGE"),
+    show_definition: bool = typer.Option(
+        False, "--definition", help="Also print the stage definition it was built from."
+    ),
+) -> None:
+    """Show one snapshot: manifest summary, and the inputs its key was made of."""
     store = _store()
     info = store.resolve(key_or_stage)
     manifest = store.manifest(info.key)
@@ -84,8 +90,23 @@ def show(key_or_stage: str = typer.Argument(..., metavar="KEY|STAGE")) -> None:
     print(f"tree:      {_human(info.tree_bytes)} in {info.entries} entries")
     carried = sum(1 for entry in manifest.entries.values() if entry.layer == info.key)
     print(f"carries:   {carried} entries; deletes {len(manifest.deleted)}")
-    for name, value in sorted(manifest.metadata.items()):
+    meta = dict(manifest.metadata)
+    if "image" in meta:
+        print(f"image:     {meta.pop('image')}")
+    if "sources" in meta:
+        sources = meta.pop("sources")
+        print(f"sources:   {len(sources)} file(s)")
+        for file, checksum in sorted(sources.items()):
+            print(f"  {file}  {checksum or '(no checksum)'}")
+    definition = meta.pop("definition", None)
+    if definition is not None:
+        packages = definition.get("packages") or [definition.get("package", {})]
+        names = ", ".join(str(p.get("name")) for p in packages if p)
+        print(f"built by:  {names or '-'}" + ("" if show_definition else "  (--definition)"))
+    for name, value in sorted(meta.items()):
         print(f"meta {name}: {value}")
+    if show_definition and definition is not None:
+        print(json.dumps(definition, indent=2, sort_keys=True))
 
 
 @snapshots_app.command()

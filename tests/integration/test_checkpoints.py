@@ -104,6 +104,19 @@ def test_cache_hit_restores_instead_of_building(
     assert started(recorded) == ["one/base", "two/a", "two/b"]
     assert [e.stage for e in recorded if e.name == "snapshot.create"] == ["(initial)", "one", "two"]
 
+    # Each manifest records what its key was made of.
+    manifest = SnapshotStore(workspace.snapshots_dir).manifest(state.checkpoints["two"])
+    assert manifest.metadata["image"] == docker.from_env().images.get(BASE_IMAGE).id
+    assert manifest.metadata["sources"] == {}
+    assert manifest.metadata["definition"]["stage"] == "two"
+    assert [p["name"] for p in manifest.metadata["definition"]["packages"]] == ["a", "b"]
+    shown = subprocess.run(
+        [sys.executable, "-m", "orchestrator", "snapshots", "show", "two"],
+        capture_output=True, text=True, cwd=REPO, check=True,
+    ).stdout  # fmt: skip
+    assert f"image:     {manifest.metadata['image']}" in shown
+    assert "built by:  a, b  (--definition)" in shown
+
     second = tmp_path / "second"
     second.mkdir()
     state, recorded = build(two_stages, second, workspace)

@@ -120,15 +120,15 @@ def pull_snapshot(image: str, *, workspace: Workspace | None = None) -> Snapshot
     workspace = workspace or Workspace.from_env()
     client = engine.connect(timeout=None)
     try:
-        client.images.get(image)
-    except docker.errors.ImageNotFound:
         try:
+            client.images.get(image)
+        except docker.errors.ImageNotFound:
             client.images.pull(image)
-        except docker.errors.APIError as exc:
-            raise SnapshotError(
-                f"cannot pull {image}: {exc.explanation or exc}",
-                hint="`docker login` to the registry, or `docker load` the image first",
-            ) from None
+    except docker.errors.APIError as exc:
+        raise SnapshotError(
+            f"cannot pull {image}: {exc.explanation or exc}",
+            hint="`docker login` to the registry, or `docker load` the image first",
+        ) from None
     with workspace_lock(workspace):
         return SnapshotStore(workspace.snapshots_dir).import_image(client, image)
 

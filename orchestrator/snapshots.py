@@ -492,7 +492,15 @@ class SnapshotStore:
         snapshot this store lacks is then taken of the restored tree under the image's key,
         so later runs find the checkpoint (a cache hit, `--from`, a delta parent) here too.
         """
-        attrs = client.api.inspect_image(image)
+        import docker.errors
+
+        try:
+            attrs = client.api.inspect_image(image)
+        except docker.errors.NotFound:
+            raise SnapshotError(
+                f"no image {image} in the engine",
+                hint="`docker pull` it first (or `lfsorch snapshots pull IMAGE`)",
+            ) from None
         key = (attrs.get("Config") or {}).get("Labels", {}).get(KEY_LABEL)
         if not key:
             raise SnapshotError(f"image {image} carries no {KEY_LABEL} label")

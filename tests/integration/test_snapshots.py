@@ -471,3 +471,13 @@ def test_delta_notices_xattr_and_link_changes_on_unchanged_files(
     store.restore("delta", tmp_path / "out", docker_client)
     assert os.getxattr(tmp_path / "out/usr/bin/bash", "user.lfs.note") == b"chapter 8"
     assert verify_tree(manifest, tmp_path / "out") == []
+
+
+def test_missing_image_is_a_readable_error(
+    tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    store = SnapshotStore(tmp_path / "snapshots")
+    with pytest.raises(SnapshotError) as caught:
+        store.restore_image(docker_client, "lfsorch/snapshot:absent", tmp_path / "lfs")
+    assert caught.value.message == "no image lfsorch/snapshot:absent in the engine"
+    assert not (tmp_path / "lfs").exists()

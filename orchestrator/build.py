@@ -31,7 +31,7 @@ from orchestrator.graph import Plan, StagePlan, package_graph
 from orchestrator.metrics import host_summary, tree_usage
 from orchestrator.models import Package, Stage
 from orchestrator.runner import BuildJob, BuildResult, ContainerRunner, expand_environment
-from orchestrator.snapshots import SnapshotStore
+from orchestrator.snapshots import SnapshotStore, refuse_nested_mounts
 from orchestrator.state import Attempt, PackageState, RunState, load_state, now_iso, save_state
 from orchestrator.workspace import Workspace
 
@@ -188,6 +188,9 @@ class Build:
                 f"the LFS partition {lfs} is not a directory",
                 hint="mount the partition (or create the directory) and pass it with --lfs",
             )
+        if any(policy_of(s.file.stage, self.settings) != "none" for s in self.plan.stages):
+            # Found now rather than at the first checkpoint, after a package was built.
+            refuse_nested_mounts(lfs.resolve(), "checkpoint")
 
     def run(self) -> RunState:
         self._check_partition()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +16,8 @@ import pytest
 from orchestrator.manifest import SnapshotError
 from orchestrator.snapshots import SnapshotStore
 from orchestrator.treescan import verify_tree
+from orchestrator.workspace import Workspace
+from tests.conftest import BASE_IMAGE
 
 from .test_snapshots import assert_tree_kinds, make_tree, tree_state
 
@@ -110,3 +112,30 @@ def test_restore_refuses_a_partition_with_mounts_inside(tmp_path: Path, mounts: 
         f"cannot snapshot {lfs}: filesystems are mounted inside it ({bound})"
     )
     assert store.get("k2") is None
+
+
+@pytest.mark.docker
+def test_run_refuses_a_partition_with_mounts_inside_before_building(
+    tmp_path: Path, mounts: Mounts, workspace: Workspace, stage_file: Callable[[str, str], Path]
+) -> None:
+    from tests.integration.test_checkpoints import build
+
+    lfs = tmp_path / "lfs"
+    (lfs / "proc").mkdir(parents=True)
+    mounts.tmpfs(lfs / "proc")
+    stage = stage_file(
+        "one.yaml",
+        f"""
+        stage: one
+        image: {BASE_IMAGE}
+        packages:
+          - {{name: base, script: "echo built > /mnt/lfs/built"}}
+        """,
+    )
+    with pytest.raises(SnapshotError) as caught:
+        build([stage], lfs, workspace)
+    assert caught.value.message == (
+        f"cannot checkpoint {lfs}: filesystems are mounted inside it ({lfs / 'proc'})"
+    )
+    assert not (lfs / "built").exists()
+    assert not workspace.runs_dir.exists() or list(workspace.runs_dir.iterdir()) == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -13,7 +14,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime
@@ -491,19 +492,32 @@ class Build:
         self._settle_partition(stage.stage, start_key, forced, records[resume_at:])
         for position in range(resume_at, len(order)):
             name = order[position]
-            if not self._build_package(stage_plan, stage.package(name)):
+            previous = keys[position - 1] if position else parent
+            retry_on_checkpoint = functools.partial(self._restore_for_retry, stage, name, previous)
+            if not self._build_package(stage_plan, stage.package(name), retry_on_checkpoint):
                 for later in records[position + 1 :]:
                     self._skip(later, f"{name} failed (checkpoint: package builds in order)")
                 return False
-            previous = keys[position - 1] if position else parent
             self._checkpoint(f"{stage.stage}/{name}", keys[position], previous, package=name)
         return True
+
+    def _restore_for_retry(self, stage: Stage, package: str, key: str) -> None:
+        """A retry starts from the checkpoint before the package, not from what the failed
+        attempt left half installed (when that checkpoint exists)."""
+        if self.checkpoints.store.get(key) is None:
+            return
+        lfs = self.options.lfs_dir.resolve()
+        reason = f"retry {package}: back to the checkpoint before it"
+        self.checkpoints.restore(key, lfs, stage=stage.stage, reason=reason)
+        with self._recording():
+            self.state.partition_at = key
 
     def _job(self, stage_plan: StagePlan, package: Package, attempt: int) -> BuildJob:
         stage = stage_plan.file.stage
         settings = self.settings
         base = dict(settings.environment)
         base["MAKEFLAGS"] = settings.makeflags
+        base["LFSORCH_ATTEMPT"] = str(attempt)  # scripts may build differently on a retry
         if settings.run_tests:
             base["LFSORCH_RUN_TESTS"] = "1"
         environment = expand_environment([base, stage.environment, package.environment])
@@ -530,7 +544,13 @@ class Build:
             network=stage.network_for(package) or settings.network,
         )
 
-    def _build_package(self, stage_plan: StagePlan, package: Package) -> bool:
+    def _build_package(
+        self,
+        stage_plan: StagePlan,
+        package: Package,
+        before_retry: Callable[[], None] | None = None,
+    ) -> bool:
+        """Build one package, with the stage's retries; `before_retry` runs before each."""
         stage = stage_plan.file.stage
         record = self.state.find(stage.stage, package.name)
         assert record is not None
@@ -571,6 +591,8 @@ class Build:
                 raise KeyboardInterrupt
             if try_index < tries - 1:
                 self.bus.emit(events.BUILD_RETRY, attempt=number + 1, **common)
+                if before_retry is not None:
+                    before_retry()
         return False
 
 

@@ -255,6 +255,36 @@ def test_package_checkpoints_resume_after_the_last_good_package(
     assert (lfs_dir / "log").read_text() == "1\n2\n3-partial\n3\n"
 
 
+def test_retry_starts_from_the_checkpoint_before_the_package(
+    workspace: Workspace, lfs_dir: Path, stage_file: WriteStage
+) -> None:
+    path = stage_file(
+        "flaky.yaml",
+        f"""
+        stage: flaky
+        image: {BASE_IMAGE}
+        checkpoint: package
+        retries: 1
+        packages:
+          - {{name: p1, script: "echo 1 > /mnt/lfs/p1"}}
+          - name: p2
+            depends: [p1]
+            script: |
+              if [ -e /mnt/lfs/half ]; then echo "built on half-installed files"; exit 9; fi
+              echo partial > /mnt/lfs/half
+              [ "$LFSORCH_ATTEMPT" -gt 1 ] || exit 4
+              rm /mnt/lfs/half
+              echo 2 > /mnt/lfs/p2
+        """,
+    )
+    state, recorded = build([path], lfs_dir, workspace)
+    assert state.outcome == "succeeded"
+    p2 = state.find("flaky", "p2")
+    assert p2 is not None and [a.exit_code for a in p2.attempts] == [4, 0]
+    assert restores(recorded) == [("flaky", "retry p2: back to the checkpoint before it")]
+    assert tree(lfs_dir) == {"p1": "1\n", "p2": "2\n"}
+
+
 def test_command_line_from_and_rebuild(
     workspace: Workspace, lfs_dir: Path, two_stages: list[Path]
 ) -> None:

@@ -138,6 +138,7 @@ def test_container_contract(
         "EXTRA=/mnt/lfs/tools/bin",
         "HOME=/nonexistent",
         "LFS=/mnt/lfs",
+        "LFSORCH_ATTEMPT=1",
         "MAKEFLAGS=-j7",
         "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "PWD=/tmp",

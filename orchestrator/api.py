@@ -137,16 +137,32 @@ def restore(
     key_or_stage: str, lfs_dir: Path, *, image: bool = False, workspace: Workspace | None = None
 ) -> SnapshotInfo:
     """Make the partition equal a snapshot (or a snapshot image, with `image`); the run record
-    learns where the partition is."""
+    learns where the partition is.
+
+    A workspace with no run record yet (a fresh runner that restored a pulled image) gets one
+    that continues the snapshot's chain of keys, so the next `lfsorch run` of the same stages
+    builds only what comes after it.
+    """
     workspace = workspace or Workspace.from_env()
     store = SnapshotStore(workspace.snapshots_dir)
+    lfs = str(lfs_dir.resolve())
     with workspace_lock(workspace):
         if image:
             info = store.restore_image(engine.connect(timeout=None), key_or_stage, lfs_dir)
         else:
             info = store.restore(key_or_stage, lfs_dir)
         state = load_state(workspace.state_file)
-        if state is not None and state.lfs == str(lfs_dir.resolve()):
+        if state is None:
+            chain = store.manifest(info.key).metadata.get("chain") or {}
+            state = RunState(
+                run_id=f"restore-{info.key[:12]}",
+                lfs=lfs,
+                files=[],
+                outcome="succeeded",
+                base_stage=chain.get("first_stage"),
+                base_key=chain.get("base"),
+            )
+        if state.lfs == lfs:
             state.partition_at = info.key
             save_state(state, workspace.state_file)
     return info

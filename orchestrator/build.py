@@ -250,12 +250,14 @@ class Build:
         """The checkpoint of the partition before the plan's first stage."""
         first = self.plan.stages[0].name
         if self.state.base_stage == first and self.state.base_key is not None:
-            return self.state.base_key
-        lfs = self.options.lfs_dir.resolve()
-        key, taken_here = self.checkpoints.initial(lfs)
-        with self._recording():
-            self.state.base_stage, self.state.base_key = first, key
-            self.state.partition_at = key if taken_here else None
+            key = self.state.base_key
+        else:
+            lfs = self.options.lfs_dir.resolve()
+            key, taken_here = self.checkpoints.initial(lfs)
+            with self._recording():
+                self.state.base_stage, self.state.base_key = first, key
+                self.state.partition_at = key if taken_here else None
+        self.checkpoints.chain = {"first_stage": first, "base": key}
         return key
 
     def _stage_records(self, stage: Stage) -> list[PackageState]:

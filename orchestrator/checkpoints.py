@@ -79,6 +79,9 @@ class Checkpointer:
     run_id: str
     # What each key computed in this run was made of; recorded in the snapshot's manifest.
     inputs: dict[str, dict[str, object]] = dataclasses.field(default_factory=dict)
+    # Where this run's chain of keys starts (the plan's first stage, the partition's key
+    # before it); recorded too, so a restore elsewhere can rejoin the chain.
+    chain: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def _key(self, definition: str, stage: Stage, sources: dict[str, str], parent: str) -> str:
         image = self._image_digest(stage)
@@ -114,7 +117,12 @@ class Checkpointer:
         if self.store.get(key) is not None:
             return False
         started = time.monotonic()
-        metadata = {"run_id": self.run_id, "package": package, **self.inputs.get(key, {})}
+        metadata = {
+            "run_id": self.run_id,
+            "package": package,
+            **self.inputs.get(key, {}),
+            **({"chain": self.chain} if self.chain else {}),
+        }
         info = self.store.create(lfs, key, stage=stage, parent=parent, metadata=metadata)
         self.bus.emit(
             events.SNAPSHOT_CREATE,

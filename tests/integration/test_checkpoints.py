@@ -12,7 +12,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from orchestrator import engine
+from orchestrator import api, engine
 from orchestrator.build import Build, RunOptions
 from orchestrator.checkpoints import PartitionDrift
 from orchestrator.config import load_config
@@ -326,3 +326,33 @@ def test_another_machine_continues_after_a_pulled_snapshot_image(
     cached = [(e.stage, e.data.get("covered", False)) for e in recorded if e.name == "stage.cached"]
     assert cached == [("one", True), ("two", False)]
     assert tree(fresh) == tree(first)
+
+
+def test_another_machine_continues_after_restoring_a_snapshot_image(
+    workspace: Workspace, tmp_path: Path, two_stages: list[Path], docker_client: docker.DockerClient
+) -> None:
+    first = tmp_path / "first"
+    first.mkdir()
+    state, _ = build(two_stages, first, workspace)
+    assert state.outcome == "succeeded"
+    store = SnapshotStore(workspace.snapshots_dir)
+    key = store.resolve("two").key
+    assert store.manifest(key).metadata["chain"] == {
+        "first_stage": "one",
+        "base": state.base_key,
+    }
+    image_id = store.to_image(docker_client, key)
+    try:
+        # Another runner: a fresh workspace restores the image straight into its partition.
+        elsewhere = Workspace(tmp_path / "other-home")
+        partition = tmp_path / "partition"
+        info = api.restore(image_id, partition, image=True, workspace=elsewhere)
+        assert info.key == key
+        state, recorded = build(two_stages, partition, elsewhere)
+    finally:
+        docker_client.images.remove(image_id, force=True)
+    assert state.outcome == "succeeded"
+    assert started(recorded) == []
+    cached = [(e.stage, e.data.get("covered", False)) for e in recorded if e.name == "stage.cached"]
+    assert cached == [("one", True), ("two", False)]
+    assert tree(partition) == tree(first)

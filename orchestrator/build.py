@@ -345,8 +345,11 @@ class Build:
                     continue
             self.bus.emit(events.STAGE_START, run_id=self.run_id, stage=stage.stage)
             started = time.monotonic()
+            # The stage's own checkpoint is the same tree as its last package's: a delta
+            # over that one is empty, where a delta over the stage before repeats the stage.
+            delta_base = parent
             if policy == "package" and parent is not None:
-                ok = self._run_stage_in_order(stage_plan, parent, forced)
+                ok, delta_base = self._run_stage_in_order(stage_plan, parent, forced)
             else:
                 if parent is not None and policy == "stage":
                     records = self._stage_records(stage)
@@ -356,7 +359,7 @@ class Build:
             if not ok:
                 broken.add(stage.stage)
             elif key is not None and policy != "none":
-                self._checkpoint(stage.stage, key, parent)
+                self._checkpoint(stage.stage, key, parent, delta_base=delta_base)
                 at = number
             self.bus.emit(
                 events.STAGE_COMPLETE,
@@ -398,10 +401,19 @@ class Build:
         )
         return True
 
-    def _checkpoint(self, name: str, key: str, parent: str | None, package: str = "") -> None:
+    def _checkpoint(
+        self,
+        name: str,
+        key: str,
+        parent: str | None,
+        package: str = "",
+        delta_base: str | None = None,
+    ) -> None:
         lfs = self.options.lfs_dir.resolve()
         stage = name.split("/")[0]
-        fresh = self.checkpoints.take(lfs, key, stage=stage, parent=parent, package=package or None)
+        fresh = self.checkpoints.take(
+            lfs, key, stage=stage, parent=parent, package=package or None, delta_base=delta_base
+        )
         with self._recording():
             self.state.checkpoints[name] = key
             self.state.partition_at = key if fresh else None
@@ -469,9 +481,14 @@ class Build:
                 raise
         return not failed and not pending
 
-    def _run_stage_in_order(self, stage_plan: StagePlan, parent: str, forced: bool) -> bool:
+    def _run_stage_in_order(
+        self, stage_plan: StagePlan, parent: str, forced: bool
+    ) -> tuple[bool, str]:
         """`checkpoint: package`: one package at a time, a checkpoint after each, so a resume
-        restores the checkpoint after the last good package instead of the stage's start."""
+        restores the checkpoint after the last good package instead of the stage's start.
+
+        Returns whether every package was built, and the key of the last checkpoint taken.
+        """
         stage = stage_plan.file.stage
         graph, _ = package_graph(stage_plan.file)
         index = {package.name: i for i, package in enumerate(stage.packages)}
@@ -499,9 +516,9 @@ class Build:
             if not self._build_package(stage_plan, stage.package(name), retry_on_checkpoint):
                 for later in records[position + 1 :]:
                     self._skip(later, f"{name} failed (checkpoint: package builds in order)")
-                return False
+                return False, previous
             self._checkpoint(f"{stage.stage}/{name}", keys[position], previous, package=name)
-        return True
+        return True, keys[-1] if keys else parent
 
     def _restore_for_retry(self, stage: Stage, package: str, key: str) -> None:
         """A retry starts from the checkpoint before the package, not from what the failed

@@ -110,10 +110,20 @@ class Checkpointer:
         return self._key(definition, stage, _source_checksums([package]), parent)
 
     def take(
-        self, lfs: Path, key: str, *, stage: str, parent: str | None, package: str | None = None
+        self,
+        lfs: Path,
+        key: str,
+        *,
+        stage: str,
+        parent: str | None,
+        package: str | None = None,
+        delta_base: str | None = None,
     ) -> bool:
         """Snapshot the partition under `key`; False when a snapshot of equal inputs already
-        existed (kept: other snapshots' deltas build on it), so the partition may differ."""
+        existed (kept: other snapshots' deltas build on it), so the partition may differ.
+
+        The snapshot is a delta over `delta_base` (default: `parent`), the checkpoint the
+        partition is closest to."""
         if self.store.get(key) is not None:
             return False
         started = time.monotonic()
@@ -123,7 +133,9 @@ class Checkpointer:
             **self.inputs.get(key, {}),
             **({"chain": self.chain} if self.chain else {}),
         }
-        info = self.store.create(lfs, key, stage=stage, parent=parent, metadata=metadata)
+        info = self.store.create(
+            lfs, key, stage=stage, parent=parent, metadata=metadata, delta_base=delta_base
+        )
         self.bus.emit(
             events.SNAPSHOT_CREATE,
             run_id=self.run_id,

@@ -205,8 +205,10 @@ class SnapshotStore:
         parent: str | None = None,
         metadata: dict[str, Any] | None = None,
         full: bool = False,
+        delta_base: str | None = None,
     ) -> SnapshotInfo:
-        """Snapshot `tree` under `key`; a delta over `parent` unless `full` or none fits.
+        """Snapshot `tree` under `key`; a delta over `delta_base` (by default `parent`, the
+        checkpoint it was built on) unless `full` or none fits.
 
         Idempotent: keys address inputs, so an existing snapshot with this key is returned.
         """
@@ -217,7 +219,7 @@ class SnapshotStore:
         if not tree.is_dir():
             raise SnapshotError(f"cannot snapshot {tree}: not a directory")
         refuse_nested_mounts(tree.absolute(), "snapshot")
-        base = self._delta_base(parent, tree) if not full else None
+        base = self._delta_base(delta_base or parent, tree) if not full else None
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
         try:

@@ -283,6 +283,13 @@ def test_retry_starts_from_the_checkpoint_before_the_package(
     assert p2 is not None and [a.exit_code for a in p2.attempts] == [4, 0]
     assert restores(recorded) == [("flaky", "retry p2: back to the checkpoint before it")]
     assert tree(lfs_dir) == {"p1": "1\n", "p2": "2\n"}
+    # The stage's checkpoint is the tree of its last package's: an empty delta over that one,
+    # while its key still chains from the checkpoint before the stage.
+    store = SnapshotStore(workspace.snapshots_dir)
+    stage_snapshot = store.manifest(state.checkpoints["flaky"])
+    assert stage_snapshot.delta_of == state.checkpoints["flaky/p2"]
+    assert stage_snapshot.parent == state.base_key
+    assert [e.path for e in stage_snapshot.entries.values() if e.layer == stage_snapshot.key] == []
 
 
 def test_command_line_from_and_rebuild(

@@ -283,7 +283,7 @@ class Build:
         if not force and self.state.partition_at == target:
             self.checkpoints.check_drift(target, lfs)
             return
-        if self.checkpoints.store.get(target) is None:
+        if not self.checkpoints.store.has(target):
             if force:
                 raise LfsorchError(
                     f"--from {stage}: no checkpoint of the partition before it",
@@ -370,7 +370,7 @@ class Build:
             )
 
     def _cache_hit(self, stage: Stage, key: str) -> bool:
-        if self.checkpoints.store.get(key) is None:
+        if not self.checkpoints.store.has(key):
             return False
         lfs = self.options.lfs_dir.resolve()
         self.checkpoints.restore(key, lfs, stage=stage.stage, reason="cache hit")
@@ -390,7 +390,7 @@ class Build:
         nothing before it needs building again. The later stage restores the partition as
         its cache hit.
         """
-        later = next((k for k in later_keys if self.checkpoints.store.get(k) is not None), None)
+        later = next((k for k in later_keys if self.checkpoints.store.has(k)), None)
         if later is None:
             return False
         with self._recording():
@@ -504,7 +504,7 @@ class Build:
             checkpointed = self.state.checkpoints.get(f"{stage.stage}/{record.name}") == key
             if forced or record.status != "done" or not checkpointed:
                 break
-            if self.checkpoints.store.get(key) is None:
+            if not self.checkpoints.store.has(key):
                 break
             resume_at = position + 1
         start_key = keys[resume_at - 1] if resume_at else parent
@@ -523,7 +523,7 @@ class Build:
     def _restore_for_retry(self, stage: Stage, package: str, key: str) -> None:
         """A retry starts from the checkpoint before the package, not from what the failed
         attempt left half installed (when that checkpoint exists)."""
-        if self.checkpoints.store.get(key) is None:
+        if not self.checkpoints.store.has(key):
             return
         lfs = self.options.lfs_dir.resolve()
         reason = f"retry {package}: back to the checkpoint before it"

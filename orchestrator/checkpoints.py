@@ -124,7 +124,7 @@ class Checkpointer:
 
         The snapshot is a delta over `delta_base` (default: `parent`), the checkpoint the
         partition is closest to."""
-        if self.store.get(key) is not None:
+        if self.store.has(key):
             return False
         started = time.monotonic()
         metadata = {

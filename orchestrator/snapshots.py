@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import docker.errors
 import orjson
 
 from orchestrator import archive, extract, tarstream
@@ -145,9 +146,13 @@ class SnapshotStore:
             path=self._dir(manifest.key),
         )
 
+    def has(self, key: str) -> bool:
+        """Whether a complete snapshot with this key exists (no manifest is read)."""
+        return (self._dir(key) / MANIFEST).is_file()
+
     def get(self, key: str) -> SnapshotInfo | None:
         """The snapshot with this key, or None (a cache miss)."""
-        if not (self._dir(key) / MANIFEST).is_file():
+        if not self.has(key):
             return None
         return self._info(self.manifest(key))
 
@@ -232,7 +237,7 @@ class SnapshotStore:
         return self._info(manifest)
 
     def _delta_base(self, parent: str | None, tree: Path) -> Manifest | None:
-        if parent is None or not (self._dir(parent) / MANIFEST).is_file():
+        if parent is None or not self.has(parent):
             return None
         # Each manifest is parsed once: it is the bulk of an incremental snapshot's fixed cost.
         base = self._read_manifest(parent)  # a private copy: the stat index is applied to it
@@ -494,8 +499,6 @@ class SnapshotStore:
         snapshot this store lacks is then taken of the restored tree under the image's key,
         so later runs find the checkpoint (a cache hit, `--from`, a delta parent) here too.
         """
-        import docker.errors
-
         try:
             attrs = client.api.inspect_image(image)
         except docker.errors.NotFound:

@@ -309,34 +309,13 @@ def test_command_line_from_and_rebuild(
     assert "start  one/base" in lfsorch("--rebuild", "--from", "one")
 
 
-def test_another_machine_continues_after_a_pulled_snapshot_image(
-    workspace: Workspace, tmp_path: Path, two_stages: list[Path], docker_client: docker.DockerClient
-) -> None:
-    first = tmp_path / "first"
-    first.mkdir()
-    state, _ = build(two_stages, first, workspace)
-    assert state.outcome == "succeeded"
-    store = SnapshotStore(workspace.snapshots_dir)
-    image_id = store.to_image(docker_client, store.resolve("two").key)
-    try:
-        # Another workspace, as on another runner: only the image of the last stage.
-        elsewhere = Workspace(tmp_path / "other-home")
-        added = SnapshotStore(elsewhere.snapshots_dir).import_image(docker_client, image_id)
-        assert added.stage == "two"
-        fresh = tmp_path / "fresh"
-        fresh.mkdir()
-        state, recorded = build(two_stages, fresh, elsewhere)
-    finally:
-        docker_client.images.remove(image_id, force=True)
-    assert state.outcome == "succeeded"
-    assert started(recorded) == []
-    cached = [(e.stage, e.data.get("covered", False)) for e in recorded if e.name == "stage.cached"]
-    assert cached == [("one", True), ("two", False)]
-    assert tree(fresh) == tree(first)
-
-
-def test_another_machine_continues_after_restoring_a_snapshot_image(
-    workspace: Workspace, tmp_path: Path, two_stages: list[Path], docker_client: docker.DockerClient
+@pytest.mark.parametrize("arrival", ["pull", "restore"])
+def test_another_machine_continues_after_a_snapshot_image(
+    workspace: Workspace,
+    tmp_path: Path,
+    two_stages: list[Path],
+    docker_client: docker.DockerClient,
+    arrival: str,
 ) -> None:
     first = tmp_path / "first"
     first.mkdir()
@@ -349,12 +328,18 @@ def test_another_machine_continues_after_restoring_a_snapshot_image(
         "base": state.base_key,
     }
     image_id = store.to_image(docker_client, key)
+    # Another workspace, as on another runner: only the image of the last stage, which
+    # arrives by `snapshots pull` (the store only) or by a restore straight into the partition.
+    elsewhere = Workspace(tmp_path / "other-home")
+    partition = tmp_path / "partition"
     try:
-        # Another runner: a fresh workspace restores the image straight into its partition.
-        elsewhere = Workspace(tmp_path / "other-home")
-        partition = tmp_path / "partition"
-        info = api.restore(image_id, partition, image=True, workspace=elsewhere)
-        assert info.key == key
+        if arrival == "pull":
+            added = SnapshotStore(elsewhere.snapshots_dir).import_image(docker_client, image_id)
+            assert added.stage == "two"
+            partition.mkdir()
+        else:
+            info = api.restore(image_id, partition, image=True, workspace=elsewhere)
+            assert info.key == key
         state, recorded = build(two_stages, partition, elsewhere)
     finally:
         docker_client.images.remove(image_id, force=True)

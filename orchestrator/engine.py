@@ -86,7 +86,10 @@ def owner_alive(labels: dict[str, str]) -> bool:
 def reap_leftovers(client: docker.DockerClient) -> list[str]:
     """Remove containers left by lfsorch processes that no longer exist; return their names."""
     removed: list[str] = []
-    for container in client.containers.list(all=True, filters={"label": f"{MANAGED}=true"}):
+    found = client.containers.list(
+        all=True, filters={"label": f"{MANAGED}=true"}, ignore_removed=True
+    )
+    for container in found:
         if owner_alive(container.labels):
             continue
         with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):

@@ -9,7 +9,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSeriali
 
 from orchestrator.sourcesets import Source
 
-NAME_PATTERN = r"^[a-z0-9][a-z0-9._+_-]*$"
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._+-]*$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN, max_length=64)]
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhd])")

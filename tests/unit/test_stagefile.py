@@ -76,7 +76,7 @@ packages:
   - name: b
 """
     assert problems_of(text) == [
-        "s.yaml:1: stage: String should match pattern '^[a-z0-9][a-z0-9._+_-]*$'",
+        "s.yaml:1: stage: String should match pattern '^[a-z0-9][a-z0-9._+-]*$'",
         "s.yaml:4: resources.memory: 'lots' is not a size (use e.g. 512m, 4g)",
         "s.yaml:2: timeout: '10x' is not a duration (use e.g. 90s, 10m, 1h30m)",
         "s.yaml:8: packages[0].retries: Input should be greater than or equal to 0",

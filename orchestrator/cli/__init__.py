@@ -17,7 +17,7 @@ from orchestrator import api
 from orchestrator.cli import images as images_cli
 from orchestrator.cli import snapshots as snapshots_cli
 from orchestrator.cli import sources as sources_cli
-from orchestrator.config import load_config
+from orchestrator.config import MAX_PARALLEL_BUILDS, load_config
 from orchestrator.console import ConsoleView
 from orchestrator.errors import LfsorchError
 from orchestrator.models import stage_json_schema
@@ -89,7 +89,10 @@ def run(
         Path, typer.Option("--lfs", help="the LFS partition (bind-mounted at /mnt/lfs)")
     ],
     parallel: Annotated[
-        int | None, typer.Option("--parallel", "-j", min=1, help="packages built side by side")
+        int | None,
+        typer.Option(
+            "--parallel", "-j", min=1, max=MAX_PARALLEL_BUILDS, help="packages built side by side"
+        ),
     ] = None,
     rebuild: Annotated[
         bool, typer.Option("--rebuild", help="build stages even when a checkpoint matches")

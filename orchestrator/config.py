@@ -21,7 +21,6 @@ from orchestrator.models import CheckpointPolicy, Duration, Environment
 
 SYSTEM_FILE = Path("/etc/lfsorch/config.yaml")
 ENV_PREFIX = "LFSORCH_"
-MAX_PARALLEL_BUILDS = 64
 Profile = Literal["minimal", "standard", "full"]
 
 
@@ -36,9 +35,7 @@ class Settings(BaseModel):
 
     profile: Profile = Field("standard", description="minimal, standard or full")
     image: str = Field("lfsorch/host:bookworm", description="image of stages that name none")
-    parallel_builds: int = Field(
-        1, ge=1, le=MAX_PARALLEL_BUILDS, description="packages built side by side"
-    )
+    parallel_builds: int = Field(1, ge=1, le=64, description="packages built side by side")
     makeflags: str = Field(
         default_factory=_default_makeflags, description="MAKEFLAGS inside every build"
     )

@@ -17,7 +17,7 @@ from orchestrator import api
 from orchestrator.cli import images as images_cli
 from orchestrator.cli import snapshots as snapshots_cli
 from orchestrator.cli import sources as sources_cli
-from orchestrator.config import MAX_PARALLEL_BUILDS, load_config
+from orchestrator.config import load_config
 from orchestrator.console import ConsoleView
 from orchestrator.errors import LfsorchError
 from orchestrator.models import stage_json_schema
@@ -89,10 +89,7 @@ def run(
         Path, typer.Option("--lfs", help="the LFS partition (bind-mounted at /mnt/lfs)")
     ],
     parallel: Annotated[
-        int | None,
-        typer.Option(
-            "--parallel", "-j", min=1, max=MAX_PARALLEL_BUILDS, help="packages built side by side"
-        ),
+        int | None, typer.Option("--parallel", "-j", min=1, help="packages built side by side")
     ] = None,
     rebuild: Annotated[
         bool, typer.Option("--rebuild", help="build stages even when a checkpoint matches")
@@ -105,7 +102,9 @@ def run(
 ) -> None:
     """Build the stages, each package in a fresh container; resumes after a failure."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    config = load_config(option or [])
+    # -j is checked as the configuration's parallel_builds is, with the same cap.
+    jobs = [f"parallel_builds={parallel}"] if parallel is not None else []
+    config = load_config([*(option or []), *jobs])
     state = api.run(
         files,
         lfs,

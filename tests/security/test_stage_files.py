@@ -4,6 +4,7 @@ time, before anything is written: no workspace, and the partition untouched."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import socket
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import BASE_IMAGE, REPO
 
 ADDRESS_SPACE = 512 << 20
 ALIASES = "YAML anchors and aliases (& and *) are not allowed in stage files"
@@ -25,8 +26,8 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
 
 
-def lfsorch(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
-    """The CLI in 512 MB of address space; a hang fails the test after 60s."""
+def lfsorch(*args: str, home: Path, bounded: bool = True) -> subprocess.CompletedProcess[str]:
+    """The CLI, in 512 MB of address space when `bounded`; a hang fails the test."""
     env = {**os.environ, "LFSORCH_HOME": str(home), "LFSORCH_CONFIG": str(home / "none.yaml")}
     return subprocess.run(
         [sys.executable, "-m", "orchestrator", *args],
@@ -34,8 +35,8 @@ def lfsorch(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
         text=True,
         env=env,
         cwd=REPO,
-        timeout=60,
-        preexec_fn=_limit_memory,
+        timeout=60 if bounded else 300,
+        preexec_fn=_limit_memory if bounded else None,
     )
 
 
@@ -203,6 +204,21 @@ def test_parallel_builds_on_the_command_line_are_capped(scene: Scene) -> None:
     ]
 
 
+@contextlib.contextmanager
+def socket_at(path: Path) -> Iterator[socket.socket]:
+    """A listening unix socket at `path`, bound by a relative name: AF_UNIX names are
+    limited to 107 bytes, which a test's temporary path can exceed."""
+    listener = socket.socket(socket.AF_UNIX)
+    os.chdir(path.parent)
+    try:
+        listener.bind(path.name)
+        listener.listen()
+        yield listener
+    finally:
+        os.chdir(REPO)
+        listener.close()
+
+
 @pytest.fixture
 def listening_socket(tmp_path: Path) -> Iterator[Path]:
     # A short path: AF_UNIX names are limited to 107 bytes.
@@ -230,18 +246,12 @@ def test_socket_inside_declared_assets_is_refused(scene: Scene, listening_socket
 
 
 def test_socket_named_as_an_asset_is_refused(scene: Scene) -> None:
-    listener = socket.socket(socket.AF_UNIX)
-    os.chdir(scene.stages)  # a relative bind keeps the socket's name short
-    try:
-        listener.bind("engine.sock")
+    with socket_at(scene.stages / "engine.sock"):
         path = scene.write("s.yaml", f"stage: s\nassets: [engine.sock]\n{PACKAGES}")
         assert scene.run(path) == [
             f"{path}:2: assets[0]: engine.sock is a socket; only regular files and directories "
             "can be assets"
         ]
-    finally:
-        listener.close()
-        os.chdir(REPO)
 
 
 @pytest.mark.parametrize(
@@ -256,3 +266,44 @@ def test_socket_named_as_an_asset_is_refused(scene: Scene) -> None:
 def test_assets_cannot_name_anything_outside(scene: Scene, assets: str, message: str) -> None:
     path = scene.write("s.yaml", f"stage: s\nassets: {assets}\n{PACKAGES}")
     assert scene.run(path) == [f"{path}:2: assets[0]: {message}"]
+
+
+SEES_STAGE = r"""
+stage: sees
+image: {image}
+checkpoint: none
+assets: [demo/]
+packages:
+  - name: look
+    script: |
+      find /stage | sort > /mnt/lfs/listing
+      cat /stage/demo/hello.c > /mnt/lfs/hello.c
+      for name in /stage/engine.sock /stage/secret.txt /stage/sees.yaml; do
+        if cat "$name" >/dev/null 2>&1; then echo "$name readable" >> /mnt/lfs/seen; fi
+      done
+      perl -MIO::Socket::UNIX -e '
+        my $s = IO::Socket::UNIX->new(Peer => "/stage/engine.sock");
+        print $s ? "connected\n" : "refused: $!\n"' > /mnt/lfs/connect
+      touch /stage/demo/new 2>/dev/null && echo writable >> /mnt/lfs/seen || true
+"""
+
+
+@pytest.mark.docker
+@pytest.mark.usefixtures("no_leftovers")
+def test_build_sees_only_its_declared_assets(scene: Scene) -> None:
+    (scene.stages / "demo").mkdir()
+    (scene.stages / "demo/hello.c").write_text("int main(void) { return 0; }\n")
+    (scene.stages / "secret.txt").write_text("beside the stage file\n")
+    path = scene.write("sees.yaml", SEES_STAGE.format(image=BASE_IMAGE).lstrip())
+    with socket_at(scene.stages / "engine.sock") as listener:
+        listener.settimeout(0)
+        result = lfsorch("run", str(path), "--lfs", str(scene.lfs), home=scene.home, bounded=False)
+        assert result.returncode == 0, result.stdout + result.stderr
+        with pytest.raises(BlockingIOError):
+            listener.accept()  # nobody connected
+    assert (scene.lfs / "listing").read_text().split() == [
+        "/stage", "/stage/demo", "/stage/demo/hello.c"
+    ]  # fmt: skip
+    assert (scene.lfs / "hello.c").read_text() == "int main(void) { return 0; }\n"
+    assert (scene.lfs / "connect").read_text() == "refused: No such file or directory\n"
+    assert not (scene.lfs / "seen").exists()

@@ -271,3 +271,9 @@ def copy_stage_assets(files: Iterable[StageFile], root: Path) -> dict[str, Path]
             copy_assets(stage_file.assets, target, stage_file.asset_digest)
             copies[stage_file.stage.stage] = target
     return copies
+
+
+def asset_digest(stage_file: StageFile) -> str:
+    """sha256 (hex) of the stage's assets, by path, kind, executable bit and content, as read
+    with the stage file; the same for every stage without assets. A build input."""
+    return stage_file.asset_digest

@@ -12,6 +12,7 @@ from orchestrator.graph import load_plan
 from orchestrator.models import parse_duration, parse_size
 from orchestrator.stagefile import (
     StageFileError,
+    asset_digest,
     copy_stage_assets,
     load_stage_file,
     parse_stage_text,
@@ -357,3 +358,10 @@ def test_socket_fifo_and_escaping_symlink_in_assets_are_refused(tmp_path: Path) 
         assert len(load_problems(path)) == 1  # the first refused asset stops the walk
     finally:
         listener.close()
+
+
+def test_asset_digest_of_the_stage_file(tmp_path: Path) -> None:
+    (tmp_path / "a.c").write_text("one\n")
+    stage_file = load_stage_file(asset_stage(tmp_path, "[a.c]"))
+    assert asset_digest(stage_file) == stage_file.asset_digest
+    assert len(asset_digest(stage_file)) == 64

@@ -33,6 +33,7 @@ from orchestrator.metrics import host_summary, tree_usage
 from orchestrator.models import Package, Stage
 from orchestrator.runner import BuildJob, BuildResult, ContainerRunner, expand_environment
 from orchestrator.snapshots import SnapshotStore, refuse_nested_mounts
+from orchestrator.stagefile import copy_stage_assets
 from orchestrator.state import Attempt, PackageState, RunState, load_state, now_iso, save_state
 from orchestrator.workspace import Workspace
 
@@ -124,6 +125,7 @@ class Build:
             SnapshotStore(workspace.snapshots_dir), client, settings, bus, self.run_id
         )
         self._lock = threading.Lock()
+        self._asset_dirs: dict[str, Path] = {}
         self.state = self._initial_state()
         self._check_from_stage()
 
@@ -201,6 +203,10 @@ class Build:
                 self.bus.emit(events.CLEANUP, run_id=self.run_id, removed=removed)
             self._check_images()
             self.workspace.ensure(self.workspace.run_dir(self.run_id))
+            files = [stage_plan.file for stage_plan in self.plan.stages]
+            self._asset_dirs = copy_stage_assets(
+                files, self.workspace.run_dir(self.run_id) / "assets"
+            )
             self._save()
             self.bus.emit(
                 events.RUN_START,
@@ -556,7 +562,7 @@ class Build:
             timeout_s=stage.timeout_for(package, settings.timeout),
             user=stage.user,
             workdir=stage.workdir,
-            stage_dir=stage_plan.file.path.parent.resolve(),
+            assets_dir=self._asset_dirs.get(stage.stage),
             sources_dir=self.sources_dir if package.sources else None,
             source_files=[source.file for source in package.sources],
             resources=stage.resources,

@@ -90,6 +90,6 @@ def no_leftovers(docker_client: docker.DockerClient) -> Iterator[None]:
     ]
     names = [c.name for c in left]
     for container in left:
-        with contextlib.suppress(docker.errors.NotFound):
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
             docker_client.api.remove_container(container.id, force=True)
     assert names == [], f"containers left behind: {names}"

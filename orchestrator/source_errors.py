@@ -25,12 +25,14 @@ class ChecksumMismatch(SourceError):
         actual: str,
         set_aside: Path | None,
         other_failures: Sequence[str] = (),
+        url: str | None = None,
     ) -> None:
         where = f"; the bad copy was moved to {set_aside}" if set_aside else ""
+        origin = f" from {url}" if url else ""
         also = "".join(f"\n    also tried {f}" for f in other_failures)
         super().__init__(
-            f"checksum mismatch for {file}: expected {algorithm} {expected}, got {actual}{where}"
-            + also,
+            f"checksum mismatch for {file}{origin}: expected {algorithm} {expected}, "
+            f"got {actual}{where}{also}",
             hint="the server sent other bytes than declared; check the URL and the checksum in "
             "the stage or source-set file, then fetch again",
         )
@@ -39,6 +41,7 @@ class ChecksumMismatch(SourceError):
         self.expected = expected
         self.actual = actual
         self.set_aside = set_aside
+        self.url = url
 
 
 class UnsafeArchive(SourceError):

@@ -291,8 +291,10 @@ def _fetch_one(
             return part, sha256_of(part), url
         algorithm, expected, actual = bad
         aside = _set_aside(part, rejected_dir, expect.file, actual)
-        mismatches.append(ChecksumMismatch(expect.file, algorithm, expected, actual, aside))
-        failures.append(f"{url}: {mismatches[-1].message}")
+        mismatches.append(
+            ChecksumMismatch(expect.file, algorithm, expected, actual, aside, url=url)
+        )
+        failures.append(mismatches[-1].message)
     raise _no_good_copy(expect.file, failures, mismatches)
 
 
@@ -308,7 +310,7 @@ def _no_good_copy(
         last = mismatches[-1]
         others = [f for f in failures if last.message not in f]
         return ChecksumMismatch(
-            last.file, last.algorithm, last.expected, last.actual, last.set_aside, others
+            last.file, last.algorithm, last.expected, last.actual, last.set_aside, others, last.url
         )
     return DownloadFailed(
         f"{file}: every URL failed:\n" + "\n".join(f"    {f}" for f in failures),

@@ -284,7 +284,7 @@ def _fetch_one(
             download_part(url, part, expect.file, progress, session, timeout, expect.size)
         except (requests.RequestException, OSError) as exc:
             # The part is kept: the next URL continues it (same file, checked by digest).
-            failures.append(f"{url}: {exc}")
+            failures.append(f"{url}: {_why(exc)}")
             continue
         bad = expect.check(part)
         if bad is None:
@@ -296,6 +296,12 @@ def _fetch_one(
         )
         failures.append(mismatches[-1].message)
     raise _no_good_copy(expect.file, failures, mismatches)
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        return f"HTTP {exc.response.status_code} {exc.response.reason}"
+    return str(exc)
 
 
 def _no_good_copy(

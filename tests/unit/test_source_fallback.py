@@ -191,6 +191,7 @@ def test_no_good_copy_anywhere_names_every_place_tried(archives: Archives, tmp_p
     for path, _ in archives.pool_requests():
         assert f"{archives.base}{path}" in message
     assert len(archives.pool_requests()) == 6
+    assert f"also tried {archives.base}/a1/{UPDATES}/{ORIG}: HTTP 404 Not Found\n" in message
     assert not (cache_dir_for(ws, HELLO_SET) / "hello-1.0.tar.gz").exists()
     assert not (ws.sources_dir / "store").exists()
 

@@ -81,16 +81,16 @@ def parse_one_line(text: str) -> list[AptEntry]:
     return entries
 
 
-def _stanzas(text: str) -> list[list[tuple[str, str]]]:
+def stanzas(text: str) -> list[list[tuple[str, str]]]:
     """deb822 stanzas as (name, value) lists; comment lines neither count nor separate."""
-    stanzas: list[list[tuple[str, str]]] = []
+    found: list[list[tuple[str, str]]] = []
     fields: list[tuple[str, str]] = []
     for raw in [*text.splitlines(), ""]:
         if raw.lstrip().startswith("#"):
             continue
         if not raw.strip():
             if fields:
-                stanzas.append(fields)
+                found.append(fields)
             fields = []
         elif raw[0] in " \t":
             if fields:  # continuation line (multi-line Signed-By)
@@ -99,13 +99,13 @@ def _stanzas(text: str) -> list[list[tuple[str, str]]]:
         elif ":" in raw:
             name, value = raw.split(":", 1)
             fields.append((name.strip(), value.strip()))
-    return stanzas
+    return found
 
 
 def parse_deb822(text: str) -> list[AptEntry]:
     """Entries of the deb822 `*.sources` format (stanzas of `Types:`, `URIs:`, `Suites:`...)."""
     entries: list[AptEntry] = []
-    for fields in _stanzas(text):
+    for fields in stanzas(text):
         # Field names are case-insensitive; the last occurrence wins.
         by_name = {name.lower(): value for name, value in fields}
         entries.append(

@@ -31,6 +31,7 @@ from orchestrator.metrics import host_summary, tree_usage
 from orchestrator.models import CheckpointPolicy, Package, Stage
 from orchestrator.runner import BuildJob, BuildResult, ContainerRunner
 from orchestrator.snapshots import SnapshotStore, refuse_nested_mounts
+from orchestrator.stagefile import copy_stage_assets
 from orchestrator.state import Attempt, PackageState, RunState, load_state, now_iso, save_state
 from orchestrator.workspace import Workspace
 
@@ -124,6 +125,7 @@ class Build:
         self._lock = threading.Lock()
         # The key of the stage this run built last, when nothing changed the partition since.
         self._built_at: str | None = None
+        self._asset_dirs: dict[str, Path] = {}
         self.state = self._initial_state()
         self._check_from_stage()
 
@@ -143,7 +145,7 @@ class Build:
         for stage_plan in self.plan.stages:
             stage = stage_plan.file.stage
             for package in stage.packages:
-                digest = self.inputs_of.digest(stage, package)
+                digest = self.inputs_of.digest(stage_plan.file, package)
                 old = carried.get((stage.stage, package.name))
                 if old is not None and old.definition == digest:
                     # Unchanged: keep its history; only what is not done is built again.
@@ -201,6 +203,10 @@ class Build:
                 self.bus.emit(events.CLEANUP, run_id=self.run_id, removed=removed)
             self._check_images()
             self.workspace.ensure(self.workspace.run_dir(self.run_id))
+            files = [stage_plan.file for stage_plan in self.plan.stages]
+            self._asset_dirs = copy_stage_assets(
+                files, self.workspace.run_dir(self.run_id) / "assets"
+            )
             self._save()
             self.bus.emit(
                 events.RUN_START,
@@ -495,7 +501,8 @@ class Build:
         groups: list[Group] = []
         start = parent
         for names in batches:
-            key = self.checkpoints.key(stage, [stage.package(n) for n in names], start)
+            packages = [stage.package(name) for name in names]
+            key = self.checkpoints.key(stage_plan.file, packages, start)
             groups.append(Group(names, start, key))
             start = key
         return groups
@@ -639,7 +646,7 @@ class Build:
     def _job(self, stage_plan: StagePlan, package: Package, attempt: int) -> BuildJob:
         stage = stage_plan.file.stage
         # The same inputs the package's keys are made of: the two cannot disagree.
-        inputs = self.inputs_of.of(stage, package, attempt)
+        inputs = self.inputs_of.of(stage_plan.file, package, attempt)
         log_path = (
             self.workspace.run_dir(self.run_id) / "logs" / stage.stage / f"{package.name}.log"
         )
@@ -656,7 +663,7 @@ class Build:
             timeout_s=stage.timeout_for(package, self.settings.timeout),
             user=inputs.user,
             workdir=inputs.workdir,
-            stage_dir=stage_plan.file.path.parent.resolve(),
+            assets_dir=self._asset_dirs.get(stage.stage),
             sources_dir=self.sources_dir if package.sources else None,
             source_files=[source.file for source in package.sources],
             resources=inputs.resources,

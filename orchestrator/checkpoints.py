@@ -28,6 +28,7 @@ from orchestrator.inputs import InputsOf, inputs_key, inputs_record
 from orchestrator.manifest import snapshot_key
 from orchestrator.models import CheckpointPolicy, Package, Stage
 from orchestrator.snapshots import SnapshotStore
+from orchestrator.stagefile import StageFile
 from orchestrator.treescan import scan_tree, verify_tree
 
 INITIAL = "(initial)"
@@ -87,17 +88,16 @@ class Checkpointer:
             client = self.client
             self.inputs_of = InputsOf(self.settings, lambda ref: images.image_digest(client, ref))
 
-    def key(self, stage: Stage, packages: Sequence[Package], parent: str) -> str:
-        """The checkpoint after building `packages` of `stage` on the checkpoint `parent`."""
+    def key(self, stage_file: StageFile, packages: Sequence[Package], parent: str) -> str:
+        """The checkpoint after building `packages` of a stage on the checkpoint `parent`."""
         assert self.inputs_of is not None
-        inputs = [self.inputs_of.of(stage, package) for package in packages]
+        inputs = [self.inputs_of.of(stage_file, package) for package in packages]
         key = inputs_key(inputs, parent)
         self.inputs[key] = inputs_record(inputs)
         return key
 
     def stage_key(self, stage_plan: StagePlan, parent: str) -> str:
-        stage = stage_plan.file.stage
-        return self.key(stage, stage.packages, parent)
+        return self.key(stage_plan.file, stage_plan.file.stage.packages, parent)
 
     def take(
         self,

@@ -3,6 +3,11 @@
 A private apt setup, derived from the machine's own `deb` entries, answers
 `apt-get source --print-uris`; the orig tarball it names is verified against the signed
 Sources index, and may wrap the tarball the build uses (`extract_member`).
+
+apt names one URI per file, in the archive of the candidate version. An archive can list a
+version without carrying its orig (a security update reuses the main archive's orig), so
+`other_copies` lists every place the machine's apt sources offer the same file name with the
+same digest; the caller accepts a copy only when its bytes hash to that digest.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,6 +57,36 @@ def parse_print_uris(output: str) -> list[AptFile]:
             )
         )
     return files
+
+
+@dataclass(frozen=True)
+class SourceStanza:
+    """One version of a source package as an apt Sources index lists it."""
+
+    version: str
+    directory: str
+    #: file name -> sha256, from `Checksums-Sha256`
+    sha256: dict[str, str]
+
+
+def parse_showsrc(output: str) -> list[SourceStanza]:
+    """The stanzas of `apt-cache showsrc` output, in the order apt prints them."""
+    found = []
+    for fields in aptsources.stanzas(output):
+        by_name = {name.lower(): value for name, value in fields}
+        digests = {}
+        for line in by_name.get("checksums-sha256", "").splitlines():
+            words = line.split()
+            if len(words) == 3:
+                digests[words[2]] = words[0].lower()
+        if "version" in by_name and "directory" in by_name:
+            found.append(SourceStanza(by_name["version"], by_name["directory"], digests))
+    return found
+
+
+def _same_file(uri: str) -> str:
+    # apt writes `+` as `%2b`, urllib as `%2B`: compare the decoded form.
+    return urllib.parse.unquote(uri)
 
 
 @dataclass
@@ -112,6 +148,55 @@ class AptSources:
                 cwd=Path(scratch),
             )
         return parse_print_uris(out)
+
+    def _files_or_none(self, package: str, version: str) -> list[AptFile]:
+        try:
+            return self.files(package, version)
+        except SourceSetError:
+            return []
+
+    def stanzas(self, package: str) -> list[SourceStanza]:
+        """Every version of source package `package` the indexes list (none if unknown)."""
+        self.prepare()
+        argv = ["apt-cache", *self._options(), "showsrc", "--only-source", package]
+        try:
+            return parse_showsrc(self._run(argv, f"apt-cache showsrc {package}"))
+        except SourceSetError:
+            return []
+
+    def archive_uris(self) -> list[str]:
+        """The base URI of every archive the machine's apt sources name, in apt's order."""
+        pairs = aptsources.deb_pairs(aptsources.read_entries(self.etc_apt))
+        uris = [uri for uri, _ in pairs if urllib.parse.urlsplit(uri).scheme in ("http", "https")]
+        return list(dict.fromkeys(uris))
+
+    def other_copies(
+        self, package: str, name: str, sha256: str | None, named_uri: str
+    ) -> list[str]:
+        """Every URI but `named_uri` where the apt sources may offer `name` with `sha256`:
+        first where apt puts each other version listing it, then that version's pool directory
+        under every archive (an archive's index may name a file another archive holds)."""
+        versions = [
+            s
+            for s in self.stanzas(package)
+            if name in s.sha256 and (sha256 is None or s.sha256[name] == sha256)
+        ]
+        uris = [
+            f.uri
+            for stanza in versions
+            for f in self._files_or_none(package, stanza.version)
+            if f.name == name
+        ]
+        quoted = urllib.parse.quote(name)
+        directories = dict.fromkeys(s.directory.strip("/") for s in versions)
+        uris += [f"{base}/{d}/{quoted}" for d in directories for base in self.archive_uris()]
+        seen = {_same_file(named_uri)}
+        unique = []
+        for uri in uris:
+            if _same_file(uri) not in seen:
+                seen.add(_same_file(uri))
+                unique.append(uri)
+        return unique
 
 
 def extract_member(orig: Path, member: str, dest: Path) -> None:

@@ -10,6 +10,7 @@ import contextlib
 import os
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import docker
@@ -83,17 +84,31 @@ def owner_alive(labels: dict[str, str]) -> bool:
     return f"{process.create_time():.2f}" == labels.get(OWNER_START)
 
 
+@dataclass(frozen=True)
+class ManagedContainer:
+    id: str
+    name: str
+    labels: dict[str, str]
+
+
+def managed_containers(client: docker.DockerClient) -> list[ManagedContainer]:
+    """Every container lfsorch labelled, from one listing: inspecting each one in turn races
+    with other processes removing theirs (a 404 between the list and the inspect)."""
+    listed = client.api.containers(all=True, filters={"label": f"{MANAGED}=true"})
+    return [
+        ManagedContainer(item["Id"], item["Names"][0].lstrip("/"), item.get("Labels") or {})
+        for item in listed
+    ]
+
+
 def reap_leftovers(client: docker.DockerClient) -> list[str]:
     """Remove containers left by lfsorch processes that no longer exist; return their names."""
     removed: list[str] = []
-    found = client.containers.list(
-        all=True, filters={"label": f"{MANAGED}=true"}, ignore_removed=True
-    )
-    for container in found:
+    for container in managed_containers(client):
         if owner_alive(container.labels):
             continue
         with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-            container.remove(force=True)
+            client.api.remove_container(container.id, force=True)
             removed.append(container.name)
     return removed
 

@@ -99,10 +99,14 @@ def levels_of(graph: nx.DiGraph) -> list[list[str]]:
 
 
 def _find_required(name: str, beside: Path, known: dict[str, StageFile]) -> StageFile | None:
+    """The stage `name`: already given, else `name.yaml` beside the requiring file (whose own
+    problems are reported as its own), else the first other stage file there defining it.
+    Files beside are read only now, when needed, and read_stage_text refuses FIFOs and
+    devices without opening them."""
     if name in known:
         return known[name]
     candidate = beside / f"{name}.yaml"
-    if candidate.is_file():
+    if candidate.exists():
         stage_file = load_stage_file(candidate)
         if stage_file.stage.stage == name:
             return stage_file
@@ -112,7 +116,7 @@ def _find_required(name: str, beside: Path, known: dict[str, StageFile]) -> Stag
         try:
             stage_file = load_stage_file(other)
         except StageFileError:
-            continue
+            continue  # not a stage file, or someone else's problem: it was not asked for
         if stage_file.stage.stage == name:
             return stage_file
     return None
@@ -140,7 +144,11 @@ def resolve_stages(files: Sequence[StageFile]) -> tuple[list[StageFile], list[Pr
         stage_file = pending.pop()
         graph.add_node(stage_file.stage.stage)
         for index, required in enumerate(stage_file.stage.requires):
-            found = _find_required(required, stage_file.path.parent, known)
+            try:
+                found = _find_required(required, stage_file.path.parent, known)
+            except StageFileError as exc:
+                problems.extend(exc.problems)
+                continue
             if found is None:
                 problems.append(
                     Problem(

@@ -22,6 +22,7 @@ from typing import Any
 from orchestrator.config import Settings
 from orchestrator.models import Package, Resources, Stage
 from orchestrator.runner import expand_environment
+from orchestrator.stagefile import StageFile, asset_digest
 
 KEY_VERSION = 2
 MAKEFLAGS_JOBS = "makeflags.jobs"
@@ -74,6 +75,7 @@ class PackageInputs:
 
     stage: str
     package: Package
+    assets: str  # digest of the stage's declared assets, mounted at /stage
     image: str  # the reference the container is created from
     image_id: str
     environment: dict[str, str]
@@ -91,6 +93,7 @@ class PackageInputs:
         return {
             "stage": self.stage,
             **package,
+            "assets": self.assets,
             "image": self.image_id,
             "sources": {s.file: s.sha256 or s.md5 or "" for s in self.package.sources},
             "environment": dict(sorted(self.environment.items())),
@@ -167,11 +170,13 @@ class InputsOf:
             self._image_ids[reference] = self.image_id_of(reference)
         return self._image_ids[reference]
 
-    def of(self, stage: Stage, package: Package, attempt: int = 1) -> PackageInputs:
+    def of(self, stage_file: StageFile, package: Package, attempt: int = 1) -> PackageInputs:
+        stage = stage_file.stage
         image = stage.image or self.settings.image
         return PackageInputs(
             stage=stage.stage,
             package=package,
+            assets=asset_digest(stage_file),
             image=image,
             image_id=self.image_id(image),
             environment=merged_environment(stage, package, self.settings, attempt),
@@ -182,9 +187,9 @@ class InputsOf:
             neutral=tuple(self.settings.output_neutral),
         )
 
-    def key(self, stage: Stage, packages: Sequence[Package], parent: str | None) -> str:
-        return inputs_key([self.of(stage, p) for p in packages], parent)
+    def key(self, stage_file: StageFile, packages: Sequence[Package], parent: str | None) -> str:
+        return inputs_key([self.of(stage_file, p) for p in packages], parent)
 
-    def digest(self, stage: Stage, package: Package) -> str:
+    def digest(self, stage_file: StageFile, package: Package) -> str:
         """The record's digest of a package: a change means it must be built again."""
-        return self.key(stage, [package], None)[:16]
+        return self.key(stage_file, [package], None)[:16]

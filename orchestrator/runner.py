@@ -57,7 +57,7 @@ class BuildJob:
     timeout_s: float
     user: str | None = None
     workdir: str | None = None
-    stage_dir: Path | None = None
+    assets_dir: Path | None = None  # the stage's declared assets, copied; never its directory
     sources_dir: Path | None = None
     source_files: Sequence[str] = ()
     resources: Resources = field(default_factory=Resources)
@@ -177,8 +177,8 @@ def _mounts(job: BuildJob) -> list[Mount]:
     # Mount(type="bind") refuses a missing source, unlike `volumes=` which would create a
     # root-owned empty directory and build into it.
     mounts = [Mount(LFS_MOUNT, str(job.lfs_dir), type="bind")]
-    if job.stage_dir is not None:
-        mounts.append(Mount(STAGE_MOUNT, str(job.stage_dir), type="bind", read_only=True))
+    if job.assets_dir is not None:
+        mounts.append(Mount(STAGE_MOUNT, str(job.assets_dir), type="bind", read_only=True))
     if job.sources_dir is not None:
         mounts.append(Mount(SOURCES_MOUNT, str(job.sources_dir), type="bind", read_only=True))
     return mounts

@@ -18,11 +18,21 @@ class ChecksumMismatch(SourceError):
     """A file's digest is not the declared one. The file has been set aside, never used."""
 
     def __init__(
-        self, file: str, algorithm: str, expected: str, actual: str, set_aside: Path | None
+        self,
+        file: str,
+        algorithm: str,
+        expected: str,
+        actual: str,
+        set_aside: Path | None,
+        other_failures: Sequence[str] = (),
+        url: str | None = None,
     ) -> None:
         where = f"; the bad copy was moved to {set_aside}" if set_aside else ""
+        origin = f" from {url}" if url else ""
+        also = "".join(f"\n    also tried {f}" for f in other_failures)
         super().__init__(
-            f"checksum mismatch for {file}: expected {algorithm} {expected}, got {actual}{where}",
+            f"checksum mismatch for {file}{origin}: expected {algorithm} {expected}, "
+            f"got {actual}{where}{also}",
             hint="the server sent other bytes than declared; check the URL and the checksum in "
             "the stage or source-set file, then fetch again",
         )
@@ -30,6 +40,22 @@ class ChecksumMismatch(SourceError):
         self.algorithm = algorithm
         self.expected = expected
         self.actual = actual
+        self.set_aside = set_aside
+        self.url = url
+
+
+class UnsafeArchive(SourceError):
+    """A source archive would write outside its directory when unpacked. Set aside, never used."""
+
+    def __init__(self, file: str, reason: str, set_aside: Path | None) -> None:
+        where = f"; it was moved to {set_aside}" if set_aside else "; nothing was written"
+        super().__init__(
+            f"{file} is not safe to unpack: {reason}{where}",
+            hint="its checksum matches the declaration, so the declared file itself is unsafe; "
+            "check where the declaration came from before using it",
+        )
+        self.file = file
+        self.reason = reason
         self.set_aside = set_aside
 
 

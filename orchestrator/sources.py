@@ -24,22 +24,25 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import requests
 
-from orchestrator.debian_sources import AptSources, extract_member
+from orchestrator.debian_sources import AptFile, AptSources, extract_member
 from orchestrator.download import CHUNK, Progress, download_part, open_progress
+from orchestrator.source_archives import unsafe_reason
 from orchestrator.source_errors import (
     ChecksumMismatch,
     DownloadFailed,
     SourceError,
     SourceSetError,
     SourcesNotReady,
+    UnsafeArchive,
 )
 from orchestrator.sourcesets import UPSTREAM, DebianOrig, Source, SourceSet, load_source_set
 from orchestrator.workspace import Workspace
@@ -53,7 +56,11 @@ SET_MARKER = ".lfsorch-set.json"
 def cache_dir_for(workspace: Workspace, source_set: str | SourceSet) -> Path:
     """The directory of verified files for one set; the runner mounts it read-only at /sources."""
     name = source_set if isinstance(source_set, str) else source_set.name
-    return workspace.sources_dir / "sets" / name
+    return cache_dir_for_root(workspace.sources_dir, name)
+
+
+def cache_dir_for_root(sources_root: Path, set_name: str) -> Path:
+    return sources_root / "sets" / set_name
 
 
 def _store_dir(workspace_sources: Path) -> Path:
@@ -85,16 +92,28 @@ def _set_aside(path: Path, rejected_dir: Path, file: str, actual: str) -> Path:
     return target
 
 
-def _place(verified: Path, sha256: str, cache_dir: Path, file: str) -> None:
-    """Put a verified file into the store (by content) and link it into the set view."""
-    store = _store_dir(_sources_root(cache_dir))
-    store.mkdir(parents=True, exist_ok=True)
+def _admit(verified: Path, sha256: str, root: Path, file: str, rejected_dir: Path) -> Path:
+    """Move a verified file into the store once it passed the archive check; its store path.
+
+    Nothing enters the store unchecked, so a file already there is not read again.
+    """
+    store = _store_dir(root)
     stored = store / sha256
-    if stored.exists():
+    if stored.is_file():
         verified.unlink()
-    else:
-        os.replace(verified, stored)
-        stored.chmod(0o444)
+        return stored
+    reason = unsafe_reason(verified)
+    if reason is not None:
+        raise UnsafeArchive(file, reason, _set_aside(verified, rejected_dir, file, sha256))
+    store.mkdir(parents=True, exist_ok=True)
+    os.replace(verified, stored)
+    stored.chmod(0o444)
+    return stored
+
+
+def _place(verified: Path, sha256: str, cache_dir: Path, file: str, rejected_dir: Path) -> None:
+    """Put a verified file into the store (by content) and link it into the set view."""
+    stored = _admit(verified, sha256, _sources_root(cache_dir), file, rejected_dir)
     _link_into_view(stored, cache_dir / file)
 
 
@@ -245,49 +264,62 @@ def verify(
 
 
 def _fetch_one(
-    urls: Sequence[str],
+    urls: Iterable[str],
     expect: _Expect,
     part: Path,
     rejected_dir: Path,
     progress: Progress,
     session: requests.Session,
     timeout: float,
-) -> tuple[Path, str, bool]:
-    """Download with mirror fallback; returns (verified part, sha256, resumed)."""
-    if not urls:
-        raise DownloadFailed(
-            f"{expect.file}: no URL declared",
-            hint="add `url:` (and `mirrors:`) to the source, or use a source set that maps it",
-        )
+) -> tuple[Path, str, str]:
+    """Download from the first URL that gives the declared bytes; (verified part, sha256, url).
+
+    `urls` is read lazily: a caller can compute further places only once the first failed.
+    """
     part.parent.mkdir(parents=True, exist_ok=True)
     failures: list[str] = []
-    mismatch: ChecksumMismatch | None = None
+    mismatches: list[ChecksumMismatch] = []
     for url in urls:
         try:
-            resumed = download_part(url, part, expect.file, progress, session, timeout, expect.size)
+            download_part(url, part, expect.file, progress, session, timeout, expect.size)
         except (requests.RequestException, OSError) as exc:
-            # The part is kept: the next mirror continues it (same file, checked by digest).
-            failures.append(f"{url}: {exc}")
+            # The part is kept: the next URL continues it (same file, checked by digest).
+            failures.append(f"{url}: {_why(exc)}")
             continue
         bad = expect.check(part)
         if bad is None:
-            return part, sha256_of(part), resumed
+            return part, sha256_of(part), url
         algorithm, expected, actual = bad
         aside = _set_aside(part, rejected_dir, expect.file, actual)
-        mismatch = ChecksumMismatch(expect.file, algorithm, expected, actual, aside)
-        failures.append(f"{url}: {mismatch.message}")
-    if mismatch is not None and len(urls) == 1:
-        raise mismatch
-    if mismatch is not None:
-        raise ChecksumMismatch(
-            mismatch.file,
-            mismatch.algorithm,
-            mismatch.expected,
-            mismatch.actual,
-            mismatch.set_aside,
-        ) from DownloadFailed("; ".join(failures))
-    raise DownloadFailed(
-        f"{expect.file}: every URL failed:\n" + "\n".join(f"    {f}" for f in failures),
+        mismatches.append(
+            ChecksumMismatch(expect.file, algorithm, expected, actual, aside, url=url)
+        )
+        failures.append(mismatches[-1].message)
+    raise _no_good_copy(expect.file, failures, mismatches)
+
+
+def _why(exc: Exception) -> str:
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        return f"HTTP {exc.response.status_code} {exc.response.reason}"
+    return str(exc)
+
+
+def _no_good_copy(
+    file: str, failures: Sequence[str], mismatches: Sequence[ChecksumMismatch]
+) -> SourceError:
+    if not failures:
+        return DownloadFailed(
+            f"{file}: no URL declared",
+            hint="add `url:` (and `mirrors:`) to the source, or use a source set that maps it",
+        )
+    if mismatches:
+        last = mismatches[-1]
+        others = [f for f in failures if last.message not in f]
+        return ChecksumMismatch(
+            last.file, last.algorithm, last.expected, last.actual, last.set_aside, others, last.url
+        )
+    return DownloadFailed(
+        f"{file}: every URL failed:\n" + "\n".join(f"    {f}" for f in failures),
         hint="check the network or add a mirror; a partial download is kept and resumed",
     )
 
@@ -301,6 +333,8 @@ class FetchResult:
     fetched: list[str] = field(default_factory=list)
     cached: list[str] = field(default_factory=list)
     unverified: list[str] = field(default_factory=list)
+    #: file -> the URI it came from, where the one first named failed
+    fell_back: dict[str, str] = field(default_factory=dict)
     bytes_downloaded: int = 0
     seconds: float = 0.0
 
@@ -326,131 +360,324 @@ def fetch(
     the_set = (
         source_set if isinstance(source_set, SourceSet) else load_source_set(source_set, set_dirs)
     )
-    cache_dir = cache_dir_for(workspace, the_set)
-    root = workspace.sources_dir
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    result = FetchResult(cache_dir)
+    fetcher = _Fetcher(
+        the_set,
+        workspace.sources_dir,
+        session or requests.Session(),
+        timeout,
+        apt or AptSources(workspace.sources_dir / "apt"),
+        allow_unverified,
+    )
     started = time.monotonic()
-    sess = session or requests.Session()
-    apt_sources = apt or AptSources(root / "apt")
-    _, mapped, trusted = _expectations(cache_dir, the_set)
-    newly_trusted: dict[str, str] = {}
-    failures: list[SourceError] = []
-    rejected = root / "rejected" / the_set.name
     with open_progress(progress) as prog:
         for file, (_, src) in sorted(_unique(sources).items()):
-            exp = _expected(src, mapped, trusted)
-            if not exp.declared and not allow_unverified:
-                raise SourceError(
-                    f"{file}: no sha256/md5 declared, refusing to fetch it unverified",
-                    hint="declare a checksum, use a source set that maps this file, or "
-                    "pass --allow-unverified to trust the first download",
-                )
-            have = cache_dir / file
-            if have.is_file():
-                bad = exp.check(have) if exp.declared else None
-                if bad is None:
-                    result.cached.append(file)
-                    continue
-                aside = _set_aside(have, rejected, file, bad[2])
-                prog.note(f"warn {file}: cached copy had {bad[0]} {bad[2]}; moved to {aside}")
-            if exp.sha256 and (_store_dir(root) / exp.sha256).is_file():
-                _link_into_view(_store_dir(root) / exp.sha256, have)
-                result.cached.append(file)
-                continue
-            part = root / "partial" / the_set.name / f"{file}.part"
-            entry = the_set.files.get(file)
-            try:
-                if entry is not None:
-                    size = _fetch_debian(entry, file, root, part, apt_sources, prog, sess, timeout)
-                    digest = entry.sha256
-                else:
-                    part, digest, _ = _fetch_one(
-                        src.urls(), exp, part, rejected, prog, sess, timeout
-                    )
-                    size = part.stat().st_size
-            except SourceError as exc:
-                # Keep going: one unreachable file should not hide the state of the others.
-                failures.append(exc)
-                prog.note(f"FAIL {file}: {exc.message}")
-                continue
+            fetcher.one(file, src, prog)
+    _write_marker(fetcher.cache_dir, the_set, fetcher.mapped, fetcher.newly_trusted)
+    fetcher.result.seconds = time.monotonic() - started
+    fetcher.raise_failures()
+    return fetcher.result
+
+
+class _Fetcher:
+    """One `fetch` call: where files go, what they must hash to, and what happened so far."""
+
+    def __init__(
+        self,
+        the_set: SourceSet,
+        root: Path,
+        session: requests.Session,
+        timeout: float,
+        apt: AptSources,
+        allow_unverified: bool,
+    ) -> None:
+        self.the_set = the_set
+        self.root = root
+        self.session = session
+        self.timeout = timeout
+        self.apt = apt
+        self.allow_unverified = allow_unverified
+        self.cache_dir = cache_dir_for_root(root, the_set.name)
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.rejected = root / "rejected" / the_set.name
+        _, self.mapped, self.trusted = _expectations(self.cache_dir, the_set)
+        self.newly_trusted: dict[str, str] = {}
+        self.failures: list[SourceError] = []
+        self.result = FetchResult(self.cache_dir)
+
+    def one(self, file: str, src: Source, prog: Progress) -> None:
+        exp = _expected(src, self.mapped, self.trusted)
+        if not exp.declared and not self.allow_unverified:
+            raise SourceError(
+                f"{file}: no sha256/md5 declared, refusing to fetch it unverified",
+                hint="declare a checksum, use a source set that maps this file, or "
+                "pass --allow-unverified to trust the first download",
+            )
+        if self._have(file, exp, prog):
+            self.result.cached.append(file)
+            return
+        try:
+            part, digest, size = self._download(file, src, exp, prog)
             if not exp.declared:
-                newly_trusted[file] = digest
-                result.unverified.append(file)
+                self.newly_trusted[file] = digest
+                self.result.unverified.append(file)
                 prog.note(f"warn {file}: no checksum declared; trusting sha256 {digest}")
-            _place(part, digest, cache_dir, file)
-            result.fetched.append(file)
-            result.bytes_downloaded += size
-            prog.end(file, f"sha256 {digest}")
-    _write_marker(cache_dir, the_set, mapped, newly_trusted)
-    result.seconds = time.monotonic() - started
-    if len(failures) == 1:
-        raise failures[0]
-    if failures:
-        listing = "\n".join(f"  - {f.message}" for f in failures)
-        raise SourceError(
-            f"{len(failures)} source file(s) could not be fetched:\n{listing}",
-            hint=f"{len(result.fetched) + len(result.cached)} other file(s) are ready; "
-            "fix the URLs/checksums above (or use another --set) and fetch again",
+            _place(part, digest, self.cache_dir, file, self.rejected)
+        except SourceError as exc:
+            # Keep going: one unreachable file should not hide the state of the others.
+            self.failures.append(exc)
+            prog.note(f"FAIL {file}: {exc.message}")
+            return
+        self.result.fetched.append(file)
+        self.result.bytes_downloaded += size
+        prog.end(file, f"sha256 {digest}")
+
+    def _have(self, file: str, exp: _Expect, prog: Progress) -> bool:
+        """Whether the view already holds the right file, or the store does and is linked."""
+        have = self.cache_dir / file
+        if have.is_file():
+            bad = exp.check(have) if exp.declared else None
+            if bad is None:
+                return True
+            aside = _set_aside(have, self.rejected, file, bad[2])
+            prog.note(f"warn {file}: cached copy had {bad[0]} {bad[2]}; moved to {aside}")
+        stored = _store_dir(self.root) / exp.sha256 if exp.sha256 else None
+        if stored is not None and stored.is_file():
+            _link_into_view(stored, have)
+            return True
+        return False
+
+    def _download(
+        self, file: str, src: Source, exp: _Expect, prog: Progress
+    ) -> tuple[Path, str, int]:
+        """(verified part, its sha256, bytes downloaded) for one file."""
+        part = self.root / "partial" / self.the_set.name / f"{file}.part"
+        entry = self.the_set.files.get(file)
+        if entry is not None:
+            size = self._debian(entry, file, part, prog)
+            return part, entry.sha256, size
+        part, digest, _ = _fetch_one(
+            src.urls(), exp, part, self.rejected, prog, self.session, self.timeout
         )
+        return part, digest, part.stat().st_size
+
+    def _debian(self, entry: DebianOrig, file: str, part: Path, prog: Progress) -> int:
+        """Fetch the Debian orig (verified against the signed Sources index and the set), then
+        produce the build's file from it into `part`, verified. Returns the bytes downloaded."""
+        orig, downloaded = self._debian_orig(entry, file, prog)
+        part.parent.mkdir(parents=True, exist_ok=True)
+        if entry.member:
+            extract_member(orig, entry.member, part)
+        else:
+            shutil.copyfile(orig, part)
+        bad = _Expect(file, sha256=entry.sha256).check(part)
+        if bad is not None:
+            algorithm, expected, actual = bad
+            aside = _set_aside(part, self.root / "rejected" / "debian", file, actual)
+            raise ChecksumMismatch(file, algorithm, expected, actual, aside)
+        return downloaded
+
+    def _debian_orig(self, entry: DebianOrig, file: str, prog: Progress) -> tuple[Path, int]:
+        """The orig in the store (downloaded if not there yet), and the bytes downloaded."""
+        listing = {f.name: f for f in self.apt.files(entry.package, entry.version)}
+        found = listing.get(entry.orig)
+        if found is None:
+            which = f"{entry.package}={entry.version}" if entry.version else entry.package
+            raise SourceSetError(
+                f"{file}: Debian source {which} does not list {entry.orig} "
+                f"(it lists {', '.join(sorted(listing)) or 'nothing'})",
+                hint="the archive moved on: pin `version:` in the set file to one that has it",
+            )
+        if entry.orig_sha256 and found.sha256 and entry.orig_sha256 != found.sha256:
+            raise SourceSetError(
+                f"{entry.orig}: the archive index says sha256 {found.sha256}, the set says "
+                f"{entry.orig_sha256}",
+                hint="the set file is stale for this archive; update it deliberately",
+            )
+        orig_sha = entry.orig_sha256 or found.sha256
+        if orig_sha and (_store_dir(self.root) / orig_sha).is_file():
+            return _store_dir(self.root) / orig_sha, 0
+        rejected = self.root / "rejected" / "debian-orig"
+        orig_part = self.root / "partial" / "debian-orig" / f"{entry.orig}.part"
+        exp = _Expect(entry.orig, sha256=orig_sha, size=found.size)
+        urls = self._orig_urls(entry, found, orig_sha, prog)
+        orig_part, digest, url = _fetch_one(
+            urls, exp, orig_part, rejected, prog, self.session, self.timeout
+        )
+        if url != found.uri:
+            self.result.fell_back[entry.orig] = url
+            prog.note(f"note {entry.orig}: taken from {url}")
+        downloaded = orig_part.stat().st_size
+        return _admit(orig_part, digest, self.root, entry.orig, rejected), downloaded
+
+    def _orig_urls(
+        self, entry: DebianOrig, found: AptFile, orig_sha: str | None, prog: Progress
+    ) -> Iterator[str]:
+        """The URI apt names, then (only if that one fails) every other copy apt knows of."""
+        yield found.uri
+        if orig_sha is None:
+            return  # without a digest no other copy could be trusted
+        others = self.apt.other_copies(entry.package, entry.orig, orig_sha, found.uri)
+        prog.note(
+            f"warn {entry.orig}: {found.uri} failed; trying {len(others)} other place(s) "
+            f"the apt sources list, each copy checked against sha256 {orig_sha}"
+        )
+        yield from others
+
+    def raise_failures(self) -> None:
+        if len(self.failures) == 1:
+            raise self.failures[0]
+        if self.failures:
+            listing = "\n".join(f"  - {f.message}" for f in self.failures)
+            ready = len(self.result.fetched) + len(self.result.cached)
+            raise SourceError(
+                f"{len(self.failures)} source file(s) could not be fetched:\n{listing}",
+                hint=f"{ready} other file(s) are ready; "
+                "fix the URLs/checksums above (or use another --set) and fetch again",
+            )
+
+
+# --------------------------------------------------------------------------- add
+
+
+@dataclass
+class AddResult:
+    cache_dir: Path
+    #: (local file, the names it now stands for in the set's view)
+    added: list[tuple[Path, list[str]]] = field(default_factory=list)
+    #: one exact reason per refused file; nothing was written for it
+    refused: list[SourceError] = field(default_factory=list)
+
+
+def add(
+    local_files: Sequence[Path],
+    sources: SourcesArg,
+    workspace: Workspace,
+    source_set: str | SourceSet = UPSTREAM,
+    *,
+    set_dirs: Sequence[Path] | None = None,
+) -> AddResult:
+    """Put local files into the verified cache, each under every declared name whose checksum
+    (or, in a Debian set, whose orig's checksum) it matches; the air-gapped way to fill it.
+
+    The file's content decides, not its name. A file matching nothing is refused with the
+    reason, and nothing is written for it; an unsafe archive is set aside like a download.
+    """
+    the_set = (
+        source_set if isinstance(source_set, SourceSet) else load_source_set(source_set, set_dirs)
+    )
+    adder = _Adder(the_set, workspace.sources_dir, sources)
+    result = AddResult(adder.cache_dir)
+    for path in local_files:
+        try:
+            result.added.append((path, adder.one(path)))
+        except SourceError as exc:
+            result.refused.append(exc)
+    if result.added:
+        _write_marker(adder.cache_dir, the_set, adder.mapped, {})
     return result
 
 
-def _fetch_debian(
-    entry: DebianOrig,
-    file: str,
-    root: Path,
-    part: Path,
-    apt: AptSources,
-    prog: Progress,
-    session: requests.Session,
-    timeout: float,
-) -> int:
-    """Fetch the Debian orig (verified against the signed Sources index and the set), then
-    produce the build's file from it into `part`, verified. Returns the bytes downloaded."""
-    listing = {f.name: f for f in apt.files(entry.package, entry.version)}
-    found = listing.get(entry.orig)
-    if found is None:
-        which = f"{entry.package}={entry.version}" if entry.version else entry.package
-        raise SourceSetError(
-            f"{file}: Debian source {which} does not list {entry.orig} "
-            f"(it lists {', '.join(sorted(listing)) or 'nothing'})",
-            hint="the archive moved on: pin `version:` in the set file to one that has it",
+def _local_digests(path: Path) -> tuple[str, str]:
+    """(sha256, md5) of a local regular file; a FIFO or device is refused before it is read."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot be read ({exc.strerror})") from exc
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise SourceError(f"{path}: not a regular file", hint="give the source file itself")
+        sha, md5 = hashlib.sha256(), hashlib.md5()
+        while chunk := fh.read(CHUNK):
+            sha.update(chunk)
+            md5.update(chunk)
+    return sha.hexdigest(), md5.hexdigest()
+
+
+class _Adder:
+    """One `add` call: what the given stages declare in the set, and where files go."""
+
+    def __init__(self, the_set: SourceSet, root: Path, sources: SourcesArg) -> None:
+        self.the_set = the_set
+        self.root = root
+        self.cache_dir = cache_dir_for_root(root, the_set.name)
+        self.rejected = root / "rejected" / the_set.name
+        _, self.mapped, trusted = _expectations(self.cache_dir, the_set)
+        declared = _unique(sources).items()
+        self.wanted = {file: _expected(src, self.mapped, trusted) for file, (_, src) in declared}
+
+    def one(self, path: Path) -> list[str]:
+        sha, md5 = _local_digests(path)
+        names = [
+            file
+            for file, exp in self.wanted.items()
+            if exp.sha256 == sha or (exp.sha256 is None and exp.md5 == md5)
+        ]
+        origs = [
+            (file, entry)
+            for file, entry in self.the_set.files.items()
+            if file in self.wanted and entry.orig_sha256 == sha and file not in names
+        ]
+        if not names and not origs:
+            raise SourceError(self._no_match(path, sha, md5), hint=self._hint())
+        stored = self._copy_in(path, sha, names[0] if names else origs[0][1].orig)
+        for file in names:
+            _link_into_view(stored, self.cache_dir / file)
+        for file, entry in origs:
+            self._from_orig(stored, file, entry)
+        return sorted([*names, *(file for file, _ in origs)])
+
+    def _no_match(self, path: Path, sha: str, md5: str) -> str:
+        exp = self.wanted.get(path.name)
+        if exp is not None and exp.declared:
+            algorithm, declared, actual = (
+                ("sha256", exp.sha256, sha) if exp.sha256 else ("md5", exp.md5, md5)
+            )
+            return (
+                f"{path}: {algorithm} {actual} is not the declared {algorithm} {declared} "
+                f"of {path.name}"
+            )
+        orig = next((e for e in self.the_set.files.values() if e.orig == path.name), None)
+        if orig is not None and orig.orig_sha256:
+            return (
+                f"{path}: sha256 {sha} is not the sha256 {orig.orig_sha256} that set "
+                f"{self.the_set.name} declares for the Debian orig {orig.orig}"
+            )
+        return (
+            f"{path}: sha256 {sha} matches no source of the given stage files "
+            f"(set {self.the_set.name})"
         )
-    if entry.orig_sha256 and found.sha256 and entry.orig_sha256 != found.sha256:
-        raise SourceSetError(
-            f"{entry.orig}: the archive index says sha256 {found.sha256}, the set says "
-            f"{entry.orig_sha256}",
-            hint="the set file is stale for this archive; update it deliberately",
+
+    def _hint(self) -> str:
+        return (
+            f"`lfsorch sources list STAGE.yaml --set {self.the_set.name}` shows the files the "
+            "stages need; a file is taken only when its checksum is the declared one"
         )
-    rejected = root / "rejected" / "debian-orig"
-    store = _store_dir(root)
-    orig_sha = entry.orig_sha256 or found.sha256
-    downloaded = 0
-    if orig_sha and (store / orig_sha).is_file():
-        orig = store / orig_sha
-    else:
-        orig_part = root / "partial" / "debian-orig" / f"{entry.orig}.part"
-        exp = _Expect(entry.orig, sha256=orig_sha, size=found.size)
-        orig_part, digest, _ = _fetch_one(
-            [found.uri], exp, orig_part, rejected, prog, session, timeout
-        )
-        downloaded = orig_part.stat().st_size
-        store.mkdir(parents=True, exist_ok=True)
-        orig = store / digest
-        os.replace(orig_part, orig)
-        orig.chmod(0o444)
-    part.parent.mkdir(parents=True, exist_ok=True)
-    if entry.member:
-        extract_member(orig, entry.member, part)
-    else:
-        shutil.copyfile(orig, part)
-    bad = _Expect(file, sha256=entry.sha256).check(part)
-    if bad is not None:
-        algorithm, expected, actual = bad
-        aside = _set_aside(part, root / "rejected" / "debian", file, actual)
-        raise ChecksumMismatch(file, algorithm, expected, actual, aside)
-    return downloaded
+
+    def _copy_in(self, path: Path, sha: str, file: str) -> Path:
+        """Copy the file into the store, checking the copy is the bytes that were matched."""
+        stored = _store_dir(self.root) / sha
+        if stored.is_file():
+            return stored
+        part = self.root / "partial" / "add" / f"{sha}.part"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, part)
+        if sha256_of(part) != sha:
+            part.unlink()
+            raise SourceError(f"{path}: changed while it was being added; nothing was written")
+        return _admit(part, sha, self.root, file, self.rejected)
+
+    def _from_orig(self, orig: Path, file: str, entry: DebianOrig) -> None:
+        part = self.root / "partial" / self.the_set.name / f"{file}.part"
+        part.parent.mkdir(parents=True, exist_ok=True)
+        if entry.member:
+            extract_member(orig, entry.member, part)
+        else:
+            shutil.copyfile(orig, part)
+        bad = _Expect(file, sha256=entry.sha256).check(part)
+        if bad is not None:
+            aside = _set_aside(part, self.root / "rejected" / "debian", file, bad[2])
+            raise ChecksumMismatch(file, *bad, aside)
+        _place(part, entry.sha256, self.cache_dir, file, self.rejected)
 
 
 # --------------------------------------------------------------------------- listing

@@ -2,18 +2,36 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from pydantic import ValidationError
 
+from orchestrator.assets import (
+    Asset,
+    AssetProblem,
+    AssetsChanged,
+    collect_assets,
+    copy_assets,
+    digest_assets,
+)
 from orchestrator.errors import LfsorchError
 from orchestrator.models import Stage
 
 Location = tuple[str | int, ...]
+MAX_STAGE_FILE_BYTES = 1 << 20
+_FILE_KINDS = {
+    stat.S_IFDIR: "a directory",
+    stat.S_IFSOCK: "a socket",
+    stat.S_IFIFO: "a FIFO",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFBLK: "a block device",
+}
 
 
 @dataclass(frozen=True)
@@ -44,9 +62,29 @@ class StageFile:
     path: Path
     stage: Stage
     lines: dict[Location, int]
+    assets: tuple[Asset, ...] = ()
+    # Content digest of the assets (sha256 hex, over an empty list when none are declared).
+    asset_digest: str = field(default_factory=lambda: digest_assets(()))
 
     def line_of(self, *location: str | int) -> int:
         return _nearest_line(self.lines, location)
+
+
+class _StageLoader(yaml.SafeLoader):
+    """SafeLoader without anchors and aliases: a few lines of aliases can expand to
+    gigabytes, and stage files have no need for them."""
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _AnchorRefused(event.start_mark)
+        return super().compose_node(parent, index)
+
+
+class _AnchorRefused(Exception):
+    def __init__(self, mark: yaml.Mark) -> None:
+        super().__init__("YAML anchors and aliases (& and *) are not allowed in stage files")
+        self.line = mark.line + 1
 
 
 def field_path(location: Iterable[str | int]) -> str:
@@ -102,11 +140,14 @@ def _pydantic_message(error: Any) -> str:
     return message.removeprefix("Value error, ")
 
 
-def parse_stage_text(text: str, path: Path) -> StageFile:
-    """Parse and validate one stage file's text; raise StageFileError with every problem."""
+def _compose(text: str, path: Path) -> tuple[yaml.Node | None, Any]:
+    """The node tree (for lines) and the data, composed once, without aliases."""
+    loader = _StageLoader(text)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node = loader.get_single_node()
+        data = loader.construct_document(node) if node is not None else None
+    except _AnchorRefused as exc:
+        raise StageFileError([Problem(path, exc.line, "(yaml)", str(exc))]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark else 1
@@ -114,6 +155,18 @@ def parse_stage_text(text: str, path: Path) -> StageFile:
         raise StageFileError([Problem(path, line, "(yaml)", f"invalid YAML: {problem}")]) from None
     except yaml.YAMLError as exc:
         raise StageFileError([Problem(path, 1, "(yaml)", f"invalid YAML: {exc}")]) from None
+    except RecursionError:
+        raise StageFileError(
+            [Problem(path, 1, "(yaml)", "invalid YAML: nested too deeply")]
+        ) from None
+    finally:
+        loader.dispose()
+    return node, data
+
+
+def parse_stage_text(text: str, path: Path) -> StageFile:
+    """Parse and validate one stage file's text; raise StageFileError with every problem."""
+    node, data = _compose(text, path)
     if node is None or not isinstance(data, dict):
         raise StageFileError([Problem(path, 1, "(file)", "expected a mapping with a 'stage' key")])
 
@@ -142,11 +195,85 @@ def parse_stage_text(text: str, path: Path) -> StageFile:
     return StageFile(path, stage, lines)
 
 
-def load_stage_file(path: Path) -> StageFile:
+def _refuse(path: Path, message: str) -> StageFileError:
+    return StageFileError([Problem(path, 1, "(file)", message)])
+
+
+def read_stage_text(path: Path) -> str:
+    """The file's text, read only if it is a regular file of at most 1 MiB: a FIFO would
+    block, and /dev/zero would fill memory."""
     try:
-        text = path.read_text(encoding="utf-8")
+        info = path.stat()
     except FileNotFoundError:
-        raise StageFileError([Problem(path, 1, "(file)", "no such file")]) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise StageFileError([Problem(path, 1, "(file)", f"cannot read: {exc}")]) from None
-    return parse_stage_text(text, path)
+        raise _refuse(path, "no such file") from None
+    except OSError as exc:
+        raise _refuse(path, f"cannot read: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        kind = _FILE_KINDS.get(stat.S_IFMT(info.st_mode), "not a regular file")
+        raise _refuse(path, f"is {kind}, not a regular file")
+    limit = f"larger than {MAX_STAGE_FILE_BYTES >> 20} MiB"
+    if info.st_size > MAX_STAGE_FILE_BYTES:
+        raise _refuse(path, f"{limit} ({info.st_size} bytes)")
+    try:
+        # O_NONBLOCK: should a FIFO be swapped in after stat(), open() must not wait for it.
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(descriptor, "rb", closefd=True) as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise _refuse(path, "is not a regular file")
+            data = handle.read(MAX_STAGE_FILE_BYTES + 1)
+    except OSError as exc:
+        raise _refuse(path, f"cannot read: {exc.strerror}") from None
+    if len(data) > MAX_STAGE_FILE_BYTES:
+        raise _refuse(path, limit)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _refuse(path, f"not UTF-8 text (byte {exc.start})") from None
+
+
+def _with_assets(stage_file: StageFile) -> StageFile:
+    declared = stage_file.stage.assets
+    if not declared:
+        return stage_file
+    try:
+        assets = collect_assets(stage_file.path.parent, declared)
+        digest = digest_assets(assets)
+    except AssetProblem as exc:
+        location = ("assets", exc.index)
+        raise StageFileError(
+            [
+                Problem(
+                    stage_file.path,
+                    stage_file.line_of(*location),
+                    field_path(location),
+                    exc.message,
+                )
+            ]
+        ) from None
+    except AssetsChanged as exc:
+        line = stage_file.line_of("assets")
+        raise StageFileError([Problem(stage_file.path, line, "assets", exc.message)]) from None
+    return StageFile(stage_file.path, stage_file.stage, stage_file.lines, tuple(assets), digest)
+
+
+def load_stage_file(path: Path) -> StageFile:
+    """Read, parse and validate one stage file, with the assets it declares."""
+    return _with_assets(parse_stage_text(read_stage_text(path), path))
+
+
+def copy_stage_assets(files: Iterable[StageFile], root: Path) -> dict[str, Path]:
+    """Each stage's assets copied under `root/STAGE`, checked against the digest taken when
+    the stage file was read; stages without assets get no entry (and no /stage)."""
+    copies: dict[str, Path] = {}
+    for stage_file in files:
+        if stage_file.assets:
+            target = root / stage_file.stage.stage
+            copy_assets(stage_file.assets, target, stage_file.asset_digest)
+            copies[stage_file.stage.stage] = target
+    return copies
+
+
+def asset_digest(stage_file: StageFile) -> str:
+    """sha256 (hex) of the stage's assets, by path, kind, executable bit and content, as read
+    with the stage file; the same for every stage without assets. A build input."""
+    return stage_file.asset_digest

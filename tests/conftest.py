@@ -3,6 +3,7 @@ except in CI (CI=true), where a missing engine is a failure, never a silent skip
 
 from __future__ import annotations
 
+import contextlib
 import os
 import textwrap
 from collections.abc import Iterator
@@ -83,13 +84,12 @@ def no_leftovers(docker_client: docker.DockerClient) -> Iterator[None]:
     # Containers of other live lfsorch processes (a parallel test session) are not ours.
     left = [
         container
-        for container in docker_client.containers.list(
-            all=True, filters={"label": f"{engine.MANAGED}=true"}, ignore_removed=True
-        )
+        for container in engine.managed_containers(docker_client)
         if container.labels.get(engine.OWNER_PID) == str(os.getpid())
         or not engine.owner_alive(container.labels)
     ]
     names = [c.name for c in left]
     for container in left:
-        container.remove(force=True)
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            docker_client.api.remove_container(container.id, force=True)
     assert names == [], f"containers left behind: {names}"

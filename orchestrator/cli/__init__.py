@@ -111,7 +111,9 @@ def run(
 ) -> None:
     """Build the stages, each package in a fresh container; resumes after a failure."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    config = load_config(option or [])
+    # -j is checked as the configuration's parallel_builds is, with the same cap.
+    jobs = [f"parallel_builds={parallel}"] if parallel is not None else []
+    config = load_config([*(option or []), *jobs])
     state = api.run(
         files,
         lfs,

@@ -9,7 +9,7 @@ import typer
 from orchestrator.config import load_config
 from orchestrator.graph import load_plan
 from orchestrator.source_errors import SourceError
-from orchestrator.sources import cache_dir_for, fetch, status
+from orchestrator.sources import add, cache_dir_for, fetch, status
 from orchestrator.sourcesets import Source, default_set_dirs, load_source_set
 from orchestrator.workspace import Workspace
 
@@ -56,10 +56,40 @@ def fetch_cmd(
         _collect(files), Workspace.from_env(), the_set, allow_unverified=allow_unverified
     )
     mib = result.bytes_downloaded / 2**20
+    for file, uri in sorted(result.fell_back.items()):
+        typer.echo(f"{file}: the URI apt named failed; taken from {uri}")
     typer.echo(
         f"{len(result.fetched)} fetched ({mib:.1f} MiB in {result.seconds:.0f}s), "
         f"{len(result.cached)} already cached, in {result.cache_dir}"
     )
+
+
+@app.command("add")
+def add_cmd(
+    local_files: list[Path] = typer.Argument(..., help="local source files to add"),
+    stage_files: list[Path] = typer.Option(
+        ..., "--for", "-f", exists=True, dir_okay=False, help="stage file(s) declaring them"
+    ),
+    source_set: str | None = SetOpt,
+) -> None:
+    """Put local files into the verified cache when they match a declared checksum.
+
+    Without a network: copy the tarballs (or, for a Debian set, the Debian orig tarballs)
+    onto the machine and add them. The content decides which declared file each one is.
+    """
+    the_set = load_source_set(_set_name(source_set), _set_dirs(stage_files))
+    result = add(local_files, _collect(stage_files), Workspace.from_env(), the_set)
+    for path, names in result.added:
+        typer.echo(f"added {path} as {', '.join(names)}")
+    if len(result.refused) == 1 and not result.added:
+        raise result.refused[0]
+    if result.refused:
+        listing = "\n".join(f"  - {exc.message}" for exc in result.refused)
+        raise SourceError(
+            f"{len(result.refused)} file(s) refused, nothing written for them:\n{listing}",
+            hint=result.refused[0].hint,
+        )
+    typer.echo(f"{len(result.added)} file(s) added to {result.cache_dir}")
 
 
 @app.command("list")

@@ -78,6 +78,7 @@ def two_stages(stage_file: WriteStage) -> list[Path]:
         stage: two
         requires: [one]
         image: {BASE_IMAGE}
+        assets: [control]
         packages:
           - {{name: a, script: "echo a >> /mnt/lfs/usr/a"}}
           - name: b
@@ -85,12 +86,13 @@ def two_stages(stage_file: WriteStage) -> list[Path]:
             script: |
               if [ -e /mnt/lfs/usr/half ]; then echo "built on half-installed files"; exit 9; fi
               echo partial > /mnt/lfs/usr/half
-              if [ -e /stage/hold ]; then sleep 300; fi
-              if [ -e /stage/fail ]; then exit 4; fi
+              if [ -e /stage/control/hold ]; then sleep 300; fi
+              if [ -e /stage/control/fail ]; then exit 4; fi
               rm /mnt/lfs/usr/half
               echo b > /mnt/lfs/usr/b
         """,
     )
+    (two.parent / "control").mkdir()
     return [two]
 
 
@@ -143,7 +145,7 @@ def test_cache_hit_restores_instead_of_building(
 def test_failed_build_resumes_on_the_restored_checkpoint(
     workspace: Workspace, lfs_dir: Path, two_stages: list[Path]
 ) -> None:
-    fail = two_stages[0].parent / "fail"
+    fail = two_stages[0].parent / "control/fail"
     fail.touch()
     state, _ = build(two_stages, lfs_dir, workspace)
     assert state.outcome == "failed"
@@ -163,7 +165,7 @@ def test_killed_run_resumes_on_the_restored_checkpoint(
     two_stages: list[Path],
     docker_client: docker.DockerClient,
 ) -> None:
-    hold = two_stages[0].parent / "hold"
+    hold = two_stages[0].parent / "control/hold"
     hold.touch()
     process = subprocess.Popen(
         [sys.executable, "-m", "orchestrator", "run", str(two_stages[0]), "--lfs", str(lfs_dir)],
@@ -237,17 +239,14 @@ def test_package_checkpoints_resume_after_the_last_good_package(
             depends: [p2]
             script: |
               echo 3-partial >> /mnt/lfs/log
-              [ ! -e /stage/fail ]
+              [ "$LFSORCH_ATTEMPT" -gt 1 ]  # fails the first time, in the first run
               echo 3 >> /mnt/lfs/log
         """,
     )
-    fail = path.parent / "fail"
-    fail.touch()
     state, recorded = build([path], lfs_dir, workspace)
     assert state.outcome == "failed"
     assert [e.package for e in recorded if e.name == "snapshot.create"] == [None, "p1", "p2"]
 
-    fail.unlink()
     state, recorded = build([path], lfs_dir, workspace)
     assert state.outcome == "succeeded"
     assert restores(recorded) == [("steps", "resume: back to the last checkpoint")]

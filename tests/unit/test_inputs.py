@@ -3,6 +3,7 @@ output-neutral ones do not, and the command line beats a stage file."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from orchestrator.config import Settings, load_config
 from orchestrator.errors import ConfigError
 from orchestrator.inputs import InputsOf, merged_environment, without_job_count
 from orchestrator.models import Package, Stage
+from orchestrator.stagefile import StageFile
 
 IMAGES = {"img/a": "sha256:aaa", "img/b": "sha256:bbb"}
 
@@ -34,16 +36,17 @@ def settings_from(
     ).settings
 
 
-def stage_of(**changes: Any) -> Stage:
+def stage_of(**changes: Any) -> StageFile:
     package: dict[str, Any] = {"name": "p", "script": "make", "version": "1"}
     package.update(changes.pop("package", {}))
     data: dict[str, Any] = {"stage": "s", "image": "img/a", "packages": [package]}
     data.update(changes)
-    return Stage.model_validate(data)
+    return StageFile(Path("s.yaml"), Stage.model_validate(data), {})
 
 
-def key_of(settings: Settings, stage: Stage, parent: str | None = "parent") -> str:
-    return InputsOf(settings, IMAGES.__getitem__).key(stage, stage.packages, parent)
+def key_of(settings: Settings, stage_file: StageFile, parent: str | None = "parent") -> str:
+    of = InputsOf(settings, IMAGES.__getitem__)
+    return of.key(stage_file, stage_file.stage.packages, parent)
 
 
 @pytest.mark.parametrize(
@@ -96,6 +99,9 @@ def test_every_layer_reaches_the_key(tmp_path: Path) -> None:
                 }
             ),
         ),
+        "assets": key_of(
+            settings_from(tmp_path), dataclasses.replace(stage_of(), asset_digest="0" * 64)
+        ),
         "parent": key_of(settings_from(tmp_path), stage_of(), parent="other"),
     }
     assert {name: key for name, key in changed.items() if key == base} == {}
@@ -104,11 +110,12 @@ def test_every_layer_reaches_the_key(tmp_path: Path) -> None:
 def test_output_neutral_inputs_stay_out_of_the_key(tmp_path: Path) -> None:
     base = key_of(settings_from(tmp_path, ["makeflags=-j8"]), stage_of())
     assert key_of(settings_from(tmp_path, ["makeflags=-j1"]), stage_of()) == base
-    assert key_of(settings_from(tmp_path), stage_of(resources={"cpus": 3})) == base
+    assert key_of(settings_from(tmp_path), stage_of(resources={"cpus": 0.5})) == base
     settings = settings_from(tmp_path)
     of = InputsOf(settings, IMAGES.__getitem__)
     stage = stage_of()
-    first, retry = of.of(stage, stage.packages[0], 1), of.of(stage, stage.packages[0], 2)
+    package = stage.stage.packages[0]
+    first, retry = of.of(stage, package, 1), of.of(stage, package, 2)
     assert retry.environment["LFSORCH_ATTEMPT"] == "2"
     assert first.hashed() == retry.hashed()
     # The timeout and the retries decide whether a build ends, not what it makes.
@@ -137,7 +144,7 @@ def test_the_command_line_beats_the_stage_file(tmp_path: Path) -> None:
     stage = stage_of(
         environment={"X": "stage", "MAKEFLAGS": "-j1 V=1"},
         package={"environment": {"Y": "package"}},
-    )
+    ).stage
     package = stage.packages[0]
     below = settings_from(tmp_path, user="environment: {X: user, Y: user}\nmakeflags: -j9")
     env = merged_environment(stage, package, below, 1)
@@ -147,7 +154,7 @@ def test_the_command_line_beats_the_stage_file(tmp_path: Path) -> None:
     env = merged_environment(stage, package, above, 1)
     assert (env["X"], env["Y"], env["MAKEFLAGS"]) == ("cli", "cli", "-j3")
 
-    tests_off = stage_of(environment={"LFSORCH_RUN_TESTS": "1"})
+    tests_off = stage_of(environment={"LFSORCH_RUN_TESTS": "1"}).stage
     env = merged_environment(tests_off, tests_off.packages[0], above, 1)
     assert env["LFSORCH_RUN_TESTS"] == "1"
     off = settings_from(tmp_path, ["run_tests=false"])
@@ -155,11 +162,11 @@ def test_the_command_line_beats_the_stage_file(tmp_path: Path) -> None:
 
 
 def test_checkpoint_policy_precedence(tmp_path: Path) -> None:
-    own = stage_of(checkpoint="package")
+    own = stage_of(checkpoint="package").stage
     assert policy_of(own, settings_from(tmp_path, ["profile=minimal"])) == "package"
     assert policy_of(own, settings_from(tmp_path, user="checkpoint: none")) == "package"
     assert policy_of(own, settings_from(tmp_path, ["checkpoint=none"])) == "none"
-    assert policy_of(stage_of(), settings_from(tmp_path, ["profile=minimal"])) == "none"
+    assert policy_of(stage_of().stage, settings_from(tmp_path, ["profile=minimal"])) == "none"
     assert policy_of(own, Settings()) == "package"
 
 
@@ -168,4 +175,4 @@ def test_package_names_keep_the_key_apart() -> None:
     plus = stage_of(package={"name": "gtk+"})
     under = stage_of(package={"name": "gtk_"})
     assert key_of(Settings(), plus) != key_of(Settings(), under)
-    assert isinstance(plus.packages[0], Package)
+    assert isinstance(plus.stage.packages[0], Package)

@@ -165,7 +165,8 @@ def test_checksum_mismatch_sets_bad_file_aside_and_harms_nothing_else(
     assert exc.set_aside is not None and exc.set_aside.read_bytes() == b"not what was declared"
     assert exc.set_aside.name.endswith(".rejected")
     assert exc.message == (
-        f"checksum mismatch for a.tar.xz: expected sha256 {sha(PAYLOAD)}, got {actual}; "
+        f"checksum mismatch for a.tar.xz from {server.base}/a.tar.xz: "
+        f"expected sha256 {sha(PAYLOAD)}, got {actual}; "
         f"the bad copy was moved to {exc.set_aside}"
     )
     cache = cache_dir_for(ws, "upstream")

@@ -14,7 +14,7 @@ from orchestrator import engine, leftovers, records, sources
 from orchestrator.build import Build, RunOptions, workspace_lock
 from orchestrator.config import Config, load_config
 from orchestrator.console import ConsoleView
-from orchestrator.errors import EngineUnavailable, LfsorchError
+from orchestrator.errors import EngineUnavailable, LfsorchError, local_file_error
 from orchestrator.eventlog import JsonEventLog
 from orchestrator.events import EventBus
 from orchestrator.graph import Plan, load_plan
@@ -50,6 +50,8 @@ def event_bus(workspace: Workspace, config: Config, view: ConsoleView | None) ->
                 yield bus
     finally:
         log.close()
+    if log.failure is not None:  # the run's own error, if any, went out instead
+        raise local_file_error(log.failure, "the event log")
 
 
 def run(

@@ -83,15 +83,31 @@ def owner_alive(labels: dict[str, str]) -> bool:
     return f"{process.create_time():.2f}" == labels.get(OWNER_START)
 
 
+def managed_containers(
+    client: docker.DockerClient, *, running: bool = False
+) -> list[dict[str, Any]]:
+    """lfsorch's containers as the engine lists them (Id, Names, Labels, Mounts, State), in
+    one call: inspecting each afterwards races with containers other runs remove meanwhile."""
+    filters: dict[str, Any] = {"label": f"{MANAGED}=true"}
+    if running:
+        filters["status"] = "running"
+    return list(client.api.containers(all=not running, filters=filters))
+
+
+def container_name(listed: dict[str, Any]) -> str:
+    names = listed.get("Names") or [listed.get("Id", "?")[:12]]
+    return str(names[0]).lstrip("/")
+
+
 def reap_leftovers(client: docker.DockerClient) -> list[str]:
     """Remove containers left by lfsorch processes that no longer exist; return their names."""
     removed: list[str] = []
-    for container in client.containers.list(all=True, filters={"label": f"{MANAGED}=true"}):
-        if owner_alive(container.labels):
+    for listed in managed_containers(client):
+        if owner_alive(listed.get("Labels") or {}):
             continue
         with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-            container.remove(force=True)
-            removed.append(container.name)
+            client.api.remove_container(listed["Id"], force=True)
+            removed.append(container_name(listed))
     return removed
 
 

@@ -100,13 +100,15 @@ def refuse_unsafe_partition(path: Path, workspace: Workspace) -> None:
     reason = _system_reason(resolved)
     if reason is None and _inside(resolved, root):
         reason = f"it is inside the workspace {root}"
+    hint = _PARTITION_HINT
     if reason is None and _inside(root, resolved):
         reason = (
             f"it contains the workspace {root}, and a restore would delete the snapshots "
             "it restores from"
         )
+        hint = _WORKSPACE_HINT + ", outside the partition"
     if reason is not None:
-        raise UnsafePath(f"cannot use {shown} as the LFS partition: {reason}", hint=_PARTITION_HINT)
+        raise UnsafePath(f"cannot use {shown} as the LFS partition: {reason}", hint=hint)
     refuse_unsafe_workspace(workspace)
 
 
@@ -218,12 +220,12 @@ class Partition:
         an orphan would otherwise go on writing into a partition just restored.
         """
         live: list[str] = []
-        filters = {"label": f"{engine.MANAGED}=true", "status": "running"}
-        for container in client.containers.list(filters=filters):
-            sources = [m.get("Source") or "" for m in container.attrs.get("Mounts") or []]
+        for listed in engine.managed_containers(client, running=True):
+            sources = [m.get("Source") or "" for m in listed.get("Mounts") or []]
             if any(_overlaps(source, str(self.path)) for source in sources):
-                run = container.labels.get(engine.RUN) or container.labels.get(engine.PURPOSE)
-                live.append(f"{container.name} (run {run or '?'})")
+                labels = listed.get("Labels") or {}
+                run = labels.get(engine.RUN) or labels.get(engine.PURPOSE) or "?"
+                live.append(f"{engine.container_name(listed)} (run {run})")
         if live:
             raise PartitionBusy(
                 f"live lfsorch containers use the partition {self.path}: {', '.join(live)}",

@@ -308,6 +308,8 @@ def main() -> None:
         Console(stderr=True).print("interrupted")
         sys.exit(130)
     except OSError as exc:  # a local file lfsorch cannot use: one line, with what to do
+        if exc.errno is None:  # not the system's (an HTTP library's error): not ours to word
+            raise
         error = local_file_error(exc)
         Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {error}", markup=False)
         sys.exit(error.exit_code)

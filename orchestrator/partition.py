@@ -98,6 +98,8 @@ def refuse_unsafe_partition(path: Path, workspace: Workspace) -> None:
     root = os.path.realpath(workspace.root)
     shown = _shown(path, resolved)
     reason = _system_reason(resolved)
+    if reason is None and resolved == root:
+        reason = "it is the workspace itself"
     if reason is None and _inside(resolved, root):
         reason = f"it is inside the workspace {root}"
     hint = _PARTITION_HINT

@@ -130,7 +130,7 @@ class SnapshotStore:
             raise SnapshotError(
                 f"no snapshot {key} in {self.root}", hint="`lfsorch snapshots list` shows them"
             ) from None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             raise SnapshotError(f"snapshot {key}: manifest {path} is unreadable ({exc})") from None
 
     def _info(self, manifest: Manifest) -> SnapshotInfo:

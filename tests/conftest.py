@@ -4,8 +4,10 @@ except in CI (CI=true), where a missing engine is a failure, never a silent skip
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import docker
@@ -93,3 +95,41 @@ def no_leftovers(docker_client: docker.DockerClient) -> Iterator[None]:
     for container in left:
         container.remove(force=True)
     assert names == [], f"containers left behind: {names}"
+
+
+@pytest.fixture
+def canary(tmp_path: Path) -> Callable[[], dict[str, tuple[bytes | None, int]]]:
+    """Files outside every partition and workspace (a directory, a file, a setuid file).
+    Returns a function giving each entry's bytes and mode, to compare before and after."""
+    root = tmp_path / "canary"
+    (root / "dir").mkdir(parents=True)
+    (root / "dir" / "file").write_bytes(b"canary\n")
+    setuid = root / "setuid"
+    setuid.write_bytes(b"#!/bin/sh\nexit 0\n")
+    os.chmod(setuid, 0o4755)
+
+    def state() -> dict[str, tuple[bytes | None, int]]:
+        return {
+            str(path.relative_to(root)): (
+                path.read_bytes() if path.is_file() else None,
+                os.lstat(path).st_mode,
+            )
+            for path in [root, *sorted(root.rglob("*"))]
+        }
+
+    return state
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`lfsorch ARGS` in a subprocess, as a user runs it; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+        timeout=timeout,
+        check=False,
+    )

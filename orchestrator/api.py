@@ -264,11 +264,19 @@ def _clear_for_restore(
 
 
 def _forget_position(partition: Partition) -> None:
-    """Until the restore is done, the record must not say the partition is at a checkpoint."""
+    """Until the restore is done, the record must not say the partition is at a checkpoint.
+    A record still `running` belongs to a run that was killed (this process holds the
+    partition's lock): it says so now."""
     record = records.load_record(partition)
-    if record is not None and record.partition_at is not None:
-        record.partition_at = None
-        _save_record(partition, record)
+    if record is None or (record.partition_at is None and record.outcome != "running"):
+        return
+    record.partition_at = None
+    if record.outcome == "running":
+        record.outcome = "interrupted"
+        for package in record.packages:
+            if package.status == "running":
+                package.status = "pending"
+    _save_record(partition, record)
 
 
 def _record_restore(partition: Partition, store: SnapshotStore, info: SnapshotInfo) -> None:

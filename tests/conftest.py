@@ -3,6 +3,7 @@ except in CI (CI=true), where a missing engine is a failure, never a silent skip
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -83,17 +84,18 @@ def no_leftovers(docker_client: docker.DockerClient) -> Iterator[None]:
     """Fail a test that leaves any lfsorch container behind."""
     yield
     # Containers of other live lfsorch processes (a parallel test session) are not ours.
+    # The engine's own list (one call): inspecting each container afterwards races with
+    # other sessions removing theirs.
     left = [
-        container
-        for container in docker_client.containers.list(
-            all=True, filters={"label": f"{engine.MANAGED}=true"}
-        )
-        if container.labels.get(engine.OWNER_PID) == str(os.getpid())
-        or not engine.owner_alive(container.labels)
+        listed
+        for listed in engine.managed_containers(docker_client)
+        if (listed.get("Labels") or {}).get(engine.OWNER_PID) == str(os.getpid())
+        or not engine.owner_alive(listed.get("Labels") or {})
     ]
-    names = [c.name for c in left]
-    for container in left:
-        container.remove(force=True)
+    names = [engine.container_name(listed) for listed in left]
+    for listed in left:
+        with contextlib.suppress(docker.errors.NotFound):
+            docker_client.api.remove_container(listed["Id"], force=True)
     assert names == [], f"containers left behind: {names}"
 
 

@@ -250,7 +250,9 @@ def runs(
     if not found:
         out.print("no runs recorded yet")
         return
-    table = Table("run", "partition", "started", "outcome", "packages")
+    table = Table()
+    for column in ("run", "partition", "started", "outcome", "packages"):
+        table.add_column(column, overflow="fold")  # ids and paths whole, never cut short
     for summary in found:
         counts = ", ".join(f"{n} {status}" for status, n in sorted(summary.counts.items()))
         table.add_row(summary.run_id, summary.lfs, summary.started, summary.outcome, counts)

@@ -466,3 +466,34 @@ def test_what_a_killed_restore_leaves_is_removed_by_the_next_one_and_by_cleanup(
     assert (tmp_path / ".other.restore-abcd1234").is_dir()
     assert partition_files(lfs) == partition_files(tmp_path / "big")
     assert canary() == before
+
+
+@pytest.mark.parametrize("mounted", [False, True], ids=["directory", "mount-point"])
+def test_restore_keeps_the_partition_identity(
+    workspace: Workspace, tmp_path: Path, mounted: bool
+) -> None:
+    from orchestrator.partition import Partition
+
+    if mounted and os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    source = tmp_path / "source"
+    (source / "usr").mkdir(parents=True)
+    (source / "usr" / "file").write_bytes(b"restored\n")
+    snapshot_of(workspace, source, "base")
+    lfs = tmp_path / "lfs"
+    lfs.mkdir()
+    if mounted:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(lfs)], check=True)
+    try:
+        (lfs / "stale").write_bytes(b"stale\n")
+        identity = Partition.checked(lfs, workspace).identity()
+        api.restore("base", lfs, workspace=workspace)
+        api.restore("base", lfs, workspace=workspace)
+        assert Partition.checked(lfs, workspace).identity() == identity
+        assert partition_files(lfs) == partition_files(source)
+        assert sorted(p.name for p in lfs.iterdir()) == [PARTITION_MARKER, "usr"]
+        record = api.last_run(workspace, lfs_dir=lfs)
+        assert record is not None and record.partition == identity
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(lfs)], check=True)

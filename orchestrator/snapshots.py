@@ -45,7 +45,7 @@ from orchestrator.manifest import (
 )
 from orchestrator.mounts import mounts_below
 from orchestrator.tarstream import Member, MemberPolicy
-from orchestrator.treescan import TreeScan, diff_tree, entry_of
+from orchestrator.treescan import PRIVATE_NAMES, TreeScan, diff_tree, entry_of
 
 MANIFEST = "manifest.json"
 IMAGE_RECORD = "image.json"
@@ -130,7 +130,7 @@ class SnapshotStore:
             raise SnapshotError(
                 f"no snapshot {key} in {self.root}", hint="`lfsorch snapshots list` shows them"
             ) from None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             raise SnapshotError(f"snapshot {key}: manifest {path} is unreadable ({exc})") from None
 
     def _info(self, manifest: Manifest) -> SnapshotInfo:
@@ -156,15 +156,20 @@ class SnapshotStore:
             return None
         return self._info(self.manifest(key))
 
-    def list(self) -> Infos:
-        """All complete snapshots, oldest first."""
+    def list(self, broken: Keys | None = None) -> Infos:
+        """All complete snapshots, oldest first. One whose manifest cannot be read is left
+        out (and described in `broken`, when given): it must not hide the others."""
         if not self.root.is_dir():
             return []
-        found = [
-            self._info(self.manifest(item.name))
-            for item in self.root.iterdir()
-            if not item.name.startswith(".") and (item / MANIFEST).is_file()
-        ]
+        found = []
+        for item in self.root.iterdir():
+            if item.name.startswith(".") or not (item / MANIFEST).is_file():
+                continue
+            try:
+                found.append(self._info(self.manifest(item.name)))
+            except SnapshotError as exc:
+                if broken is not None:
+                    broken.append(exc.message)
         return sorted(found, key=lambda info: (info.created, info.key))
 
     def find_by_stage(self, stage: str) -> SnapshotInfo | None:
@@ -675,6 +680,9 @@ def _swap(staging: Path, target: Path) -> list[str]:
         return ["."]
     if not target.is_dir() or target.is_symlink():
         raise SnapshotError(f"cannot restore over {target}: it is not a directory")
+    for name in PRIVATE_NAMES:  # the partition's identity and lock stay with it
+        if os.path.lexists(target / name):
+            os.rename(target / name, staging / name)
     trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
     os.rename(target, trash / "tree")
     os.rename(staging, target)
@@ -692,7 +700,7 @@ def _swap_contents(staging: Path, target: Path) -> list[str]:
     restored_root = os.lstat(staging)  # before moving its entries changes its mtime
     trash = Path(tempfile.mkdtemp(prefix=OLD_PREFIX, dir=target))
     for name in sorted(os.listdir(target)):
-        if name not in (staging.name, trash.name):
+        if name not in (staging.name, trash.name) and name not in PRIVATE_NAMES:
             os.rename(target / name, trash / name)
     moved = sorted(os.listdir(staging))
     for name in moved:

@@ -59,7 +59,8 @@ TAR_EXTRACT_ARGS = (
 # tar converts PAX names from UTF-8 to the locale's charset; in C it keeps the bytes as they
 # are, which is how the validator reads them.
 CONFINED_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
-# Where tar, sh, xargs and rm and their libraries live; bound read-only into the sandbox.
+# Where tar, sh, xargs and rm and their libraries live; bound read-only into the sandbox
+# (with /dev/null, which xargs gives rm as its input).
 SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
 # Runs as root in a fresh mount namespace: $1 the sandbox root (an empty directory), $2 the
 # staging directory, $3 a directory holding the layer's deletion list; then tar's arguments.
@@ -77,7 +78,9 @@ for name in $SYSTEM_DIRS; do
     mount -o remount,bind,ro "$root/$name"
   fi
 done
-mkdir "$root/dest" "$root/io"
+mkdir "$root/dest" "$root/io" "$root/dev"
+: > "$root/dev/null"
+mount --bind /dev/null "$root/dev/null"
 mount --bind "$dest" "$root/dest"
 mount --bind "$io" "$root/io"
 mount -o remount,bind,ro "$root/io"

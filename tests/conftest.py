@@ -84,7 +84,7 @@ def no_leftovers(docker_client: docker.DockerClient) -> Iterator[None]:
     left = [
         container
         for container in docker_client.containers.list(
-            all=True, filters={"label": f"{engine.MANAGED}=true"}
+            all=True, filters={"label": f"{engine.MANAGED}=true"}, ignore_removed=True
         )
         if container.labels.get(engine.OWNER_PID) == str(os.getpid())
         or not engine.owner_alive(container.labels)

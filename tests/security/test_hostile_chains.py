@@ -212,3 +212,15 @@ def test_cli_restore_and_verify_refuse_a_hostile_chain(
     assert reason in verified.stdout.splitlines()
     assert_canary_intact(victim, canary)
     _assert_untouched(tmp_path, partition, before)
+
+
+def test_verify_compares_every_manifest_with_the_tree_its_layers_build(tmp_path: Path) -> None:
+    store = SnapshotStore(tmp_path / "snapshots")
+    chain_manifest_omits_symlink(store.root, tmp_path / "outside")
+    assert store.verify("a1") == [
+        "snapshot ch5 (a1): manifest lacks 'x', a symlink the archives create"
+    ]
+    assert store.verify("a2") == [
+        "snapshot ch5 (a1): manifest lacks 'x', a symlink the archives create",
+        CHAINS[0][1],
+    ]

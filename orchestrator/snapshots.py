@@ -88,8 +88,8 @@ class SnapshotStore:
     """Snapshots under one directory (normally `Workspace.snapshots_dir`)."""
 
     def __init__(self, root: Path, *, isolate: bool = False) -> None:
-        """`isolate`: extract this store's archives in a throwaway container, not with the
-        host's tar (images from elsewhere always go through a container)."""
+        """`isolate`: extract this store's archives in a throwaway container, not in the
+        host's sandbox (images from elsewhere always go through a container)."""
         self.root = root
         self.isolate = isolate
         # Parsing a manifest of a whole root filesystem takes tens of milliseconds, and a

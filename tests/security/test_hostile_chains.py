@@ -224,3 +224,33 @@ def test_verify_compares_every_manifest_with_the_tree_its_layers_build(tmp_path:
         "snapshot ch5 (a1): manifest lacks 'x', a symlink the archives create",
         CHAINS[0][1],
     ]
+
+
+@pytest.mark.parametrize(
+    ("deleted", "reason"),
+    [
+        (["x/victim"], "member 'x/victim' lies below symlink 'x' (would write through it)"),
+        (["../outside/victim"], "member '../outside/victim' escapes the tree ('..' component)"),
+        (["/tmp"], "member '/tmp' escapes the tree (absolute path)"),
+        (["x\0/victim"], "member 'x\\x00/victim' has a NUL byte in its name"),
+    ],
+    ids=["through-symlink", "dot-dot", "absolute", "nul"],
+)
+def test_hostile_deletion_lists_are_refused(
+    deleted: list[str], reason: str, tmp_path: Path, partition: Path
+) -> None:
+    victim = plant_canary(tmp_path / "outside")
+    canary, before = canary_state(victim.parent), tree_state(partition)
+    store = SnapshotStore(tmp_path / "snapshots")
+    _base_with_symlink(store.root, victim.parent, "d0")
+    entries = [
+        entry(".", "dir", "d0"),
+        entry("x", "symlink", "d0", mode=0o777, link=str(victim.parent)),
+    ]
+    write_snapshot(store.root, Snapshot("d1", end(), entries, delta_of="d0", deleted=deleted))
+    with pytest.raises(UnsafeArchiveError) as caught:
+        store.restore("d1", partition)
+    assert caught.value.message == f"snapshot ch5 (d1): {reason}"
+    assert f"snapshot ch5 (d1): {reason}" in store.verify("d1")
+    assert_canary_intact(victim, canary)
+    _assert_untouched(tmp_path, partition, before)

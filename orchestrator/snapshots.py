@@ -21,7 +21,7 @@ import stat
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from orchestrator.manifest import (
     topmost,
 )
 from orchestrator.mounts import mounts_below
-from orchestrator.tarstream import ExtractedTree, Member, MemberPolicy
+from orchestrator.tarstream import ExtractedTree, Member, MemberPolicy, self_and_parents
 from orchestrator.treescan import TreeScan, diff_tree, entry_of
 
 MANIFEST = "manifest.json"
@@ -339,16 +339,13 @@ class SnapshotStore:
         chain = self.chain(key)
         tree = ExtractedTree()
         built: dict[str, str] = {}
+
+        def note(member: Member) -> None:
+            built[member.name] = "file" if member.kind == "hardlink" else member.kind
+
         for index, manifest in enumerate(chain):
-            layer = self._layer(chain, index, tree)
-            checked = layer.on_member
+            layer = self._layer(chain, index, tree, on_checked=note)
             _forget_paths(built, layer.delete_before)
-
-            def note(member: Member, checked: Any = checked) -> None:
-                checked(member)
-                built[member.name] = "file" if member.kind == "hardlink" else member.kind
-
-            layer.on_member = note
             try:
                 extract.check_layer(layer)
             except LfsorchError as exc:
@@ -376,8 +373,15 @@ class SnapshotStore:
         self._restore_layers(layers, chain[-1], Path(target), client, isolate=self.isolate)
         return info
 
-    def _layer(self, chain: Chain, index: int, tree: ExtractedTree) -> Layer:
-        """Layer `index` of the chain, checked against its manifest as it streams.
+    def _layer(
+        self,
+        chain: Chain,
+        index: int,
+        tree: ExtractedTree,
+        on_checked: Callable[[Member], None] | None = None,
+    ) -> Layer:
+        """Layer `index` of the chain, checked against its manifest as it streams
+        (`on_checked` sees each member that passed).
 
         The symlinks it must not write through come from `tree`, which the earlier layers'
         members and deletions filled as they streamed, never from a manifest.
@@ -390,6 +394,8 @@ class SnapshotStore:
         def check(member: Member) -> None:
             check_member(manifest, expect, member)
             seen.add(member.name)
+            if on_checked is not None:
+                on_checked(member)
 
         def chunks() -> Iterator[bytes]:
             yield from self._chunks(manifest)
@@ -581,15 +587,8 @@ def _forget_paths(built: dict[str, str], deleted: list[str]) -> None:
     if not deleted:
         return
     gone = set(deleted)
-    for path in [p for p in built if any(q in gone for q in _self_and_parents(p))]:
+    for path in [p for p in built if any(q in gone for q in self_and_parents(p))]:
         del built[path]
-
-
-def _self_and_parents(path: str) -> Iterator[str]:
-    yield path
-    while "/" in path:
-        path = path.rsplit("/", 1)[0]
-        yield path
 
 
 def _tree_vs_manifest(built: dict[str, str], manifest: Manifest) -> Keys:

@@ -515,11 +515,12 @@ class ExtractedTree:
             return
         self.symlinks = {
             link for link in self.symlinks
-            if not any(prefix in gone for prefix in _self_and_parents(link))
+            if not any(prefix in gone for prefix in self_and_parents(link))
         }  # fmt: skip
 
 
-def _self_and_parents(path: str) -> Iterable[str]:
+def self_and_parents(path: str) -> Iterable[str]:
+    """`a/b/c`, `a/b`, `a`."""
     yield path
     slash = path.rfind("/")
     while slash > 0:

@@ -4,9 +4,10 @@ Every member passes `tarstream.MemberPolicy` before tar sees a byte of it, and t
 runs where it can change nothing but the staging directory, so a disagreement between our
 parser and tar's, or a hole in the policy, still cannot reach the rest of the machine:
 
-- `SandboxExtractor`: the host's tar in a private mount namespace, chrooted into a
-  throwaway root holding the staging directory, the system's binaries read-only, and
-  nothing else. Needs root (as a restore does anyway, for owners and device nodes).
+- `SandboxExtractor`: the host's tar in a private mount namespace whose root is a
+  throwaway tmpfs holding the staging directory, the system's binaries read-only, and
+  nothing else (the host's root is detached), with only the capabilities extraction
+  needs. Needs root (as a restore does anyway, for owners and device nodes).
 - `ContainerExtractor`: GNU tar in a throwaway container with a read-only root filesystem
   and only the staging directory mounted writable. Used for images from elsewhere, and
   wherever the sandbox cannot be set up.
@@ -62,8 +63,14 @@ CONFINED_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 # Where tar, sh, xargs and rm and their libraries live; bound read-only into the sandbox
 # (with /dev/null, which xargs gives rm as its input).
 SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32")
+# What tar needs as root to restore owners, modes, device nodes and file capabilities; not
+# mount, chroot or any other way out of the sandbox.
+EXTRACT_CAPABILITIES = ("chown", "dac_override", "dac_read_search", "fowner", "fsetid",
+                        "mknod", "setfcap")  # fmt: skip
 # Runs as root in a fresh mount namespace: $1 the sandbox root (an empty directory), $2 the
 # staging directory, $3 a directory holding the layer's deletion list; then tar's arguments.
+# The tmpfs becomes the namespace's root (pivot_root) and the host's root is detached, so
+# nothing else of the machine is reachable from inside, not even by a chroot escape.
 _SANDBOX_SCRIPT = r"""
 set -eu
 root=$1 dest=$2 io=$3
@@ -75,17 +82,24 @@ for name in $SYSTEM_DIRS; do
   elif [ -d "/$name" ]; then
     mkdir "$root/$name"
     mount --bind "/$name" "$root/$name"
-    mount -o remount,bind,ro "$root/$name"
+    mount -o remount,bind,ro,nodev "$root/$name"
   fi
 done
-mkdir "$root/dest" "$root/io" "$root/dev"
+mkdir "$root/dest" "$root/io" "$root/dev" "$root/proc" "$root/.old"
 : > "$root/dev/null"
 mount --bind /dev/null "$root/dev/null"
 mount --bind "$dest" "$root/dest"
+mount -o remount,bind,nosuid,nodev "$root/dest"
 mount --bind "$io" "$root/io"
-mount -o remount,bind,ro "$root/io"
+mount -o remount,bind,ro,nosuid,nodev "$root/io"
+cd "$root"
+pivot_root . .old
 cd /
-exec chroot "$root" /bin/sh -c \
+mount -t proc lfsorch-extract /proc
+umount -l /.old
+umount /proc
+rmdir /.old /proc
+exec setpriv --no-new-privs --inh-caps=-all --bounding-set="$CAPABILITIES" /bin/sh -c \
   'cd /dest && xargs -0 -r rm -rf -- < /io/delete && exec tar "$@" --file=- -C /dest' sh "$@"
 """
 
@@ -148,8 +162,9 @@ def _seed_from_disk(dest: Path, layers: list[Layer]) -> None:
 class SandboxExtractor:
     """Extract layers into `dest` with the host's tar, confined to `dest`, one run per layer.
 
-    tar runs in a private mount namespace, chrooted into a tmpfs that holds only `dest`
-    (read-write), the system directories (read-only) and the deletion list (read-only):
+    tar runs in a private mount namespace whose root is a tmpfs holding only `dest`
+    (read-write, no device access), the system directories and the deletion list
+    (read-only), with the host's root detached and only the capabilities extraction needs:
     a symlink to / leads into that tmpfs, gone when tar exits.
     """
 
@@ -193,14 +208,16 @@ def _sandbox_command(root: Path, dest: Path, io: Path) -> list[str]:
 
 
 def _sandbox_env() -> dict[str, str]:
-    return {**CONFINED_ENV, "SYSTEM_DIRS": " ".join(SYSTEM_DIRS)}
+    capabilities = ",".join(["-all", *(f"+{name}" for name in EXTRACT_CAPABILITIES)])
+    return {**CONFINED_ENV, "SYSTEM_DIRS": " ".join(SYSTEM_DIRS), "CAPABILITIES": capabilities}
 
 
 @functools.cache
 def sandbox_problem() -> str | None:
     """Why the sandbox cannot run here (None if it can): tried once per process."""
-    if shutil.which("unshare") is None:
-        return "util-linux's unshare is not installed"
+    missing = [tool for tool in ("unshare", "pivot_root", "setpriv") if not shutil.which(tool)]
+    if missing:
+        return f"util-linux's {', '.join(missing)} not installed"
     with tempfile.TemporaryDirectory(prefix="lfsorch-extract-probe-") as io:
         (Path(io) / "root").mkdir()
         (Path(io) / "dest").mkdir()

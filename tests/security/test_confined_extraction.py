@@ -37,12 +37,13 @@ class AcceptEverything(MemberPolicy):
 
 
 def _hostile_layers(outside: Path, escape_name: str) -> list[Layer]:
-    """Layer 1 lays symlinks out of the tree (absolute, to /, and up with '..'); layer 2
+    """Layer 1 lays symlinks out of the tree (absolute, to /, up with '..', through /proc); layer 2
     deletes and writes through them and hard-links to what lies behind them."""
     links = (
         member(b"x", b"2", linkname=bytes(outside))
         + member(b"root", b"2", linkname=b"/")
         + member(b"up", b"2", linkname=b"../" * 16 + bytes(outside)[1:])
+        + member(b"proc", b"2", linkname=b"/proc/1/root" + bytes(outside))
         + end()
     )
     through = (
@@ -50,6 +51,7 @@ def _hostile_layers(outside: Path, escape_name: str) -> list[Layer]:
         + member(b"root/usr/" + escape_name.encode(), data=ATTACK)
         + member(b"x/victim", data=ATTACK, mode=0o6777)
         + member(b"up/victim", data=ATTACK, mode=0o6777)
+        + member(b"proc/victim", data=ATTACK, mode=0o6777)
         + member(b"x/dropped", data=ATTACK, mode=0o6777)
         + member(b"hard", b"1", linkname=b"x/victim")
         + end()

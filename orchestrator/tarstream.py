@@ -513,9 +513,9 @@ class ExtractedTree:
         gone = set(paths)
         if not gone:
             return
-        self.symlinks = {
+        self.symlinks -= {
             link for link in self.symlinks
-            if not any(prefix in gone for prefix in self_and_parents(link))
+            if any(prefix in gone for prefix in self_and_parents(link))
         }  # fmt: skip
 
 

@@ -7,7 +7,8 @@ import io
 
 import pytest
 
-from orchestrator.tarstream import MemberPolicy, UnsafeArchiveError, scan_stream
+from orchestrator.extract import Layer, check_layer
+from orchestrator.tarstream import ExtractedTree, MemberPolicy, UnsafeArchiveError, scan_stream
 from tests.security.tarcraft import BLOCK, end, header, member, padded, pax, record
 
 SOURCE = "snapshot ch5 (a1b2c3)"
@@ -223,3 +224,21 @@ def test_hard_link_through_a_symlink_laid_after_its_target_is_refused() -> None:
     assert _refusal(stream) == (
         "member 'h' is a hard link to 'd/f', below symlink 'd' (would link through it)"
     )
+
+
+def test_symlinks_carry_over_layers_and_are_forgotten_with_what_deletes_them() -> None:
+    tree = ExtractedTree()
+    first = member(b"d", b"5") + member(b"d/s", b"2", linkname=b"/etc") + end()
+    check_layer(Layer([first], MemberPolicy("l0", tree=tree)))
+    assert tree.symlinks == {"d/s"}
+    below = member(b"d/s/passwd", data=b"EVIL") + end()
+    with pytest.raises(UnsafeArchiveError) as caught:
+        check_layer(Layer([below], MemberPolicy("l1", tree=tree)))
+    assert (
+        caught.value.message
+        == "l1: member 'd/s/passwd' lies below symlink 'd/s' (would write through it)"
+    )
+    # Deleting `d` deletes the symlink below it: a later layer may make d/s a directory.
+    again = member(b"d", b"5") + member(b"d/s", b"5") + member(b"d/s/f", data=b"ok") + end()
+    check_layer(Layer([again], MemberPolicy("l2", tree=tree), delete_before=["d"]))
+    assert tree.symlinks == set()

@@ -15,7 +15,8 @@ machine whose cores the pipeline already keeps busy, every CPU second lfsorch ad
 per-file sha256 of the manifest, validating each member before tar sees it, checking the
 restored tree against the manifest) costs wall time, so the CPU ratio bounds the
 throughput ratio there. Needs root (owners, device nodes); no Docker engine: the store's
-own archives are extracted with the host's tar after validation.
+own archives are extracted with the host's tar after validation, in the mount-namespace
+sandbox that confines it to the staging directory.
 """
 
 from __future__ import annotations

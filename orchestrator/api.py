@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import dataclasses
+import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import docker
 
-from orchestrator import engine, sources
+from orchestrator import engine, leftovers, records, sources
 from orchestrator.build import Build, RunOptions, workspace_lock
 from orchestrator.config import Config, load_config
 from orchestrator.console import ConsoleView
+from orchestrator.errors import EngineUnavailable, LfsorchError, local_file_error
 from orchestrator.eventlog import JsonEventLog
 from orchestrator.events import EventBus
 from orchestrator.graph import Plan, load_plan
 from orchestrator.manifest import SnapshotError
+from orchestrator.partition import Partition, PartitionBusy, refuse_unsafe_workspace
 from orchestrator.plugins import PluginBridge, plugin_manager
 from orchestrator.snapshots import SnapshotInfo, SnapshotStore
 from orchestrator.state import PackageState, RunState, load_state, save_state
@@ -46,6 +50,8 @@ def event_bus(workspace: Workspace, config: Config, view: ConsoleView | None) ->
                 yield bus
     finally:
         log.close()
+    if log.failure is not None:  # the run's own error, if any, went out instead
+        raise local_file_error(log.failure, "the event log")
 
 
 def run(
@@ -64,7 +70,8 @@ def run(
     """Build every package of the given stages (and the stages they require)."""
     config = config or load_config(overrides)
     plan = load_plan(paths)
-    workspace = workspace or Workspace.from_env()
+    workspace = checked_workspace(workspace)
+    Partition.checked(lfs_dir, workspace)  # before any engine, source or workspace work
     client = engine.connect(timeout=None)
     options = RunOptions(
         lfs_dir=lfs_dir,
@@ -94,8 +101,24 @@ def verified_sources(plan: Plan, workspace: Workspace, source_set: str) -> Path 
     return cache_dir
 
 
-def last_run(workspace: Workspace | None = None) -> RunState | None:
-    return load_state((workspace or Workspace.from_env()).state_file)
+def checked_workspace(workspace: Workspace | None = None) -> Workspace:
+    """The workspace (from LFSORCH_HOME by default), refused if it is a system directory or
+    lies inside a partition."""
+    workspace = workspace or Workspace.from_env()
+    refuse_unsafe_workspace(workspace)
+    return workspace
+
+
+def last_run(workspace: Workspace | None = None, lfs_dir: Path | None = None) -> RunState | None:
+    """The last run's record, or with `lfs_dir` the record of that partition."""
+    workspace = workspace or Workspace.from_env()
+    if lfs_dir is None:
+        return load_state(workspace.state_file)
+    return records.peek_record(Partition(Path(os.path.realpath(lfs_dir)), workspace))
+
+
+def recent_runs(limit: int = 20, workspace: Workspace | None = None) -> list[records.RunSummary]:
+    return records.recent_runs(workspace or Workspace.from_env(), limit)
 
 
 def log_tail(package: PackageState, lines: int) -> list[str]:
@@ -112,14 +135,46 @@ def log_tail(package: PackageState, lines: int) -> list[str]:
     return text.splitlines()[-lines:]
 
 
-def cleanup() -> list[str]:
-    """Remove containers left behind by lfsorch processes that no longer exist."""
-    return engine.reap_leftovers(engine.connect())
+@dataclasses.dataclass
+class Cleanup:
+    containers: list[str] | None  # None: no engine answered, so no container was checked
+    files: list[str]
+
+
+def cleanup(workspace: Workspace | None = None) -> Cleanup:
+    """Remove containers left behind by lfsorch processes that no longer exist, then the
+    staging directories that killed snapshots and restores left (in the workspace, and in
+    and beside the partitions it has records of, each under its lock)."""
+    workspace = checked_workspace(workspace)
+    try:
+        containers: list[str] | None = engine.reap_leftovers(engine.connect())
+    except EngineUnavailable:
+        containers = None
+    with workspace_lock(workspace):
+        files = leftovers.remove_leftovers(leftovers.workspace_leftovers(workspace))
+        for record in sorted(workspace.partitions_dir.glob("*/state.json")):
+            files += _partition_cleanup(workspace, record)
+    return Cleanup(containers, files)
+
+
+def _partition_cleanup(workspace: Workspace, record_file: Path) -> list[str]:
+    """A recorded partition's leftovers, if it is still that partition and not in use."""
+    try:
+        state = load_state(record_file)
+        if state is None:
+            return []
+        partition = Partition.checked(Path(state.lfs), workspace)
+        if partition.identity(create=False) != record_file.parent.name:
+            return []
+        with partition.lock():
+            return leftovers.remove_leftovers(leftovers.partition_leftovers(partition.path))
+    except LfsorchError:  # unreadable record, partition gone or busy: nothing of ours to do
+        return []
 
 
 def pull_snapshot(image: str, *, workspace: Workspace | None = None) -> SnapshotInfo:
     """Add a snapshot image's snapshot to the store, pulling the image if the engine lacks it."""
-    workspace = workspace or Workspace.from_env()
+    workspace = checked_workspace(workspace)
     client = engine.connect(timeout=None)
     try:
         try:
@@ -132,39 +187,125 @@ def pull_snapshot(image: str, *, workspace: Workspace | None = None) -> Snapshot
             hint="`docker login` to the registry, or `docker load` the image first",
         ) from None
     with workspace_lock(workspace):
+        leftovers.remove_leftovers(leftovers.workspace_leftovers(workspace))
         return SnapshotStore(workspace.snapshots_dir).import_image(client, image)
 
 
-def restore(
-    key_or_stage: str, lfs_dir: Path, *, image: bool = False, workspace: Workspace | None = None
-) -> SnapshotInfo:
-    """Make the partition equal a snapshot (or a snapshot image, with `image`); the run record
-    learns where the partition is.
-
-    A workspace with no run record yet (a fresh runner that restored a pulled image) gets one
-    that continues the snapshot's chain of keys, so the next `lfsorch run` of the same stages
-    builds only what comes after it.
-    """
-    workspace = workspace or Workspace.from_env()
+def snapshot_image(key_or_stage: str, *, workspace: Workspace | None = None) -> tuple[str, str]:
+    """Turn a snapshot into an image; returns (the snapshot's key, the image id)."""
+    workspace = checked_workspace(workspace)
     store = SnapshotStore(workspace.snapshots_dir)
-    lfs = str(lfs_dir.resolve())
+    client = engine.connect(timeout=None)
+    with workspace_lock(workspace):  # its scratch tree lives in the store
+        info = store.resolve(key_or_stage)
+        return info.key, store.to_image(client, info.key)
+
+
+class RestoreInterrupted(LfsorchError):
+    exit_code = 130
+
+
+def restore(
+    key_or_stage: str,
+    lfs_dir: Path,
+    *,
+    image: bool = False,
+    workspace: Workspace | None = None,
+    notify: Callable[[str], None] | None = None,
+) -> SnapshotInfo:
+    """Make the partition equal a snapshot (or a snapshot image, with `image`); the
+    partition's run record learns where the partition is.
+
+    Under the workspace's and the partition's locks, after removing containers of runs that
+    are gone (one could still be writing into the partition) and refusing while a live one
+    mounts it. A partition with no record here yet gets one that continues the snapshot's
+    chain of keys, so the next `lfsorch run` of the same stages builds only what follows.
+    """
+    workspace = checked_workspace(workspace)
+    partition = Partition.checked(lfs_dir, workspace)
+    store = SnapshotStore(workspace.snapshots_dir)
     with workspace_lock(workspace):
-        if image:
-            info = store.restore_image(engine.connect(timeout=None), key_or_stage, lfs_dir)
-        else:
-            info = store.restore(key_or_stage, lfs_dir)
-        state = load_state(workspace.state_file)
-        if state is None:
-            chain = store.manifest(info.key).metadata.get("chain") or {}
-            state = RunState(
-                run_id=f"restore-{info.key[:12]}",
-                lfs=lfs,
-                files=[],
-                outcome="succeeded",
-                base_stage=chain.get("first_stage"),
-                base_key=chain.get("base"),
-            )
-        if state.lfs == lfs:
-            state.partition_at = info.key
-            save_state(state, workspace.state_file)
+        if not image:
+            store.resolve(key_or_stage)  # a wrong name fails before anything is touched
+        partition.path.mkdir(parents=True, exist_ok=True)
+        with partition.lock():
+            client = _clear_for_restore(partition, workspace, notify or (lambda _: None))
+            _forget_position(partition)
+            try:
+                if image:
+                    info = store.restore_image(
+                        client or engine.connect(), key_or_stage, partition.path
+                    )
+                else:
+                    info = store.restore(key_or_stage, partition.path, client)
+            except KeyboardInterrupt:
+                raise RestoreInterrupted(
+                    f"interrupted: the restore into {partition.path} did not finish",
+                    hint="run the same `lfsorch restore` again; it removes what this one left",
+                ) from None
+            _record_restore(partition, store, info)
     return info
+
+
+def _clear_for_restore(
+    partition: Partition, workspace: Workspace, notify: Callable[[str], None]
+) -> docker.DockerClient | None:
+    try:
+        client = engine.connect(timeout=None)
+    except EngineUnavailable:
+        client = None  # no engine: no container can be writing into the partition
+    if client is not None:
+        for name in engine.reap_leftovers(client):
+            notify(f"removed container {name} of a run that is gone")
+        partition.refuse_live_containers(client)
+    staging = leftovers.workspace_leftovers(workspace)
+    staging += leftovers.partition_leftovers(partition.path)
+    for path in leftovers.remove_leftovers(staging):
+        notify(f"removed {path}, left by an interrupted snapshot or restore")
+    return client
+
+
+def _forget_position(partition: Partition) -> None:
+    """Until the restore is done, the record must not say the partition is at a checkpoint.
+    A record still `running` belongs to a run that was killed (this process holds the
+    partition's lock): it says so now."""
+    record = records.load_record(partition)
+    if record is None or (record.partition_at is None and record.outcome != "running"):
+        return
+    record.partition_at = None
+    if record.outcome == "running":
+        record.outcome = "interrupted"
+        for package in record.packages:
+            if package.status == "running":
+                package.status = "pending"
+    _save_record(partition, record)
+
+
+def _record_restore(partition: Partition, store: SnapshotStore, info: SnapshotInfo) -> None:
+    record = records.load_record(partition)
+    if record is None:
+        chain = store.manifest(info.key).metadata.get("chain") or {}
+        record = RunState(
+            run_id=f"restore-{info.key[:12]}",
+            lfs=str(partition.path),
+            partition=partition.identity(),
+            files=[],
+            outcome="succeeded",
+            base_stage=chain.get("first_stage"),
+            base_key=chain.get("base"),
+        )
+    record.partition_at = info.key
+    _save_record(partition, record)
+
+
+def _save_record(partition: Partition, record: RunState) -> None:
+    identity = partition.identity()
+    assert identity is not None
+    record.partition = identity
+    save_state(record, partition.record_file(identity))
+    last = load_state(partition.workspace.state_file)
+    if last is not None and last.run_id == record.run_id:
+        save_state(record, partition.workspace.state_file)
+
+
+__all__ = ["PartitionBusy"]

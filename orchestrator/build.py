@@ -9,6 +9,7 @@ import fcntl
 import functools
 import os
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -20,7 +21,7 @@ from pathlib import Path
 import docker
 import networkx as nx
 
-from orchestrator import engine, events, images
+from orchestrator import engine, events, images, leftovers, records
 from orchestrator.checkpoints import Checkpointer, policy_of
 from orchestrator.config import Settings
 from orchestrator.errors import LfsorchError
@@ -29,10 +30,11 @@ from orchestrator.graph import Plan, StagePlan, package_graph
 from orchestrator.inputs import InputsOf
 from orchestrator.metrics import host_summary, tree_usage
 from orchestrator.models import CheckpointPolicy, Package, Stage
+from orchestrator.partition import Partition
 from orchestrator.runner import BuildJob, BuildResult, ContainerRunner
 from orchestrator.snapshots import SnapshotStore, refuse_nested_mounts
 from orchestrator.stagefile import copy_stage_assets
-from orchestrator.state import Attempt, PackageState, RunState, load_state, now_iso, save_state
+from orchestrator.state import Attempt, PackageState, RunState, now_iso, save_state
 from orchestrator.workspace import Workspace
 
 
@@ -126,18 +128,22 @@ class Build:
         # The key of the stage this run built last, when nothing changed the partition since.
         self._built_at: str | None = None
         self._asset_dirs: dict[str, Path] = {}
+        self.partition = Partition.checked(options.lfs_dir, workspace)
         self.state = self._initial_state()
         self._check_from_stage()
 
     # -- state -------------------------------------------------------------------------------
 
     def _initial_state(self) -> RunState:
-        previous = load_state(self.workspace.state_file)
-        lfs = str(self.options.lfs_dir.resolve())
+        """This run's record, carrying on from the partition's own record (never another
+        partition's: a run elsewhere must not change how this partition resumes)."""
+        previous = records.load_record(self.partition)
+        lfs = str(self.partition.path)
         files = [str(p.file.path) for p in self.plan.stages]
         carried: dict[tuple[str, str], PackageState] = {}
-        state = RunState(run_id=self.run_id, lfs=lfs, files=files)
-        if previous is not None and previous.lfs == lfs:
+        identity = self.partition.identity()
+        state = RunState(run_id=self.run_id, lfs=lfs, partition=identity, files=files)
+        if previous is not None:
             carried = {p.key: p for p in previous.packages}
             state.base_stage, state.base_key = previous.base_stage, previous.base_key
             state.checkpoints = dict(previous.checkpoints)
@@ -158,8 +164,26 @@ class Build:
                     )
         return state
 
+    def _record_files(self) -> list[Path]:
+        """The partition's record (what resume reads), then the workspace's last run."""
+        assert self.state.partition is not None
+        return [self.partition.record_file(self.state.partition), self.workspace.state_file]
+
     def _save(self) -> None:
-        save_state(self.state, self.workspace.state_file)
+        for path in self._record_files():
+            save_state(self.state, path)
+
+    def _save_final(self) -> None:
+        """Write every copy of the finished record, each one even if another fails; raise
+        the first failure unless an error is already on its way out."""
+        failures: list[LfsorchError] = []
+        for path in [*self._record_files(), self.workspace.run_dir(self.run_id) / "state.json"]:
+            try:
+                save_state(self.state, path)
+            except LfsorchError as exc:
+                failures.append(exc)
+        if failures and sys.exc_info()[1] is None:
+            raise failures[0]
 
     @contextlib.contextmanager
     def _recording(self) -> Iterator[None]:
@@ -197,8 +221,11 @@ class Build:
 
     def run(self) -> RunState:
         self._check_partition()
-        with workspace_lock(self.workspace):
+        with workspace_lock(self.workspace), self.partition.lock():
             removed = engine.reap_leftovers(self.client)
+            staging = leftovers.workspace_leftovers(self.workspace)
+            staging += leftovers.partition_leftovers(self.partition.path)
+            removed += leftovers.remove_leftovers(staging)
             if removed:
                 self.bus.emit(events.CLEANUP, run_id=self.run_id, removed=removed)
             self._check_images()
@@ -207,7 +234,15 @@ class Build:
             self._asset_dirs = copy_stage_assets(
                 files, self.workspace.run_dir(self.run_id) / "assets"
             )
-            self._save()
+            reserve = records.SpaceReserve(self.workspace)
+            try:
+                self._save()
+                save_state(self.state, self.workspace.run_dir(self.run_id) / "state.json")
+            except BaseException:
+                self.state.outcome, self.state.finished = "failed", now_iso()
+                reserve.release()
+                self._save_final()
+                raise
             self.bus.emit(
                 events.RUN_START,
                 run_id=self.run_id,
@@ -238,8 +273,8 @@ class Build:
                     if package.status == "running":
                         package.status = "pending"
                 self.state.finished = now_iso()
-                self._save()
-                save_state(self.state, self.workspace.run_dir(self.run_id) / "state.json")
+                reserve.release()
+                self._save_final()
                 self.runner.close()
                 self.bus.emit(events.RUN_COMPLETE, run_id=self.run_id, outcome=self.state.outcome)
         return self.state

@@ -21,7 +21,7 @@ import docker
 
 from orchestrator import events, images
 from orchestrator.config import Settings
-from orchestrator.errors import LfsorchError
+from orchestrator.errors import LfsorchError, local_file_error
 from orchestrator.events import EventBus
 from orchestrator.graph import StagePlan
 from orchestrator.inputs import InputsOf, inputs_key, inputs_record
@@ -123,9 +123,12 @@ class Checkpointer:
             **self.inputs.get(key, {}),
             **({"chain": self.chain} if self.chain else {}),
         }
-        info = self.store.create(
-            lfs, key, stage=stage, parent=parent, metadata=metadata, delta_base=delta_base
-        )
+        try:
+            info = self.store.create(
+                lfs, key, stage=stage, parent=parent, metadata=metadata, delta_base=delta_base
+            )
+        except OSError as exc:  # a full or read-only workspace disk, mostly
+            raise local_file_error(exc, "the snapshot store", self.store.root) from None
         self.bus.emit(
             events.SNAPSHOT_CREATE,
             run_id=self.run_id,

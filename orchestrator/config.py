@@ -120,6 +120,16 @@ def _read_file(path: Path) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
+    except UnicodeDecodeError:
+        raise ConfigError(
+            f"{path}: not a text file (a configuration file is UTF-8 YAML)",
+            hint="point LFSORCH_CONFIG at the YAML file, or remove it",
+        ) from None
+    except OSError as exc:
+        raise ConfigError(
+            f"{path}: cannot read the configuration file ({exc.strerror})",
+            hint="point LFSORCH_CONFIG at a YAML file, or remove what is there",
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     if data is None:

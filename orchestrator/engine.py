@@ -10,7 +10,6 @@ import contextlib
 import os
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import docker
@@ -84,32 +83,31 @@ def owner_alive(labels: dict[str, str]) -> bool:
     return f"{process.create_time():.2f}" == labels.get(OWNER_START)
 
 
-@dataclass(frozen=True)
-class ManagedContainer:
-    id: str
-    name: str
-    labels: dict[str, str]
+def managed_containers(
+    client: docker.DockerClient, *, running: bool = False
+) -> list[dict[str, Any]]:
+    """lfsorch's containers as the engine lists them (Id, Names, Labels, Mounts, State), in
+    one call: inspecting each afterwards races with containers other runs remove meanwhile."""
+    filters: dict[str, Any] = {"label": f"{MANAGED}=true"}
+    if running:
+        filters["status"] = "running"
+    return list(client.api.containers(all=not running, filters=filters))
 
 
-def managed_containers(client: docker.DockerClient) -> list[ManagedContainer]:
-    """Every container lfsorch labelled, from one listing: inspecting each one in turn races
-    with other processes removing theirs (a 404 between the list and the inspect)."""
-    listed = client.api.containers(all=True, filters={"label": f"{MANAGED}=true"})
-    return [
-        ManagedContainer(item["Id"], item["Names"][0].lstrip("/"), item.get("Labels") or {})
-        for item in listed
-    ]
+def container_name(listed: dict[str, Any]) -> str:
+    names = listed.get("Names") or [listed.get("Id", "?")[:12]]
+    return str(names[0]).lstrip("/")
 
 
 def reap_leftovers(client: docker.DockerClient) -> list[str]:
     """Remove containers left by lfsorch processes that no longer exist; return their names."""
     removed: list[str] = []
-    for container in managed_containers(client):
-        if owner_alive(container.labels):
+    for listed in managed_containers(client):
+        if owner_alive(listed.get("Labels") or {}):
             continue
         with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-            client.api.remove_container(container.id, force=True)
-            removed.append(container.name)
+            client.api.remove_container(listed["Id"], force=True)
+            removed.append(container_name(listed))
     return removed
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class LfsorchError(Exception):
     """Base of all errors the CLI reports as one readable message instead of a traceback."""
@@ -33,3 +35,36 @@ class ImageMissing(LfsorchError):
     """A stage's image is not present in the engine."""
 
     exit_code = 3
+
+
+class LocalFileError(LfsorchError):
+    """A file or directory lfsorch reads or writes on this machine is unusable."""
+
+
+_LOCAL_FILE_HINTS = {
+    errno.EISDIR: ("is a directory where a file belongs", "move it aside and run again"),
+    errno.ENOTDIR: ("is not a directory", "move it aside and run again"),
+    errno.EROFS: (
+        "is on a read-only file system",
+        "point LFSORCH_HOME at a writable directory (or remount it read-write)",
+    ),
+    errno.EACCES: ("is not accessible (permission denied)", "check its owner and mode"),
+    errno.EPERM: ("cannot be changed (operation not permitted)", "check its owner and flags"),
+    errno.ENOSPC: (
+        "cannot be written: no space left on its device",
+        "free space (e.g. `lfsorch snapshots prune --keep N`) or point LFSORCH_HOME at a "
+        "larger disk",
+    ),
+    errno.EDQUOT: ("cannot be written: disk quota exceeded", "free space or raise the quota"),
+}
+
+
+def local_file_error(exc: OSError, what: str = "", path: object = None) -> LocalFileError:
+    """One readable line for a failed file operation on `path` (default: the error's own
+    file name), with what to do about it. `what` names the file's role ("the run record")."""
+    name = path if path is not None else exc.filename
+    problem, hint = _LOCAL_FILE_HINTS.get(
+        exc.errno or 0, (f"failed: {exc.strerror or exc}", "check it and run again")
+    )
+    subject = " ".join(str(part) for part in (what, name) if part) or "a local file"
+    return LocalFileError(f"{subject} {problem}", hint=hint)

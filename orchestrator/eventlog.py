@@ -6,6 +6,7 @@ import json
 import logging
 import logging.handlers
 import os
+import sys
 from pathlib import Path
 
 import zstandard
@@ -35,6 +36,10 @@ class JsonEventLog:
         handler.namer = lambda name: name + ".zst"
         handler.rotator = _compress_rotated
         handler.setFormatter(logging.Formatter("%(message)s"))
+        # A write that fails (a full disk) must not print a traceback per event: the first
+        # failure is kept, and the log stops; `failure` tells the caller.
+        handler.handleError = self._write_failed  # type: ignore[method-assign]
+        self.failure: OSError | None = None
         self._logger = logging.Logger(f"lfsorch.events.{path}", level=logging.INFO)
         self._logger.propagate = False
         self._logger.addHandler(handler)
@@ -48,6 +53,12 @@ class JsonEventLog:
                 return
             self._last_progress[key] = event.time
         self._logger.info(json.dumps(event.as_json(), default=str, sort_keys=False))
+
+    def _write_failed(self, record: logging.LogRecord) -> None:
+        error = sys.exc_info()[1]
+        if self.failure is None and isinstance(error, OSError):
+            self.failure = error
+        self._logger.disabled = True
 
     def close(self) -> None:
         self._handler.close()

@@ -21,7 +21,7 @@ import stat
 import tarfile
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,12 +40,11 @@ from orchestrator.manifest import (
     attach_digests,
     changed_paths,
     check_member,
-    members_vs_manifest,
     topmost,
 )
 from orchestrator.mounts import mounts_below
-from orchestrator.tarstream import Member, MemberPolicy
-from orchestrator.treescan import TreeScan, diff_tree, entry_of
+from orchestrator.tarstream import ExtractedTree, Member, MemberPolicy, self_and_parents
+from orchestrator.treescan import PRIVATE_NAMES, TreeScan, diff_tree, entry_of
 
 MANIFEST = "manifest.json"
 IMAGE_RECORD = "image.json"
@@ -89,8 +88,8 @@ class SnapshotStore:
     """Snapshots under one directory (normally `Workspace.snapshots_dir`)."""
 
     def __init__(self, root: Path, *, isolate: bool = False) -> None:
-        """`isolate`: extract this store's archives in a throwaway container, not with the
-        host's tar (images from elsewhere always go through a container)."""
+        """`isolate`: extract this store's archives in a throwaway container, not in the
+        host's sandbox (images from elsewhere always go through a container)."""
         self.root = root
         self.isolate = isolate
         # Parsing a manifest of a whole root filesystem takes tens of milliseconds, and a
@@ -130,7 +129,7 @@ class SnapshotStore:
             raise SnapshotError(
                 f"no snapshot {key} in {self.root}", hint="`lfsorch snapshots list` shows them"
             ) from None
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             raise SnapshotError(f"snapshot {key}: manifest {path} is unreadable ({exc})") from None
 
     def _info(self, manifest: Manifest) -> SnapshotInfo:
@@ -156,15 +155,20 @@ class SnapshotStore:
             return None
         return self._info(self.manifest(key))
 
-    def list(self) -> Infos:
-        """All complete snapshots, oldest first."""
+    def list(self, broken: Keys | None = None) -> Infos:
+        """All complete snapshots, oldest first. One whose manifest cannot be read is left
+        out (and described in `broken`, when given): it must not hide the others."""
         if not self.root.is_dir():
             return []
-        found = [
-            self._info(self.manifest(item.name))
-            for item in self.root.iterdir()
-            if not item.name.startswith(".") and (item / MANIFEST).is_file()
-        ]
+        found = []
+        for item in self.root.iterdir():
+            if item.name.startswith(".") or not (item / MANIFEST).is_file():
+                continue
+            try:
+                found.append(self._info(self.manifest(item.name)))
+            except SnapshotError as exc:
+                if broken is not None:
+                    broken.append(exc.message)
         return sorted(found, key=lambda info: (info.created, info.key))
 
     def find_by_stage(self, stage: str) -> SnapshotInfo | None:
@@ -332,16 +336,27 @@ class SnapshotStore:
     # ---- checking
 
     def verify(self, key: str) -> Keys:
-        """Problems with a stored snapshot chain: archive digests, members vs manifest."""
+        """Problems with a stored snapshot chain, found by running every check a restore
+        runs (the same layers, policies and symlink tracking; archive digests, members
+        against manifests) without extracting, then comparing the tree the layers build,
+        layer by layer, with each manifest."""
         problems: Keys = []
-        for manifest in self.chain(key):
+        chain = self.chain(key)
+        tree = ExtractedTree()
+        built: dict[str, str] = {}
+
+        def note(member: Member) -> None:
+            built[member.name] = "file" if member.kind == "hardlink" else member.kind
+
+        for index, manifest in enumerate(chain):
+            layer = self._layer(chain, index, tree, on_checked=note)
+            _forget_paths(built, layer.delete_before)
             try:
-                policy = MemberPolicy(manifest.label, max_bytes=manifest.raw_size)
-                chunks = self._chunks(manifest)
-                members = tarstream.scan_stream(archive.chunk_stream(chunks), policy, emit=None)
-                problems.extend(members_vs_manifest(manifest, members))
+                extract.check_layer(layer)
             except LfsorchError as exc:
                 problems.append(exc.message)
+                break  # the layers above it would be checked against a tree never built
+            problems.extend(_tree_vs_manifest(built, manifest))
         return problems
 
     def _chunks(self, manifest: Manifest) -> Iterator[bytes]:
@@ -358,20 +373,34 @@ class SnapshotStore:
         """Make `target` equal the snapshot exactly; on any refusal `target` is untouched."""
         info = self.resolve(key_or_stage)
         chain = self.chain(info.key)
-        layers = [self._layer(chain, i) for i in range(len(chain))]
+        tree = ExtractedTree()  # one for the chain: what the earlier layers really made
+        layers = [self._layer(chain, i, tree) for i in range(len(chain))]
         self._restore_layers(layers, chain[-1], Path(target), client, isolate=self.isolate)
         return info
 
-    def _layer(self, chain: Chain, index: int) -> Layer:
+    def _layer(
+        self,
+        chain: Chain,
+        index: int,
+        tree: ExtractedTree,
+        on_checked: Callable[[Member], None] | None = None,
+    ) -> Layer:
+        """Layer `index` of the chain, checked against its manifest as it streams
+        (`on_checked` sees each member that passed).
+
+        The symlinks it must not write through come from `tree`, which the earlier layers'
+        members and deletions filled as they streamed, never from a manifest.
+        """
         manifest = chain[index]
-        symlinks = chain[index - 1].symlinks() if index else set()
-        policy = MemberPolicy(manifest.label, symlinks=symlinks, max_bytes=manifest.raw_size)
+        policy = MemberPolicy(manifest.label, tree=tree, max_bytes=manifest.raw_size)
         expect = {p: e for p, e in manifest.entries.items() if e.layer == manifest.key}
         seen: set[str] = set()
 
         def check(member: Member) -> None:
             check_member(manifest, expect, member)
             seen.add(member.name)
+            if on_checked is not None:
+                on_checked(member)
 
         def chunks() -> Iterator[bytes]:
             yield from self._chunks(manifest)
@@ -391,10 +420,6 @@ class SnapshotStore:
         (an LFS partition mounted at $LFS), a hidden directory inside it whose entries are
         then moved up one by one: rename cannot cross filesystems.
         """
-        if isolate and client is None:
-            from orchestrator.engine import connect
-
-            client = connect()
         target = target.absolute()
         refuse_nested_mounts(target, "restore into")
         in_place = os.path.ismount(target)
@@ -405,10 +430,7 @@ class SnapshotStore:
             else tempfile.mkdtemp(prefix=f".{target.name}.restore-", dir=target.parent)
         )
         try:
-            if isolate:
-                extract.ContainerExtractor(client, staging).extract(layers)
-            else:
-                extract.HostExtractor(staging).extract(layers)
+            extract.confined_extractor(staging, client, isolate=isolate).extract(layers)
             differences, found = diff_tree(final, staging, content=False, fix_dir_mtimes=True)
             if differences:
                 shown = "; ".join(differences[:5])
@@ -565,6 +587,32 @@ class SnapshotStore:
 # --------------------------------------------------------------------------- helpers
 
 
+def _forget_paths(built: dict[str, str], deleted: list[str]) -> None:
+    """Drop deleted paths, and everything below them, from a tree of path -> kind."""
+    if not deleted:
+        return
+    gone = set(deleted)
+    for path in [p for p in built if any(q in gone for q in self_and_parents(p))]:
+        del built[path]
+
+
+def _tree_vs_manifest(built: dict[str, str], manifest: Manifest) -> Keys:
+    """Where the tree the layers built so far differs from what the manifest lists."""
+    differences = [
+        f"lists {path!r} as {entry.type}, the archives make it a {built[path]}"
+        if path in built
+        else f"lists {path!r}, which no archive creates"
+        for path, entry in manifest.entries.items()
+        if built.get(path) != entry.type
+    ]
+    differences += [
+        f"lacks {path!r}, a {kind} the archives create"
+        for path, kind in built.items()
+        if path not in manifest.entries
+    ]
+    return [f"{manifest.label}: manifest {difference}" for difference in differences[:5]]
+
+
 def _check_docker_names(manifest: Manifest) -> None:
     for path in manifest.entries:
         if os.path.basename(path).startswith(".wh."):
@@ -675,6 +723,9 @@ def _swap(staging: Path, target: Path) -> list[str]:
         return ["."]
     if not target.is_dir() or target.is_symlink():
         raise SnapshotError(f"cannot restore over {target}: it is not a directory")
+    for name in PRIVATE_NAMES:  # the partition's identity and lock stay with it
+        if os.path.lexists(target / name):
+            os.rename(target / name, staging / name)
     trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
     os.rename(target, trash / "tree")
     os.rename(staging, target)
@@ -692,7 +743,7 @@ def _swap_contents(staging: Path, target: Path) -> list[str]:
     restored_root = os.lstat(staging)  # before moving its entries changes its mtime
     trash = Path(tempfile.mkdtemp(prefix=OLD_PREFIX, dir=target))
     for name in sorted(os.listdir(target)):
-        if name not in (staging.name, trash.name):
+        if name not in (staging.name, trash.name) and name not in PRIVATE_NAMES:
             os.rename(target / name, trash / name)
     moved = sorted(os.listdir(staging))
     for name in moved:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -11,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from orchestrator.errors import LfsorchError
+from orchestrator.errors import LfsorchError, local_file_error
 
 Status = Literal["pending", "running", "done", "failed", "skipped"]
 
@@ -60,6 +61,7 @@ class RunState(BaseModel):
     started: str = Field(default_factory=now_iso)
     finished: str | None = None
     lfs: str
+    partition: str | None = None  # the partition's identity (None in older records)
     files: list[str]
     owner_pid: int = Field(default_factory=os.getpid)
     outcome: Literal["running", "succeeded", "failed", "interrupted"] = "running"
@@ -99,11 +101,18 @@ def save_state(state: RunState, path: Path) -> None:
     rename already gives the old record or the new one; a record older by a package after a
     power cut only means a resume restores one checkpoint further back.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".state-", suffix=".json")
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(state.model_dump_json(indent=2))
-    os.replace(temporary, path)
+    temporary: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=".state-", suffix=".json")
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(state.model_dump_json(indent=2))
+        os.replace(temporary, path)
+    except OSError as exc:
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
+        raise local_file_error(exc, "the run record", path) from None
 
 
 def load_state(path: Path) -> RunState | None:
@@ -111,6 +120,8 @@ def load_state(path: Path) -> RunState | None:
         return RunState.model_validate(json.loads(path.read_text(encoding="utf-8")))
     except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise local_file_error(exc, "the run record", path) from None
     except (ValueError, ValidationError) as exc:
         raise LfsorchError(
             f"the run record {path} is unreadable ({exc.__class__.__name__})",

@@ -9,9 +9,12 @@ sees members that were checked.
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import tarfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Any
 
 from orchestrator.errors import LfsorchError
@@ -36,6 +39,18 @@ _ALLOWED_PAX_KEYS = frozenset(
     {"path", "linkpath", "size", "uid", "gid", "uname", "gname", "mtime", "atime", "ctime"}
 )
 _XATTR_PREFIX = "SCHILY.xattr."
+# What GNU tar itself writes in a numeric ustar field: optional leading blanks, octal digits,
+# then NULs or blanks; or nothing but NULs (zero). tar also reads a leading NUL, base-256,
+# base-64 and signs, and Python's int() reads still other forms: all of those are refused.
+_OCTAL_FIELD = re.compile(rb" *([0-7]+)[ \0]*|\0*")
+# A PAX record as GNU tar writes it: "LEN key=value\n", LEN in plain decimal digits.
+_PAX_LENGTH = re.compile(rb"[1-9][0-9]{0,8}")
+# Printable ASCII but blank and '=': tar ends a keyword at '=' and reads it as a C string.
+_PAX_KEY = re.compile(rb"[!-<>-~]{1,200}")
+_PAX_NUMBER = re.compile(rb"[0-9]{1,20}")
+_PAX_TIME = re.compile(rb"-?[0-9]{1,20}(\.[0-9]{1,9})?")
+_PAX_NUMBERS = frozenset({"size", "uid", "gid"})
+_PAX_TIMES = frozenset({"mtime", "atime", "ctime"})
 TYPE_NAMES = {
     tarfile.REGTYPE: "file",
     tarfile.AREGTYPE: "file",
@@ -132,6 +147,7 @@ class TarScanner:
         self._piece_size = BLOCK  # size of the next piece of the header sequence
         self._pax_next = False  # the next piece is the records of a PAX header
         self._pax: dict[str, bytes] | None = None
+        self._pax_size = 0
         self._member: Member | None = None
         self._hasher: Any = None
         self._data_left = 0
@@ -227,7 +243,9 @@ class TarScanner:
         Sets `_piece_size` to the size of the next piece when the sequence goes on.
         """
         if self._pax_next:
-            self._pax = _parse_pax(self.source, piece.tobytes(), "(PAX header)")
+            # Only the header's declared size holds records: tar never reads the padding.
+            records = piece[: self._pax_size].tobytes()
+            self._pax = _parse_pax(self.source, records, "(PAX header)")
             self._pax_next = False
             self._piece_size = BLOCK
             return False
@@ -248,6 +266,7 @@ class TarScanner:
             if size > 1 << 20:
                 raise UnsafeArchiveError(self.source, where, "is oversized")
             self._pax_next = size > 0
+            self._pax_size = size
             self._pax = None if size else {}
             self._piece_size = padded_size(size) if size else BLOCK
             return False
@@ -293,12 +312,8 @@ class TarScanner:
         elsewhere).
         """
         pax = self._pax or {}
-        if "path" in pax:
-            name = canonical_name(decode_text(pax["path"]))
-        else:
-            prefix = field_text(block[345:500])
-            base = field_text(block[0:100])
-            name = canonical_name(f"{prefix}/{base}" if prefix else base)
+        raw_name, raw_link = self._names(block, pax)
+        name = canonical_name(decode_text(raw_name))
         type_ = block[156:157]
         kind = TYPE_NAMES.get(type_)
         if kind is None:
@@ -321,10 +336,11 @@ class TarScanner:
                 else octal(block, 124, 136)
             ),
             mtime=decode_text(pax["mtime"]) if "mtime" in pax else str(octal(block, 136, 148)),
-            linkname=(
-                decode_text(pax["linkpath"]) if "linkpath" in pax else field_text(block[157:257])
-            ),
+            linkname=decode_text(raw_link),
         )
+        if raw_name.endswith(b"/") and kind != "dir":
+            # tar makes a directory of a "file" whose name ends in '/'.
+            raise UnsafeArchiveError(self.source, name, f"is a {kind} with a directory's name")
         if kind in ("chardev", "blockdev"):
             member.devmajor = octal(block, 329, 337)
             member.devminor = octal(block, 337, 345)
@@ -333,6 +349,40 @@ class TarScanner:
                 k[len(_XATTR_PREFIX) :]: v for k, v in pax.items() if k.startswith(_XATTR_PREFIX)
             }
         return member
+
+    def _names(self, block: bytes, pax: dict[str, bytes]) -> tuple[bytes, bytes]:
+        """The member's name and link target exactly as GNU tar reads them.
+
+        tar takes a PAX record over the ustar field and reads both as C strings, so a NUL
+        byte ends them there. Anything tar and this parser could read differently is
+        refused: a NUL byte, an empty name, and a ustar field that is not the start of the
+        PAX value (GNU tar writes the PAX value's first bytes there; a different one would
+        be what tar extracts if it ever ignored the PAX header).
+        """
+        prefix = _field(self.source, block[345:500], "name")
+        base = _field(self.source, block[0:100], "name", prefix)
+        ustar_name = prefix + b"/" + base if prefix else base
+        ustar_link = _field(self.source, block[157:257], "link target", ustar_name)
+        name = pax.get("path", ustar_name)
+        link = pax.get("linkpath", ustar_link)
+        shown = decode_text(name)
+        if b"\0" in name:
+            raise UnsafeArchiveError(self.source, shown, "has a NUL byte in its name")
+        if b"\0" in link:
+            raise UnsafeArchiveError(self.source, shown, "has a NUL byte in its link target")
+        if not name:
+            raise UnsafeArchiveError(self.source, "(header)", "has an empty name")
+        if not name.startswith(ustar_name):
+            raise UnsafeArchiveError(
+                self.source, shown, f"has a PAX path that disagrees with its ustar name "
+                f"{decode_text(ustar_name)!r}"
+            )  # fmt: skip
+        if not link.startswith(ustar_link):
+            raise UnsafeArchiveError(
+                self.source, shown, f"has a PAX link target that disagrees with its ustar one "
+                f"{decode_text(ustar_link)!r}"
+            )  # fmt: skip
+        return name, link
 
     def _finish_member(self) -> None:
         member = self._member
@@ -345,21 +395,30 @@ class TarScanner:
 
 
 def parse_octal(field: bytes) -> int:
-    """A ustar number: octal digits, space/NUL padded. Nothing else, as GNU tar reads it.
+    """A ustar number, only in the form GNU tar writes it (`_OCTAL_FIELD`).
 
-    Python's int() would also take a sign or underscores, and base-256 is a GNU extension:
-    a "-1" size that tar refuses but we read would put the two parsers out of step.
+    Any other form is one tar and Python might read differently: tar skips a leading NUL
+    and reads base-256, Python's int() takes signs and underscores. A size read differently
+    puts the two parsers out of step, and tar would then take data for headers never checked.
     """
-    digits = field.split(b"\0", 1)[0].strip(b" ")
-    if not digits:
-        return 0
-    if not digits.isdigit():
+    match = _OCTAL_FIELD.fullmatch(field)
+    if match is None:
         raise ValueError(f"bad number field {bytes(field)!r}")
-    return int(digits, 8)
+    digits = match.group(1)
+    return int(digits, 8) if digits else 0
 
 
 def field_text(field: bytes) -> str:
     return field.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+
+
+def _field(source: str, field: bytes, what: str, member: bytes = b"") -> bytes:
+    """A ustar text field up to its NUL; anything but NULs after it is refused."""
+    text, _, rest = field.partition(b"\0")
+    if rest.strip(b"\0"):
+        shown = decode_text(member or text)
+        raise UnsafeArchiveError(source, shown, f"has bytes after the NUL ending its {what}")
+    return text
 
 
 def padded_size(size: int) -> int:
@@ -378,37 +437,104 @@ def _pax_int(source: str, name: str, pax: dict[str, bytes], key: str) -> int:
 
 
 def _parse_pax(source: str, data: bytes, where: str) -> dict[str, bytes]:
-    """Parse PAX records ("LEN key=value\\n"), refusing keys that could change semantics."""
+    """PAX records ("LEN key=value\\n") read exactly as GNU tar reads them, or refused.
+
+    tar stops at the first record it cannot read and drops it and every record after it,
+    so the ustar fields apply instead: every record must be one tar reads whole, and the
+    records must fill the header exactly. Keys are allowlisted; a repeated key (tar keeps
+    the last) and a value tar would read differently (as a C string, or a number with a
+    sign or spaces) are refused.
+    """
     records: dict[str, bytes] = {}
     pos = 0
-    while pos < len(data) and data[pos] != 0:
-        space = data.find(b" ", pos)
-        try:
-            length = int(data[pos:space])
-        except ValueError:
-            raise UnsafeArchiveError(source, where, "has a malformed PAX record") from None
-        record = data[space + 1 : pos + length]
-        if length <= 0 or not record.endswith(b"\n") or b"=" not in record:
-            raise UnsafeArchiveError(source, where, "has a malformed PAX record")
-        key_raw, value = record[:-1].split(b"=", 1)
-        key = key_raw.decode("utf-8", "surrogateescape")
+    while pos < len(data):
+        space = data.find(b" ", pos, pos + 10)
+        digits = data[pos:space] if space > pos else data[pos : pos + 10]
+        if space < 0 or not _PAX_LENGTH.fullmatch(digits):
+            raise _malformed(source, where, f"length {digits!r} is not plain decimal digits")
+        end = pos + int(digits)
+        if end > len(data) or data[end - 1 : end] != b"\n":
+            raise _malformed(source, where, "its length does not end at a newline")
+        key_raw, equals, value = data[space + 1 : end - 1].partition(b"=")
+        if not equals or not _PAX_KEY.fullmatch(key_raw):
+            raise _malformed(source, where, f"key {key_raw!r} is not a plain keyword")
+        key = key_raw.decode("ascii")
         if key not in _ALLOWED_PAX_KEYS and not key.startswith(_XATTR_PREFIX):
             raise UnsafeArchiveError(source, where, f"has an unsupported PAX record {key!r}")
         if key in records:
             raise UnsafeArchiveError(source, where, f"repeats the PAX record {key!r}")
+        _check_pax_value(source, where, key, value)
         records[key] = value
-        pos += length
+        pos = end
     return records
+
+
+def _check_pax_value(source: str, where: str, key: str, value: bytes) -> None:
+    # path and linkpath are checked with the member (the refusal names it).
+    if key in _PAX_NUMBERS and not _PAX_NUMBER.fullmatch(value):
+        raise _malformed(source, where, f"{key} {value[:40]!r} is not plain decimal digits")
+    if key in _PAX_TIMES and not _PAX_TIME.fullmatch(value):
+        raise _malformed(source, where, f"{key} {value[:40]!r} is not a plain time")
+    if key in ("uname", "gname") and b"\0" in value:
+        raise _malformed(source, where, f"{key} holds a NUL byte")
+
+
+def _malformed(source: str, where: str, detail: str) -> UnsafeArchiveError:
+    return UnsafeArchiveError(source, where, f"has a malformed PAX record ({detail})")
 
 
 # --------------------------------------------------------------------------- member policy
 
 
+class ExtractedTree:
+    """The symlinks of the directory being extracted into, as the checks must know them.
+
+    Seeded by walking the directory, then kept up to date from every member actually passed
+    to the extractor and every deletion, layer after layer: never from a manifest, which
+    could leave out a symlink an archive did create. The layers of one delta chain share one.
+    """
+
+    def __init__(self, symlinks: Iterable[str] = ()) -> None:
+        self.symlinks = set(symlinks)
+
+    @classmethod
+    def walk(cls, root: Path) -> ExtractedTree:
+        """The symlinks already under `root` (none in a fresh staging directory)."""
+        found: list[str] = []
+        for directory, dirs, files in os.walk(root):
+            relative = os.path.relpath(directory, root)
+            for name in dirs + files:
+                if os.path.islink(os.path.join(directory, name)):
+                    found.append(name if relative == "." else f"{relative}/{name}")
+        return cls(found)
+
+    def forget(self, paths: Iterable[str]) -> None:
+        """`paths` were deleted: so were they and every symlink below them."""
+        gone = set(paths)
+        if not gone:
+            return
+        self.symlinks -= {
+            link for link in self.symlinks
+            if any(prefix in gone for prefix in self_and_parents(link))
+        }  # fmt: skip
+
+
+def self_and_parents(path: str) -> Iterable[str]:
+    """`a/b/c`, `a/b`, `a`."""
+    yield path
+    slash = path.rfind("/")
+    while slash > 0:
+        path = path[:slash]
+        yield path
+        slash = path.rfind("/")
+
+
 class MemberPolicy:
     """The rules every member must pass before it reaches the extractor.
 
-    `symlinks` seeds the symlinks already present in the directory the archive is extracted
-    over (earlier layers of a delta chain), so a later layer cannot write through them.
+    `tree` holds the symlinks already present where the archive is extracted (earlier layers
+    of a delta chain, shared with their policies), so no layer can write through them;
+    `symlinks` seeds a fresh one instead.
     """
 
     def __init__(
@@ -416,14 +542,19 @@ class MemberPolicy:
         source: str,
         *,
         symlinks: Iterable[str] = (),
+        tree: ExtractedTree | None = None,
         max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.source = source
-        self.symlinks = set(symlinks)
+        self.tree = tree if tree is not None else ExtractedTree(symlinks)
         self.max_bytes = max_bytes
         self.total = 0
         self._seen: set[str] = set()
         self._regular: set[str] = set()
+
+    @property
+    def symlinks(self) -> set[str]:
+        return self.tree.symlinks
 
     def refuse(self, member: str, reason: str) -> UnsafeArchiveError:
         return UnsafeArchiveError(self.source, member, reason)
@@ -456,6 +587,8 @@ class MemberPolicy:
         self._check_parents(name)
 
     def _check_name(self, name: str) -> None:
+        if "\0" in name:
+            raise self.refuse(name, "has a NUL byte in its name")
         if name.startswith("/"):
             raise self.refuse(name, "escapes the tree (absolute path)")
         parts = name.split("/")
@@ -465,13 +598,19 @@ class MemberPolicy:
             raise self.refuse(name, "has a non-canonical name (empty or '.' component)")
 
     def _check_parents(self, name: str) -> None:
+        symlink = self._symlink_above(name)
+        if symlink is not None:
+            raise self.refuse(name, f"lies below symlink {symlink!r} (would write through it)")
+
+    def _symlink_above(self, name: str) -> str | None:
         symlinks = self.symlinks
         slash = name.find("/")
         while slash > 0:
             prefix = name[:slash]
             if prefix in symlinks:
-                raise self.refuse(name, f"lies below symlink {prefix!r} (would write through it)")
+                return prefix
             slash = name.find("/", slash + 1)
+        return None
 
     def _check_kind(self, member: Member) -> None:
         name, kind = member.name, member.kind
@@ -490,14 +629,27 @@ class MemberPolicy:
                 f"is character device {member.devmajor}:{member.devminor}, "
                 f"not one of the allowed ({allowed})",
             )
-        if kind == "hardlink" and canonical_name(member.linkname) not in self._regular:
+        if kind in ("symlink", "hardlink") and "\0" in member.linkname:
+            raise self.refuse(name, "has a NUL byte in its link target")
+        if kind == "hardlink":
+            self._check_hardlink(name, member.linkname)
+
+    def _check_hardlink(self, name: str, linkname: str) -> None:
+        target = canonical_name(linkname)
+        if target not in self._regular:
             raise self.refuse(
                 name,
-                f"is a hard link to {member.linkname!r}, "
+                f"is a hard link to {linkname!r}, "
                 "which is not an earlier regular file of the archive",
             )
-        if kind in ("symlink", "hardlink") and "\0" in member.linkname:
-            raise self.refuse(name, "has a link target containing NUL")
+        # link() follows symlinks on the way to its target: one laid since would lead out.
+        symlink = self._symlink_above(target)
+        if symlink is not None:
+            raise self.refuse(
+                name,
+                f"is a hard link to {linkname!r}, below symlink {symlink!r} "
+                "(would link through it)",
+            )
 
 
 def scan_stream(

@@ -29,6 +29,11 @@ _KINDS = {
 
 Listing = list[tuple[str, str, os.stat_result]]
 
+# lfsorch's own entries at a partition's top (its identity and lock): never part of the tree
+# that snapshots, keys, drift checks and restores see, and kept across a restore.
+PARTITION_MARKER = ".lfsorch-partition"
+PRIVATE_NAMES = frozenset({PARTITION_MARKER})
+
 
 def _walk(tree: Path) -> Iterator[tuple[str, str, os.stat_result]]:
     """Every path under `tree` as (relative, full, lstat), never following symlinks.
@@ -55,6 +60,8 @@ def _listing(directory: str, prefix: str) -> Listing:
         ordered = sorted(entries, key=lambda item: item.name)
     listing: Listing = []
     for item in ordered:
+        if not prefix and item.name in PRIVATE_NAMES:
+            continue
         info = item.stat(follow_symlinks=False)
         if not stat.S_ISSOCK(info.st_mode):  # runtime artefacts tar cannot store; skipped
             listing.append((prefix + item.name, item.path, info))

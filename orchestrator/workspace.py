@@ -34,6 +34,11 @@ class Workspace:
         return self.root / "state.json"
 
     @property
+    def partitions_dir(self) -> Path:
+        """Per partition (by identity), the record its resume reads."""
+        return self.root / "partitions"
+
+    @property
     def sources_dir(self) -> Path:
         return self.root / "sources"
 

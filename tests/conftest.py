@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import docker
@@ -82,14 +84,54 @@ def no_leftovers(docker_client: docker.DockerClient) -> Iterator[None]:
     """Fail a test that leaves any lfsorch container behind."""
     yield
     # Containers of other live lfsorch processes (a parallel test session) are not ours.
+    # The engine's own list (one call): inspecting each container afterwards races with
+    # other sessions removing theirs.
     left = [
-        container
-        for container in engine.managed_containers(docker_client)
-        if container.labels.get(engine.OWNER_PID) == str(os.getpid())
-        or not engine.owner_alive(container.labels)
+        listed
+        for listed in engine.managed_containers(docker_client)
+        if (listed.get("Labels") or {}).get(engine.OWNER_PID) == str(os.getpid())
+        or not engine.owner_alive(listed.get("Labels") or {})
     ]
-    names = [c.name for c in left]
-    for container in left:
-        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-            docker_client.api.remove_container(container.id, force=True)
+    names = [engine.container_name(listed) for listed in left]
+    for listed in left:
+        with contextlib.suppress(docker.errors.NotFound):
+            docker_client.api.remove_container(listed["Id"], force=True)
     assert names == [], f"containers left behind: {names}"
+
+
+@pytest.fixture
+def canary(tmp_path: Path) -> Callable[[], dict[str, tuple[bytes | None, int]]]:
+    """Files outside every partition and workspace (a directory, a file, a setuid file).
+    Returns a function giving each entry's bytes and mode, to compare before and after."""
+    root = tmp_path / "canary"
+    (root / "dir").mkdir(parents=True)
+    (root / "dir" / "file").write_bytes(b"canary\n")
+    setuid = root / "setuid"
+    setuid.write_bytes(b"#!/bin/sh\nexit 0\n")
+    os.chmod(setuid, 0o4755)
+
+    def state() -> dict[str, tuple[bytes | None, int]]:
+        return {
+            str(path.relative_to(root)): (
+                path.read_bytes() if path.is_file() else None,
+                os.lstat(path).st_mode,
+            )
+            for path in [root, *sorted(root.rglob("*"))]
+        }
+
+    return state
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`lfsorch ARGS` in a subprocess, as a user runs it; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=REPO,
+        timeout=timeout,
+        check=False,
+    )

@@ -19,7 +19,7 @@ from orchestrator.cli import snapshots as snapshots_cli
 from orchestrator.cli import sources as sources_cli
 from orchestrator.config import load_config
 from orchestrator.console import ConsoleView
-from orchestrator.errors import LfsorchError
+from orchestrator.errors import LfsorchError, local_file_error
 from orchestrator.models import stage_json_schema
 from orchestrator.report import SBU_REFERENCE, build_report
 from orchestrator.state import RunState
@@ -178,12 +178,17 @@ def _status_table(state: RunState) -> Table:
 @app.command()
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    lfs: Annotated[
+        Path | None, typer.Option("--lfs", help="show this partition's record, not the last run")
+    ] = None,
 ) -> None:
-    """Show the last run: each package's status, attempts and container figures."""
-    state = api.last_run()
+    """Show the last run (or a partition's record): each package's status, attempts and
+    container figures."""
+    state = api.last_run(lfs_dir=lfs)
     if state is None:
+        where = f" for the partition {lfs}" if lfs is not None else ""
         raise LfsorchError(
-            "no run recorded yet", hint="start one with `lfsorch run FILE --lfs DIR`"
+            f"no run recorded yet{where}", hint="start one with `lfsorch run FILE --lfs DIR`"
         )
     if as_json:
         print(json.dumps(state.status_json(), indent=2))
@@ -245,12 +250,42 @@ def report(
 
 
 @app.command()
+def runs(
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, help="how many")] = 20,
+) -> None:
+    """List the recent runs, newest first: partition, start, outcome, package counts."""
+    found = api.recent_runs(limit)
+    if as_json:
+        print(json.dumps([summary.as_json() for summary in found], indent=2))
+        return
+    if not found:
+        out.print("no runs recorded yet")
+        return
+    table = Table()
+    for column in ("run", "partition", "started", "outcome", "packages"):
+        table.add_column(column, overflow="fold")  # ids and paths whole, never cut short
+    for summary in found:
+        counts = ", ".join(f"{n} {status}" for status, n in sorted(summary.counts.items()))
+        table.add_row(summary.run_id, summary.lfs, summary.started, summary.outcome, counts)
+    out.print(table)
+
+
+@app.command()
 def cleanup() -> None:
-    """Remove containers left behind by lfsorch processes that no longer exist."""
-    removed = api.cleanup()
-    out.print(f"removed {len(removed)} leftover container(s)" + (": " if removed else ""))
-    for name in removed:
-        out.print(f"  {name}")
+    """Remove containers left behind by lfsorch processes that no longer exist, and the
+    staging directories of interrupted snapshots and restores."""
+    result = api.cleanup()
+    if result.containers is None:
+        out.print("no Docker engine answers: containers were not checked")
+    else:
+        removed = result.containers
+        out.print(f"removed {len(removed)} leftover container(s)" + (": " if removed else ""))
+        for name in removed:
+            out.print(f"  {name}", markup=False)
+    out.print(f"removed {len(result.files)} leftover staging path(s)")
+    for path in result.files:
+        out.print(f"  {path}", markup=False)
 
 
 @config_app.command("show")
@@ -286,3 +321,9 @@ def main() -> None:
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")
         sys.exit(130)
+    except OSError as exc:  # a local file lfsorch cannot use: one line, with what to do
+        if exc.errno is None:  # not the system's (an HTTP library's error): not ours to word
+            raise
+        error = local_file_error(exc)
+        Console(stderr=True, highlight=False, soft_wrap=True).print(f"error: {error}", markup=False)
+        sys.exit(error.exit_code)

@@ -4,18 +4,20 @@ over the store."""
 from __future__ import annotations
 
 import json
+import signal
+import sys
 from datetime import datetime
 from pathlib import Path
+from types import FrameType
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator import api, engine
+from orchestrator import api
 from orchestrator.errors import ConfigError, LfsorchError
 from orchestrator.models import parse_size
 from orchestrator.snapshots import IMAGE_REPOSITORY, SnapshotInfo, SnapshotStore
-from orchestrator.workspace import Workspace
 
 snapshots_app = typer.Typer(
     help="Checkpoints of the LFS partition taken after each stage.", no_args_is_help=True
@@ -23,7 +25,7 @@ snapshots_app = typer.Typer(
 
 
 def _store() -> SnapshotStore:
-    return SnapshotStore(Workspace.from_env().snapshots_dir)
+    return SnapshotStore(api.checked_workspace().snapshots_dir)
 
 
 def _max_size(text: str) -> int:
@@ -51,7 +53,10 @@ def _when(info: SnapshotInfo) -> str:
 @snapshots_app.command("list")
 def list_() -> None:
     """Show snapshots, oldest first: key, stage, kind, sizes."""
-    found = _store().list()
+    broken: list[str] = []
+    found = _store().list(broken)
+    for problem in broken:
+        print(f"broken: {problem}")
     if not found:
         print("no snapshots")
         return
@@ -151,10 +156,8 @@ def prune(
 @snapshots_app.command()
 def image(key_or_stage: str = typer.Argument(..., metavar="KEY|STAGE")) -> None:
     """Turn a snapshot into a single-layer Docker image labelled with its key (to push)."""
-    store = _store()
-    info = store.resolve(key_or_stage)
-    image_id = store.to_image(engine.connect(timeout=None), info.key)
-    print(f"{IMAGE_REPOSITORY}:{info.key} {image_id}")
+    key, image_id = api.snapshot_image(key_or_stage)
+    print(f"{IMAGE_REPOSITORY}:{key} {image_id}")
 
 
 @snapshots_app.command()
@@ -163,6 +166,10 @@ def pull(image_ref: str = typer.Argument(..., metavar="IMAGE")) -> None:
     info = api.pull_snapshot(image_ref)
     print(f"snapshot {info.stage} ({info.key[:12]}) added: runs whose stages lead to it "
           "start after it")  # fmt: skip
+
+
+def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def restore(
@@ -175,5 +182,6 @@ def restore(
     ),
 ) -> None:
     """Make the LFS directory equal a snapshot (by stage or key); refuses unsafe archives."""
-    info = api.restore(target, lfs, image=image)
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill stops it as Ctrl-C does
+    info = api.restore(target, lfs, image=image, notify=lambda line: print(line, file=sys.stderr))
     print(f"restored {info.stage} ({info.key[:12]}) into {lfs}")

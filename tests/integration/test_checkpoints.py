@@ -20,6 +20,7 @@ from orchestrator.events import Event, EventBus
 from orchestrator.graph import load_plan
 from orchestrator.snapshots import SnapshotStore
 from orchestrator.state import RunState
+from orchestrator.treescan import PARTITION_MARKER
 from orchestrator.workspace import Workspace
 from tests.conftest import BASE_IMAGE, REPO
 from tests.integration.test_run import wait_for_container
@@ -55,9 +56,11 @@ def restores(events: list[Event]) -> list[tuple[str | None, str]]:
 
 
 def tree(root: Path) -> dict[str, str]:
+    """The partition's own files (lfsorch's marker directory is not part of it)."""
     return {
         str(path.relative_to(root)): path.read_text() if path.is_file() else "<dir>"
         for path in sorted(root.rglob("*"))
+        if path.relative_to(root).parts[0] != PARTITION_MARKER
     }
 
 

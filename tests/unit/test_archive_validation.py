@@ -185,11 +185,20 @@ def test_unknown_pax_record_is_refused() -> None:
 
 
 def test_pax_path_is_what_gets_checked() -> None:
-    # The ustar name field looks harmless; the PAX path record is what tar would use.
-    info = _info("harmless")
+    # The ustar name field is empty; the PAX path record is what tar would use.
+    info = _info("")
     info.pax_headers = {"path": "../../escape"}
     assert _refusal(_archive((info, b"abc"))) == (
         f"{SOURCE}: member '../../escape' escapes the tree ('..' component)"
+    )
+
+
+def test_pax_path_that_disagrees_with_the_ustar_name_is_refused() -> None:
+    # tar extracts under the ustar name whenever it drops the PAX header: both must agree.
+    info = _info("harmless")
+    info.pax_headers = {"path": "other"}
+    assert _refusal(_archive((info, b"abc"))) == (
+        f"{SOURCE}: member 'other' has a PAX path that disagrees with its ustar name 'harmless'"
     )
 
 
@@ -245,7 +254,8 @@ def test_pax_numbers_tar_would_not_read_are_refused() -> None:
     info = _info("a")
     info.pax_headers = {"size": "1_0"}
     assert _refusal(_archive((info, b"x" * 10))) == (
-        f"{SOURCE}: member 'a' has a malformed PAX size record"
+        f"{SOURCE}: member '(PAX header)' has a malformed PAX record "
+        "(size b'1_0' is not plain decimal digits)"
     )
 
 

@@ -1,0 +1,278 @@
+"""The LFS partition a run builds into: its path, identity, safety checks, lock and record.
+
+Identity is the resolved path plus a random id kept in a marker directory at the partition's
+top (`.lfsorch-partition/id`, created on first use). Snapshots, keys and drift checks never
+see that directory and restores keep it, so a copied or moved partition is a new partition
+and two empty partitions still share checkpoints. The lock lives in the same directory, so
+every workspace that builds into the partition sees it.
+
+The marker directory is writable by builds (the partition is mounted read-write), so it is
+opened without following symlinks: a build cannot make lfsorch write through it elsewhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator import engine
+from orchestrator.errors import LfsorchError, local_file_error
+from orchestrator.treescan import PARTITION_MARKER
+from orchestrator.workspace import Workspace
+
+ID_FILE = "id"
+LOCK_FILE = "lock"
+_ID = re.compile(r"[0-9a-f]{32}")
+
+# Directories whose contents belong to the system: a build writes into its partition as
+# root and a restore deletes what the snapshot lacks, so none of these can be one.
+SYSTEM_DIRS = frozenset(
+    {
+        "/", "/bin", "/boot", "/dev", "/etc", "/home", "/lib", "/lib32", "/lib64", "/libx32",
+        "/lost+found", "/media", "/mnt", "/opt", "/proc", "/root", "/run", "/sbin", "/snap",
+        "/srv", "/sys", "/tmp", "/usr", "/var", "/usr/bin", "/usr/lib", "/usr/local",
+        "/usr/sbin", "/usr/share", "/var/cache", "/var/lib", "/var/log", "/var/tmp",
+    }
+)  # fmt: skip
+_PARTITION_HINT = "pass a directory of its own, e.g. --lfs /mnt/lfs or a new empty directory"
+_WORKSPACE_HINT = "set LFSORCH_HOME to a directory of its own, e.g. ~/.local/share/lfsorch"
+
+
+class UnsafePath(LfsorchError):
+    """A partition or workspace that lfsorch refuses to build into, restore or write."""
+
+    exit_code = 2
+
+
+class PartitionBusy(LfsorchError):
+    exit_code = 3
+
+
+def _system_reason(path: str) -> str | None:
+    if path == "/":
+        return "it is the root directory"
+    if path in SYSTEM_DIRS:
+        return "it is a system directory"
+    if path == os.path.realpath(os.path.expanduser("~")):
+        return "it is your home directory"
+    return None
+
+
+def _inside(path: str, ancestor: str) -> bool:
+    return path == ancestor or path.startswith(ancestor.rstrip("/") + "/")
+
+
+def _shown(given: Path, resolved: str) -> str:
+    return str(given) if str(given) == resolved else f"{given} (= {resolved})"
+
+
+def refuse_unsafe_workspace(workspace: Workspace) -> None:
+    """Refuse a workspace that is a system directory or lies inside a partition."""
+    root = os.path.realpath(workspace.root)
+    reason = _system_reason(root)
+    if reason is not None:
+        raise UnsafePath(
+            f"cannot use {_shown(workspace.root, root)} as the workspace: {reason}",
+            hint=_WORKSPACE_HINT,
+        )
+    for directory in (root, *(str(p) for p in Path(root).parents)):
+        if os.path.lexists(os.path.join(directory, PARTITION_MARKER)):
+            raise UnsafePath(
+                f"the workspace {root} is inside the LFS partition {directory}: "
+                "a restore of the partition would delete the snapshots it restores from",
+                hint=_WORKSPACE_HINT,
+            )
+
+
+def refuse_unsafe_partition(path: Path, workspace: Workspace) -> None:
+    """Refuse `/`, system directories, and any overlap between partition and workspace."""
+    resolved = os.path.realpath(path)
+    root = os.path.realpath(workspace.root)
+    shown = _shown(path, resolved)
+    reason = _system_reason(resolved)
+    if reason is None and resolved == root:
+        reason = "it is the workspace itself"
+    if reason is None and _inside(resolved, root):
+        reason = f"it is inside the workspace {root}"
+    hint = _PARTITION_HINT
+    if reason is None and _inside(root, resolved):
+        reason = (
+            f"it contains the workspace {root}, and a restore would delete the snapshots "
+            "it restores from"
+        )
+        hint = _WORKSPACE_HINT + ", outside the partition"
+    if reason is not None:
+        raise UnsafePath(f"cannot use {shown} as the LFS partition: {reason}", hint=hint)
+    refuse_unsafe_workspace(workspace)
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A checked partition; `checked` is the only way to make one."""
+
+    path: Path  # resolved
+    workspace: Workspace
+
+    @classmethod
+    def checked(cls, path: Path, workspace: Workspace) -> Partition:
+        refuse_unsafe_partition(path, workspace)
+        return cls(Path(os.path.realpath(path)), workspace)
+
+    # ---- identity
+
+    def _open_marker(self, create: bool) -> int | None:
+        """A descriptor of the marker directory, never through a symlink; None if absent."""
+        try:
+            top = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            raise LfsorchError(
+                f"the LFS partition {self.path} is not a directory",
+                hint="mount the partition (or create the directory) and pass it with --lfs",
+            ) from None
+        try:
+            if create:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(PARTITION_MARKER, 0o700, dir_fd=top)
+            return os.open(
+                PARTITION_MARKER, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=top
+            )
+        except FileNotFoundError:
+            return None
+        except (NotADirectoryError, OSError) as exc:
+            if isinstance(exc, NotADirectoryError) or exc.errno == 40:  # ELOOP: a symlink
+                raise LfsorchError(
+                    f"{self.path / PARTITION_MARKER} is not the directory lfsorch keeps there",
+                    hint="remove it (a build may have replaced it); lfsorch makes a new one",
+                ) from None
+            raise local_file_error(
+                exc, "the partition marker", self.path / PARTITION_MARKER
+            ) from None
+        finally:
+            os.close(top)
+
+    def identity(self, *, create: bool = True) -> str | None:
+        """This partition's identity; None when it has none yet and `create` is false."""
+        marker = self._open_marker(create)
+        if marker is None:
+            return None
+        try:
+            token = _read_id(marker) or (_write_id(marker) if create else None)
+        except OSError as exc:
+            raise local_file_error(
+                exc, "the partition marker", self.path / PARTITION_MARKER
+            ) from None
+        finally:
+            os.close(marker)
+        if token is None:
+            return None
+        return hashlib.sha256(f"{self.path}\0{token}".encode()).hexdigest()[:16]
+
+    def record_file(self, identity: str) -> Path:
+        """Where this workspace keeps the partition's run record."""
+        return self.workspace.partitions_dir / identity / "state.json"
+
+    # ---- lock
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """One lfsorch command at a time per partition, whichever workspace it uses."""
+        self.identity()
+        marker = self._open_marker(create=True)
+        assert marker is not None
+        try:
+            handle = os.open(
+                LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600, dir_fd=marker
+            )
+        except OSError as exc:
+            raise local_file_error(
+                exc, "the partition lock", self.path / PARTITION_MARKER
+            ) from None
+        finally:
+            os.close(marker)
+        try:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(handle, 64, 0).decode(errors="replace").strip() or "unknown"
+                raise PartitionBusy(
+                    f"another lfsorch process (pid {holder}) is using the partition {self.path}",
+                    hint="wait for it to finish: one run or restore at a time per partition, "
+                    "from any workspace",
+                ) from None
+            os.ftruncate(handle, 0)
+            os.pwrite(handle, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            os.close(handle)  # releases the flock
+
+    # ---- containers
+
+    def refuse_live_containers(self, client: Any) -> None:
+        """Refuse while a container of a live lfsorch run mounts this partition, naming it.
+
+        Containers of runs that are gone are removed before this (`engine.reap_leftovers`):
+        an orphan would otherwise go on writing into a partition just restored.
+        """
+        live: list[str] = []
+        for listed in engine.managed_containers(client, running=True):
+            sources = [m.get("Source") or "" for m in listed.get("Mounts") or []]
+            if any(_overlaps(source, str(self.path)) for source in sources):
+                labels = listed.get("Labels") or {}
+                run = labels.get(engine.RUN) or labels.get(engine.PURPOSE) or "?"
+                live.append(f"{engine.container_name(listed)} (run {run})")
+        if live:
+            raise PartitionBusy(
+                f"live lfsorch containers use the partition {self.path}: {', '.join(live)}",
+                hint="wait for that run to finish or stop it (Ctrl-C); containers of runs "
+                "that are gone are removed by `lfsorch cleanup`",
+            )
+
+
+def _overlaps(source: str, partition: str) -> bool:
+    source = source.rstrip("/") or "/"
+    return _inside(source, partition) or _inside(partition, source)
+
+
+def _read_id(marker: int) -> str | None:
+    try:
+        handle = os.open(ID_FILE, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=marker)
+    except FileNotFoundError:
+        return None
+    try:
+        text = os.read(handle, 256).decode(errors="replace").strip()
+    finally:
+        os.close(handle)
+    return text if _ID.fullmatch(text) else None
+
+
+def _write_id(marker: int) -> str:
+    """Create the id atomically: two processes on a fresh partition agree on one id."""
+    token = secrets.token_hex(16)
+    scratch = f".id-{token}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+    handle = os.open(scratch, flags, 0o600, dir_fd=marker)
+    try:
+        os.write(handle, f"{token}\n".encode())
+    finally:
+        os.close(handle)
+    try:
+        try:
+            os.link(scratch, ID_FILE, src_dir_fd=marker, dst_dir_fd=marker, follow_symlinks=False)
+        except FileExistsError:
+            if _read_id(marker) is None:  # damaged (a build wrote to it): a new partition
+                os.replace(scratch, ID_FILE, src_dir_fd=marker, dst_dir_fd=marker)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(scratch, dir_fd=marker)
+    found = _read_id(marker)
+    if found is None:
+        raise LfsorchError(f"cannot give the partition marker {ID_FILE} an id")
+    return found

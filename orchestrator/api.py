@@ -62,6 +62,7 @@ def run(
     config: Config | None = None,
     parallel: int | None = None,
     rebuild: bool = False,
+    rebuild_stages: Sequence[str] = (),
     from_stage: str | None = None,
     workspace: Workspace | None = None,
     view: ConsoleView | None = None,
@@ -76,6 +77,7 @@ def run(
         lfs_dir=lfs_dir,
         parallel=parallel or config.settings.parallel_builds,
         rebuild=rebuild,
+        rebuild_stages=tuple(rebuild_stages),
         from_stage=from_stage,
     )
     sources_dir = verified_sources(plan, workspace, config.settings.source_set)

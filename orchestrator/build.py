@@ -7,15 +7,12 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import hashlib
-import json
 import os
-import re
 import secrets
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,16 +21,17 @@ from pathlib import Path
 import docker
 import networkx as nx
 
-from orchestrator import engine, events, leftovers, records
+from orchestrator import engine, events, images, leftovers, records
 from orchestrator.checkpoints import Checkpointer, policy_of
 from orchestrator.config import Settings
 from orchestrator.errors import LfsorchError
 from orchestrator.events import EventBus
 from orchestrator.graph import Plan, StagePlan, package_graph
+from orchestrator.inputs import InputsOf
 from orchestrator.metrics import host_summary, tree_usage
-from orchestrator.models import Package, Stage
+from orchestrator.models import CheckpointPolicy, Package, Stage
 from orchestrator.partition import Partition
-from orchestrator.runner import BuildJob, BuildResult, ContainerRunner, expand_environment
+from orchestrator.runner import BuildJob, BuildResult, ContainerRunner
 from orchestrator.snapshots import SnapshotStore, refuse_nested_mounts
 from orchestrator.stagefile import copy_stage_assets
 from orchestrator.state import Attempt, PackageState, RunState, now_iso, save_state
@@ -52,25 +50,13 @@ class WorkspaceBusy(LfsorchError):
 class RunOptions:
     lfs_dir: Path
     parallel: int = 1
-    rebuild: bool = False  # build stages even when a checkpoint of their inputs exists
+    rebuild: bool = False  # build every stage even when a checkpoint of its inputs exists
+    rebuild_stages: tuple[str, ...] = ()  # build these even when done or checkpointed
     from_stage: str | None = None  # restore the checkpoint before this stage, build from it
 
 
 def new_run_id() -> str:
     return f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
-
-
-def definition_digest(stage: Stage, package: Package, settings: Settings) -> str:
-    """What a package's result depends on; a change to it means it must be built again."""
-    relevant = {
-        "package": package.model_dump(mode="json"),
-        "image": stage.image or settings.image,
-        "user": stage.user,
-        "workdir": stage.workdir,
-        "environment": [settings.environment, stage.environment],
-        "makeflags": settings.makeflags,
-    }
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @contextlib.contextmanager
@@ -97,8 +83,14 @@ def workspace_lock(workspace: Workspace) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _container_safe(name: str) -> str:
-    return re.sub(r"[^a-zA-Z0-9_.-]", "_", name)
+@dataclass(frozen=True)
+class Group:
+    """Packages built between two checkpoints: one package (`checkpoint: package` at -j 1),
+    a level of packages that build side by side (at -j N), or a whole stage."""
+
+    names: list[str]
+    start: str | None  # the checkpoint before the group
+    key: str | None  # the checkpoint after it; None when none is taken
 
 
 class Build:
@@ -123,10 +115,18 @@ class Build:
         self.sources_dir = sources_dir
         self.run_id = new_run_id()
         self.runner = ContainerRunner(client, bus)
+        self.inputs_of = InputsOf(settings, functools.partial(_image_id, client))
         self.checkpoints = Checkpointer(
-            SnapshotStore(workspace.snapshots_dir), client, settings, bus, self.run_id
+            SnapshotStore(workspace.snapshots_dir),
+            client,
+            settings,
+            bus,
+            self.run_id,
+            inputs_of=self.inputs_of,
         )
         self._lock = threading.Lock()
+        # The key of the stage this run built last, when nothing changed the partition since.
+        self._built_at: str | None = None
         self._asset_dirs: dict[str, Path] = {}
         self.partition = Partition.checked(options.lfs_dir, workspace)
         self.state = self._initial_state()
@@ -151,7 +151,7 @@ class Build:
         for stage_plan in self.plan.stages:
             stage = stage_plan.file.stage
             for package in stage.packages:
-                digest = definition_digest(stage, package, self.settings)
+                digest = self.inputs_of.digest(stage_plan.file, package)
                 old = carried.get((stage.stage, package.name))
                 if old is not None and old.definition == digest:
                     # Unchanged: keep its history; only what is not done is built again.
@@ -281,11 +281,15 @@ class Build:
 
     def _check_from_stage(self) -> None:
         names = [stage_plan.name for stage_plan in self.plan.stages]
-        if self.options.from_stage is not None and self.options.from_stage not in names:
-            raise LfsorchError(
-                f"--from {self.options.from_stage}: no such stage in this plan",
-                hint=f"stages: {', '.join(names)}",
-            )
+        named = [("--from", self.options.from_stage)] + [
+            ("--rebuild-stage", stage) for stage in self.options.rebuild_stages
+        ]
+        for option, stage in named:
+            if stage is not None and stage not in names:
+                raise LfsorchError(
+                    f"{option} {stage}: no such stage in this plan",
+                    hint=f"stages: {', '.join(names)}",
+                )
 
     def _base_key(self) -> str:
         """The checkpoint of the partition before the plan's first stage."""
@@ -311,7 +315,12 @@ class Build:
                 record.status = "pending"
 
     def _settle_partition(
-        self, stage: str, target: str, force: bool, records: list[PackageState]
+        self,
+        stage: str,
+        target: str,
+        force: bool,
+        records: list[PackageState],
+        rebuild: bool = False,
     ) -> None:
         """Before building, make the partition equal the checkpoint `target`.
 
@@ -321,6 +330,8 @@ class Build:
         at that checkpoint, a drift check confirms it.
         """
         lfs = self.options.lfs_dir.resolve()
+        if not force and self._built_at == target:
+            return  # built by this very run (its checkpoint existed before, so may differ)
         if not force and self.state.partition_at == target:
             self.checkpoints.check_drift(target, lfs)
             return
@@ -332,6 +343,8 @@ class Build:
                 )
             return  # the stage before kept no checkpoint: continue in place, as the book does
         reason = "--from" if force else "resume: back to the last checkpoint"
+        if rebuild and not force:
+            reason = "--rebuild: back to the checkpoint before it"
         self.checkpoints.restore(target, lfs, stage=stage, reason=reason)
         self._reset(records)
         with self._recording():
@@ -343,6 +356,11 @@ class Build:
         for stage_plan in self.plan.stages:
             keys.append(self.checkpoints.stage_key(stage_plan, keys[-1]))
         return keys
+
+    def _rebuilds(self, stage: str) -> bool:
+        """Whether `--rebuild` (all stages, or this one by name) asks to build the stage even
+        when a checkpoint of its inputs exists or the record says it is done."""
+        return self.options.rebuild or stage in self.options.rebuild_stages
 
     def _run_stages(self) -> None:
         broken: set[str] = set()
@@ -366,7 +384,8 @@ class Build:
                 broken.add(stage.stage)
                 self._skip_stage(stage_plan, f"required stage {', '.join(blocked_by)} failed")
                 continue
-            if key is not None and parent is not None and policy != "none":
+            rebuild = self._rebuilds(stage.stage)
+            if key is not None and policy != "none" and not rebuild:
                 # Built and checkpointed before, and the partition holds it (or a later
                 # stage; None: a later stage will restore what it needs).
                 done = all(r.status == "done" for r in self._stage_records(stage))
@@ -378,37 +397,47 @@ class Build:
                     and self.state.checkpoints.get(stage.stage) == key
                 ):
                     continue
-                rebuild = self.options.rebuild or self.options.from_stage is not None
-                if not rebuild and self._cache_hit(stage, key):
-                    at = number
+                cached = self.options.from_stage is None and (
+                    self._cache_hit(stage, key) or self._covered_by_later(stage, keys[number + 1 :])
+                )
+                if cached:
+                    at = number if self.state.partition_at == key else at
                     continue
-                if not rebuild and self._covered_by_later(stage, keys[number + 1 :]):
-                    continue
-            self.bus.emit(events.STAGE_START, run_id=self.run_id, stage=stage.stage)
-            started = time.monotonic()
-            # The stage's own checkpoint is the same tree as its last package's: a delta
-            # over that one is empty, where a delta over the stage before repeats the stage.
-            delta_base = parent
-            if policy == "package" and parent is not None:
-                ok, delta_base = self._run_stage_in_order(stage_plan, parent, forced)
-            else:
-                if parent is not None and policy == "stage":
-                    records = self._stage_records(stage)
-                    self._settle_partition(stage.stage, parent, forced, records)
-                ok = self._run_stage(stage_plan)
-            at = None
+            if rebuild:
+                self._reset(self._stage_records(stage))
+            ok = self._build_stage(stage_plan, policy, parent, key, forced, rebuild)
+            # The partition holds what this stage built: later stages are not on it yet.
+            at = number if ok else None
             if not ok:
                 broken.add(stage.stage)
-            elif key is not None and policy != "none":
-                self._checkpoint(stage.stage, key, parent, delta_base=delta_base)
-                at = number
-            self.bus.emit(
-                events.STAGE_COMPLETE,
-                run_id=self.run_id,
-                stage=stage.stage,
-                ok=ok,
-                duration_s=round(time.monotonic() - started, 3),
-            )
+
+    def _build_stage(
+        self,
+        stage_plan: StagePlan,
+        policy: CheckpointPolicy,
+        parent: str | None,
+        key: str | None,
+        forced: bool,
+        rebuild: bool,
+    ) -> bool:
+        stage = stage_plan.file.stage
+        self.bus.emit(events.STAGE_START, run_id=self.run_id, stage=stage.stage)
+        started = time.monotonic()
+        ok, last_group_key = self._run_groups(stage_plan, policy, parent, forced, rebuild)
+        if ok and key is not None and policy != "none":
+            # After groups of its own, the stage's checkpoint is the same tree as its last
+            # group's: a delta over that one is empty, where one over the stage before
+            # repeats the stage.
+            self._checkpoint(stage.stage, key, parent, delta_base=last_group_key or parent)
+        self._built_at = key if ok else None
+        self.bus.emit(
+            events.STAGE_COMPLETE,
+            run_id=self.run_id,
+            stage=stage.stage,
+            ok=ok,
+            duration_s=round(time.monotonic() - started, 3),
+        )
+        return ok
 
     def _cache_hit(self, stage: Stage, key: str) -> bool:
         if not self.checkpoints.store.has(key):
@@ -444,20 +473,28 @@ class Build:
 
     def _checkpoint(
         self,
-        name: str,
+        stage: str,
         key: str,
         parent: str | None,
-        package: str = "",
+        packages: Sequence[str] = (),
         delta_base: str | None = None,
     ) -> None:
+        """Snapshot the partition after a stage or, with `packages`, after a group of them."""
         lfs = self.options.lfs_dir.resolve()
-        stage = name.split("/")[0]
         fresh = self.checkpoints.take(
-            lfs, key, stage=stage, parent=parent, package=package or None, delta_base=delta_base
+            lfs,
+            key,
+            stage=stage,
+            parent=parent,
+            package=", ".join(packages) or None,
+            delta_base=delta_base,
         )
         with self._recording():
-            self.state.checkpoints[name] = key
-            self.state.partition_at = key if fresh else None
+            for name in [f"{stage}/{package}" for package in packages] or [stage]:
+                self.state.checkpoints[name] = key
+            # A one-package stage's checkpoint is its package's: the partition is still at it.
+            at_key = fresh or self.state.partition_at == key
+            self.state.partition_at = key if at_key else None
 
     def _skip_stage(self, stage_plan: StagePlan, reason: str) -> None:
         for package in stage_plan.file.stage.packages:
@@ -477,14 +514,115 @@ class Build:
             reason=reason,
         )
 
-    def _run_stage(self, stage_plan: StagePlan) -> bool:
-        """Packages whose dependencies are done build side by side, up to `parallel`."""
+    def _groups(
+        self, stage_plan: StagePlan, policy: CheckpointPolicy, parent: str | None
+    ) -> list[Group]:
+        """The stage as groups, each followed by a checkpoint.
+
+        `checkpoint: package` takes one after every package at -j 1 and after every level of
+        packages that build side by side at -j N; other stages are one group, whose
+        checkpoint is the stage's own (taken by the caller). Group keys chain from `parent`.
+        """
+        stage = stage_plan.file.stage
+        index = {package.name: i for i, package in enumerate(stage.packages)}
+        if policy != "package" or parent is None:
+            return [Group(list(index), parent, None)]
+        if self.options.parallel > 1:
+            batches = [sorted(level, key=index.__getitem__) for level in stage_plan.levels]
+        else:
+            graph, _ = package_graph(stage_plan.file)
+            order = nx.lexicographical_topological_sort(graph, key=index.__getitem__)
+            batches = [[name] for name in order]
+        groups: list[Group] = []
+        start = parent
+        for names in batches:
+            packages = [stage.package(name) for name in names]
+            key = self.checkpoints.key(stage_plan.file, packages, start)
+            groups.append(Group(names, start, key))
+            start = key
+        return groups
+
+    def _resume_point(self, stage: Stage, groups: list[Group], forced: bool) -> int:
+        """How many groups are built and checkpointed, with their checkpoints at hand."""
+        built = 0
+        for group in groups:
+            if forced or group.key is None or not self.checkpoints.store.has(group.key):
+                break
+            records = [self.state.find(stage.stage, name) for name in group.names]
+            if not all(
+                record is not None
+                and record.status == "done"
+                and self.state.checkpoints.get(f"{stage.stage}/{record.name}") == group.key
+                for record in records
+            ):
+                break
+            built += 1
+        return built
+
+    def _run_groups(
+        self,
+        stage_plan: StagePlan,
+        policy: CheckpointPolicy,
+        parent: str | None,
+        forced: bool,
+        rebuild: bool,
+    ) -> tuple[bool, str | None]:
+        """Build a stage group by group from the last group checkpoint the record knows,
+        never on top of half-installed files.
+
+        Returns whether every package was built, and the key of the last group checkpoint.
+        """
+        stage = stage_plan.file.stage
+        groups = self._groups(stage_plan, policy, parent)
+        resume_at = self._resume_point(stage, groups, forced or rebuild)
+        start = groups[resume_at].start if resume_at < len(groups) else groups[-1].key
+        if start is not None and policy != "none":
+            later = [name for group in groups[resume_at:] for name in group.names]
+            records = [r for r in (self.state.find(stage.stage, n) for n in later) if r]
+            self._settle_partition(stage.stage, start, forced, records, rebuild)
+        last_key = start if policy == "package" else None
+        for position in range(resume_at, len(groups)):
+            group = groups[position]
+            retry_on_checkpoint = None
+            if len(group.names) == 1 and group.start is not None and policy == "package":
+                # Alone in its group, a package's retry starts from the checkpoint before it;
+                # beside others still building (or in a stage checkpointed as a whole), it
+                # retries in place.
+                retry_on_checkpoint = functools.partial(
+                    self._restore_for_retry, stage, group.names[0], group.start
+                )
+            if not self._run_packages(stage_plan, group.names, retry_on_checkpoint):
+                self._skip_later_groups(stage, group, groups[position + 1 :])
+                return False, last_key
+            if group.key is not None:
+                self._checkpoint(stage.stage, group.key, group.start, packages=group.names)
+                last_key = group.key
+        return True, last_key
+
+    def _skip_later_groups(self, stage: Stage, failed: Group, later: list[Group]) -> None:
+        records = [self.state.find(stage.stage, name) for name in failed.names]
+        culprits = ", ".join(r.name for r in records if r is not None and r.status != "done")
+        for group in later:
+            for name in group.names:
+                record = self.state.find(stage.stage, name)
+                if record is not None and record.status != "skipped":
+                    self._skip(record, f"{culprits} failed (checkpoint: package builds in order)")
+
+    def _run_packages(
+        self,
+        stage_plan: StagePlan,
+        names: list[str],
+        before_retry: Callable[[], None] | None = None,
+    ) -> bool:
+        """Build the packages `names` not yet done: those whose dependencies are done build
+        side by side, up to `parallel`; dependencies outside `names` were built before."""
         stage = stage_plan.file.stage
         graph, _ = package_graph(stage_plan.file)
-        order = {package.name: index for index, package in enumerate(stage.packages)}
-        records = {name: self.state.find(stage.stage, name) for name in order}
+        order = {name: index for index, name in enumerate(names)}
+        records = {name: self.state.find(stage.stage, name) for name in names}
         done = {name for name, r in records.items() if r is not None and r.status == "done"}
-        pending = set(order) - done
+        done |= set(graph) - set(names)
+        pending = set(names) - done
         failed: set[str] = set()
         parallel = max(1, self.options.parallel)
         with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="build") as pool:
@@ -506,60 +644,28 @@ class Build:
                     ]
                     for name in ready[: parallel - len(running)]:
                         pending.discard(name)
-                        future = pool.submit(self._build_package, stage_plan, stage.package(name))
+                        package = stage.package(name)
+                        future = pool.submit(self._build_package, stage_plan, package, before_retry)
                         running[future] = name
                     if not running:
                         break
                     finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        name = running.pop(future)
+                    outcomes = {running.pop(future): future for future in finished}
+                    error = _first_error(outcomes.values())
+                    if error is not None:
+                        raise error
+                    for name, future in outcomes.items():
                         (done if future.result() else failed).add(name)
-            except BaseException:
+            except BaseException as caught:
+                # Every other build stops now; what they raise in turn (interrupted) is a
+                # consequence, unless `caught` was one itself and they hold the real cause.
                 self.runner.interrupt()
-                for future in running:
-                    with contextlib.suppress(Exception):
-                        future.result()
+                error = _first_error(running)
+                consequence = isinstance(caught, KeyboardInterrupt)
+                if consequence and error is not None and not isinstance(error, KeyboardInterrupt):
+                    raise error from None
                 raise
         return not failed and not pending
-
-    def _run_stage_in_order(
-        self, stage_plan: StagePlan, parent: str, forced: bool
-    ) -> tuple[bool, str]:
-        """`checkpoint: package`: one package at a time, a checkpoint after each, so a resume
-        restores the checkpoint after the last good package instead of the stage's start.
-
-        Returns whether every package was built, and the key of the last checkpoint taken.
-        """
-        stage = stage_plan.file.stage
-        graph, _ = package_graph(stage_plan.file)
-        index = {package.name: i for i, package in enumerate(stage.packages)}
-        order = list(nx.lexicographical_topological_sort(graph, key=index.__getitem__))
-        keys: list[str] = []
-        for name in order:
-            keys.append(
-                self.checkpoints.package_key(stage, stage.package(name), (keys or [parent])[-1])
-            )
-        records = [r for r in (self.state.find(stage.stage, n) for n in order) if r is not None]
-        resume_at = 0
-        for position, (record, key) in enumerate(zip(records, keys, strict=True)):
-            checkpointed = self.state.checkpoints.get(f"{stage.stage}/{record.name}") == key
-            if forced or record.status != "done" or not checkpointed:
-                break
-            if not self.checkpoints.store.has(key):
-                break
-            resume_at = position + 1
-        start_key = keys[resume_at - 1] if resume_at else parent
-        self._settle_partition(stage.stage, start_key, forced, records[resume_at:])
-        for position in range(resume_at, len(order)):
-            name = order[position]
-            previous = keys[position - 1] if position else parent
-            retry_on_checkpoint = functools.partial(self._restore_for_retry, stage, name, previous)
-            if not self._build_package(stage_plan, stage.package(name), retry_on_checkpoint):
-                for later in records[position + 1 :]:
-                    self._skip(later, f"{name} failed (checkpoint: package builds in order)")
-                return False, previous
-            self._checkpoint(f"{stage.stage}/{name}", keys[position], previous, package=name)
-        return True, keys[-1] if keys else parent
 
     def _restore_for_retry(self, stage: Stage, package: str, key: str) -> None:
         """A retry starts from the checkpoint before the package, not from what the failed
@@ -574,34 +680,29 @@ class Build:
 
     def _job(self, stage_plan: StagePlan, package: Package, attempt: int) -> BuildJob:
         stage = stage_plan.file.stage
-        settings = self.settings
-        base = dict(settings.environment)
-        base["MAKEFLAGS"] = settings.makeflags
-        base["LFSORCH_ATTEMPT"] = str(attempt)  # scripts may build differently on a retry
-        if settings.run_tests:
-            base["LFSORCH_RUN_TESTS"] = "1"
-        environment = expand_environment([base, stage.environment, package.environment])
+        # The same inputs the package's keys are made of: the two cannot disagree.
+        inputs = self.inputs_of.of(stage_plan.file, package, attempt)
         log_path = (
             self.workspace.run_dir(self.run_id) / "logs" / stage.stage / f"{package.name}.log"
         )
         return BuildJob(
             run_id=self.run_id,
-            stage=_container_safe(stage.stage),
-            package=_container_safe(package.name),
+            stage=stage.stage,
+            package=package.name,
             attempt=attempt,
-            image=stage.image or settings.image,
+            image=inputs.image,
             script=package.script,
-            environment=environment,
+            environment=inputs.environment,
             lfs_dir=self.options.lfs_dir.resolve(),
             log_path=log_path,
-            timeout_s=stage.timeout_for(package, settings.timeout),
-            user=stage.user,
-            workdir=stage.workdir,
+            timeout_s=stage.timeout_for(package, self.settings.timeout),
+            user=inputs.user,
+            workdir=inputs.workdir,
             assets_dir=self._asset_dirs.get(stage.stage),
             sources_dir=self.sources_dir if package.sources else None,
             source_files=[source.file for source in package.sources],
-            resources=stage.resources,
-            network=stage.network_for(package) or settings.network,
+            resources=inputs.resources,
+            network=inputs.network,
         )
 
     def _build_package(
@@ -654,6 +755,25 @@ class Build:
                 if before_retry is not None:
                     before_retry()
         return False
+
+
+def _image_id(client: docker.DockerClient, reference: str) -> str:
+    """An image's id for keys. A missing image is reported by the run's image check, with
+    every other missing one, before anything is built or recorded."""
+    return images.image_id_or_none(client, reference) or f"missing {reference}"
+
+
+def _first_error(futures: Iterable[Future[bool]]) -> BaseException | None:
+    """Wait for finished or interrupted builds; the first error that is not an interrupt
+    wins over interrupts, which another build's failure may have caused."""
+    errors: list[BaseException] = []
+    for future in futures:
+        try:
+            future.result()
+        except BaseException as error:
+            errors.append(error)
+    real = [error for error in errors if not isinstance(error, KeyboardInterrupt)]
+    return next(iter(real or errors), None)
 
 
 def _record_result(record: PackageState, attempt: Attempt, result: BuildResult) -> None:

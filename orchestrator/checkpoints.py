@@ -1,8 +1,9 @@
 """Checkpoints during a run: which snapshot a stage (or package) maps to, taking and restoring.
 
-Keys chain like the stages do: a stage's key hashes its definition, its image, its sources'
-checksums and the key of the checkpoint it was built on, so equal keys mean equal inputs all
-the way down from the first partition. The partition a run starts from gets a key from its
+Keys chain like the stages do: a stage's key hashes its packages' inputs (`inputs.py`: the
+definitions, the image, the sources' checksums, the merged environment...) and the key of the
+checkpoint it was built on, so equal keys mean equal inputs all the way down from the first
+partition. The partition a run starts from gets a key from its
 own content, so two empty partitions share every downstream checkpoint.
 """
 
@@ -23,9 +24,11 @@ from orchestrator.config import Settings
 from orchestrator.errors import LfsorchError, local_file_error
 from orchestrator.events import EventBus
 from orchestrator.graph import StagePlan
+from orchestrator.inputs import InputsOf, inputs_key, inputs_record
 from orchestrator.manifest import snapshot_key
 from orchestrator.models import CheckpointPolicy, Package, Stage
 from orchestrator.snapshots import SnapshotStore
+from orchestrator.stagefile import StageFile
 from orchestrator.treescan import scan_tree, verify_tree
 
 INITIAL = "(initial)"
@@ -37,15 +40,10 @@ class PartitionDrift(LfsorchError):
 
 
 def policy_of(stage: Stage, settings: Settings) -> CheckpointPolicy:
+    """A stage file's `checkpoint:` beats every configuration layer but the command line."""
+    if settings.from_command_line("checkpoint"):
+        return settings.checkpoint
     return stage.checkpoint or settings.checkpoint
-
-
-def _source_checksums(packages: Sequence[Package]) -> dict[str, str]:
-    return {
-        source.file: source.sha256 or source.md5 or ""
-        for package in packages
-        for source in package.sources
-    }
 
 
 def tree_key(tree: Path) -> str:
@@ -82,32 +80,24 @@ class Checkpointer:
     # Where this run's chain of keys starts (the plan's first stage, the partition's key
     # before it); recorded too, so a restore elsewhere can rejoin the chain.
     chain: dict[str, str] = dataclasses.field(default_factory=dict)
+    # The one definition of a build's inputs, shared with the scheduler's containers.
+    inputs_of: InputsOf | None = None
 
-    def _key(self, definition: str, stage: Stage, sources: dict[str, str], parent: str) -> str:
-        image = self._image_digest(stage)
-        key = snapshot_key(definition, image, sources, parent)
-        self.inputs[key] = {
-            "image": image,
-            "sources": sources,
-            "definition": json.loads(definition),
-        }
+    def __post_init__(self) -> None:
+        if self.inputs_of is None:
+            client = self.client
+            self.inputs_of = InputsOf(self.settings, lambda ref: images.image_digest(client, ref))
+
+    def key(self, stage_file: StageFile, packages: Sequence[Package], parent: str) -> str:
+        """The checkpoint after building `packages` of a stage on the checkpoint `parent`."""
+        assert self.inputs_of is not None
+        inputs = [self.inputs_of.of(stage_file, package) for package in packages]
+        key = inputs_key(inputs, parent)
+        self.inputs[key] = inputs_record(inputs)
         return key
 
-    def _image_digest(self, stage: Stage) -> str:
-        return images.image_digest(self.client, stage.image or self.settings.image)
-
     def stage_key(self, stage_plan: StagePlan, parent: str) -> str:
-        stage = stage_plan.file.stage
-        definition = stage.model_dump_json(exclude={"description"})
-        return self._key(definition, stage, _source_checksums(stage.packages), parent)
-
-    def package_key(self, stage: Stage, package: Package, parent: str) -> str:
-        definition = json.dumps(
-            {"stage": stage.model_dump(mode="json", exclude={"packages", "description"}),
-             "package": package.model_dump(mode="json")},
-            sort_keys=True,
-        )  # fmt: skip
-        return self._key(definition, stage, _source_checksums([package]), parent)
+        return self.key(stage_plan.file, stage_plan.file.stage.packages, parent)
 
     def take(
         self,

@@ -7,6 +7,7 @@ LFSORCH_* environment variables, and `-o key=value` on the command line.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any, Literal
 
 import platformdirs
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from orchestrator.errors import ConfigError
 from orchestrator.models import CheckpointPolicy, Duration, Environment
@@ -22,6 +23,16 @@ from orchestrator.models import CheckpointPolicy, Duration, Environment
 SYSTEM_FILE = Path("/etc/lfsorch/config.yaml")
 ENV_PREFIX = "LFSORCH_"
 Profile = Literal["minimal", "standard", "full"]
+COMMAND_LINE = "command line"
+# Build inputs that never change what a build produces, so they stay out of checkpoint keys:
+# the job count in MAKEFLAGS (as the number of cores in Nix), the attempt number, the CPU
+# limit. `environment.NAME` leaves out one variable; configuration layers add to this list.
+NEUTRAL_DEFAULT = ["makeflags.jobs", "environment.LFSORCH_ATTEMPT", "resources.cpus"]
+NEUTRAL_CHOICES = "makeflags.jobs, environment.NAME, network, resources, resources.cpus|memory|pids"
+_NEUTRAL = re.compile(
+    r"makeflags\.jobs|environment\.[A-Za-z_][A-Za-z0-9_]*|network|resources"
+    r"|resources\.(cpus|memory|pids)"
+)
 
 
 def _default_makeflags() -> str:
@@ -53,6 +64,33 @@ class Settings(BaseModel):
     log_tail_lines: int = Field(20, ge=0, description="log lines shown for a failed package")
     log_max_bytes: int = Field(10 << 20, ge=1024, description="JSON event log size before rotation")
     log_backups: int = Field(5, ge=0, description="rotated, compressed event logs kept")
+    output_neutral: list[str] = Field(
+        default_factory=lambda: list(NEUTRAL_DEFAULT),
+        description=f"build inputs left out of checkpoint keys ({NEUTRAL_CHOICES}); "
+        "each layer adds to the list",
+    )
+
+    # The command-line layer, which beats a stage file's own values (they sit just below it).
+    _command_line: frozenset[str] = PrivateAttr(default_factory=frozenset)
+    _command_line_environment: frozenset[str] = PrivateAttr(default_factory=frozenset)
+
+    @field_validator("output_neutral")
+    @classmethod
+    def _known_inputs(cls, entries: list[str]) -> list[str]:
+        for entry in entries:
+            if not _NEUTRAL.fullmatch(entry):
+                raise ValueError(
+                    f"{entry!r} is not an input that can be neutral ({NEUTRAL_CHOICES})"
+                )
+        return entries
+
+    def from_command_line(self, key: str) -> bool:
+        return key in self._command_line
+
+    @property
+    def command_line_environment(self) -> dict[str, str]:
+        """The variables `-o environment.NAME=...` set."""
+        return {n: v for n, v in self.environment.items() if n in self._command_line_environment}
 
 
 PROFILES: dict[str, dict[str, Any]] = {
@@ -158,7 +196,7 @@ def load_config(
         (f"system file {system_file}", _read_file(system_file)),
         (f"user file {user_config}", _read_file(user_config)),
         ("environment", _from_environment(environ)),
-        ("command line", _from_overrides(overrides)),
+        (COMMAND_LINE, _from_overrides(overrides)),
     ]
     for origin, layer in named_layers:
         _check_keys(layer, origin)
@@ -180,6 +218,9 @@ def load_config(
         for key, value in layer.items():
             if key == "environment" and isinstance(value, dict):
                 merged.setdefault("environment", {}).update(value)
+            elif key == "output_neutral" and isinstance(value, list):
+                known = merged.setdefault("output_neutral", list(NEUTRAL_DEFAULT))
+                known.extend(item for item in value if item not in known)
             else:
                 merged[key] = value
             origins[key] = origin
@@ -193,4 +234,7 @@ def load_config(
             for e in exc.errors()
         ]
         raise ConfigError("invalid configuration: " + "; ".join(messages)) from None
+    command_line = named_layers[-1][1]
+    settings._command_line = frozenset(command_line)
+    settings._command_line_environment = frozenset(command_line.get("environment") or {})
     return Config(settings, origins)

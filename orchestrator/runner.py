@@ -9,6 +9,7 @@ about the exit; logs and stats are read in threads because their streams can out
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import re
 import shlex
 import threading
@@ -37,6 +38,7 @@ DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 EXIT_BAD_USER = 219  # unusual on purpose: a script's own 126/127 must not read as this
 _TARBALL = re.compile(r"\.(tar(\.[a-z0-9]+)?|tgz|tbz2|txz)$")
 _PROGRESS_INTERVAL_S = 0.5
+_CONTAINER_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]")
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,11 @@ class BuildJob:
 
     @property
     def container_name(self) -> str:
-        return f"lfsorch-{self.run_id}-{self.stage}-{self.package}-{self.attempt}"
+        """Readable and unique: names Docker refuses (`gtk+`) are made safe, and a short
+        hash of the real names keeps `gtk+` and `gtk_` apart."""
+        unique = hashlib.sha256(f"{self.stage}/{self.package}".encode()).hexdigest()[:8]
+        readable = _CONTAINER_UNSAFE.sub("_", f"{self.stage}-{self.package}")
+        return f"lfsorch-{self.run_id}-{readable}-{unique}-{self.attempt}"
 
 
 @dataclass

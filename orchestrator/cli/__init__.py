@@ -92,8 +92,17 @@ def run(
         int | None, typer.Option("--parallel", "-j", min=1, help="packages built side by side")
     ] = None,
     rebuild: Annotated[
-        bool, typer.Option("--rebuild", help="build stages even when a checkpoint matches")
+        bool,
+        typer.Option("--rebuild", help="build every stage even when done or a checkpoint matches"),
     ] = False,
+    rebuild_stages: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--rebuild-stage",
+            metavar="STAGE",
+            help="build STAGE even when done or a checkpoint matches (repeatable)",
+        ),
+    ] = None,
     from_stage: Annotated[
         str | None,
         typer.Option("--from", help="restore the checkpoint before STAGE and build from it"),
@@ -111,6 +120,7 @@ def run(
         config=config,
         parallel=parallel,
         rebuild=rebuild,
+        rebuild_stages=rebuild_stages or [],
         from_stage=from_stage,
         view=ConsoleView(out),
     )

@@ -108,8 +108,13 @@ def show(
         packages = definition.get("packages") or [definition.get("package", {})]
         names = ", ".join(str(p.get("name")) for p in packages if p)
         print(f"built by:  {names or '-'}" + ("" if show_definition else "  (--definition)"))
+    hashed, neutral = meta.pop("inputs", None), meta.pop("neutral", None)
     for name, value in sorted(meta.items()):
         print(f"meta {name}: {value}")
+    if show_definition and hashed is not None:
+        print(f"hashed:    {', '.join(hashed)}")
+        left_out = [f"{name} ({value})" for name, value in sorted((neutral or {}).items())]
+        print(f"neutral:   {', '.join(left_out) or '-'}")
     if show_definition and definition is not None:
         print(json.dumps(definition, indent=2, sort_keys=True))
 

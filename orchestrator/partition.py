@@ -139,8 +139,7 @@ class Partition:
             ) from None
         try:
             if create:
-                with contextlib.suppress(FileExistsError):
-                    os.mkdir(PARTITION_MARKER, 0o700, dir_fd=top)
+                _make_marker(top)
             return os.open(
                 PARTITION_MARKER, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=top
             )
@@ -234,6 +233,17 @@ class Partition:
                 hint="wait for that run to finish or stop it (Ctrl-C); containers of runs "
                 "that are gone are removed by `lfsorch cleanup`",
             )
+
+
+def _make_marker(top: int) -> None:
+    """Create the marker without changing the partition's own metadata: the top directory's
+    mtime is part of every snapshot and drift check, and the marker is not the partition's."""
+    before = os.stat(top)
+    try:
+        os.mkdir(PARTITION_MARKER, 0o700, dir_fd=top)
+    except FileExistsError:
+        return
+    os.utime(top, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
 def _overlaps(source: str, partition: str) -> bool:

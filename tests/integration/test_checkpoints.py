@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -178,6 +179,10 @@ def test_killed_run_resumes_on_the_restored_checkpoint(
         env=dict(os.environ),
     )
     wait_for_container(docker_client, "b")
+    # The container runs before its script has written anything: kill once b is half done.
+    deadline = time.monotonic() + 60
+    while not (lfs_dir / "usr/half").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
     process.kill()
     process.wait(timeout=30)
     assert (lfs_dir / "usr/half").exists()

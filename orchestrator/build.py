@@ -561,6 +561,8 @@ class Build:
             source_files=[source.file for source in package.sources],
             resources=stage.resources,
             network=stage.network_for(package) or settings.network,
+            capabilities=stage.capabilities,
+            build_space=settings.build_space,
         )
 
     def _build_package(

@@ -10,6 +10,7 @@ import contextlib
 import os
 import socket
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import docker
@@ -83,14 +84,35 @@ def owner_alive(labels: dict[str, str]) -> bool:
     return f"{process.create_time():.2f}" == labels.get(OWNER_START)
 
 
+@dataclass(frozen=True)
+class Listed:
+    id: str
+    name: str
+    labels: dict[str, str]
+
+
+def managed_containers(client: docker.DockerClient) -> list[Listed]:
+    """Every lfsorch container, from one listing: other runs may remove theirs at any moment,
+    so nothing is inspected one by one (a container gone in between would be an error)."""
+    listed = client.api.containers(all=True, filters={"label": f"{MANAGED}=true"})
+    return [
+        Listed(
+            id=entry["Id"],
+            name=(entry.get("Names") or ["/" + entry["Id"][:12]])[0].lstrip("/"),
+            labels=entry.get("Labels") or {},
+        )
+        for entry in listed
+    ]
+
+
 def reap_leftovers(client: docker.DockerClient) -> list[str]:
     """Remove containers left by lfsorch processes that no longer exist; return their names."""
     removed: list[str] = []
-    for container in client.containers.list(all=True, filters={"label": f"{MANAGED}=true"}):
+    for container in managed_containers(client):
         if owner_alive(container.labels):
             continue
         with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
-            container.remove(force=True)
+            client.api.remove_container(container.id, force=True)
             removed.append(container.name)
     return removed
 

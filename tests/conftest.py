@@ -83,13 +83,11 @@ def no_leftovers(docker_client: docker.DockerClient) -> Iterator[None]:
     # Containers of other live lfsorch processes (a parallel test session) are not ours.
     left = [
         container
-        for container in docker_client.containers.list(
-            all=True, filters={"label": f"{engine.MANAGED}=true"}
-        )
+        for container in engine.managed_containers(docker_client)
         if container.labels.get(engine.OWNER_PID) == str(os.getpid())
         or not engine.owner_alive(container.labels)
     ]
     names = [c.name for c in left]
     for container in left:
-        container.remove(force=True)
+        docker_client.api.remove_container(container.id, force=True)
     assert names == [], f"containers left behind: {names}"

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 
+from orchestrator import cli
+from orchestrator import console as console_module
+from orchestrator.console import ConsoleView, printable
+from orchestrator.events import BUILD_PROGRESS, BUILD_START, Event
 from orchestrator.runner import PROGRESS_LINE_MAX_BYTES, LineTracker
+from orchestrator.state import Attempt, PackageState, RunState
 from orchestrator.workspace import Workspace
 from tests.conftest import REPO
 
@@ -152,3 +159,63 @@ def test_binary_output_of_every_attempt_is_kept_byte_for_byte(
         assert payload.startswith(f"attempt {number}: ".encode() + b"\xff\xfe \xc3\x28 \x00\x00")
         assert len(payload) > 4_000_000
         assert hashlib.sha256(payload).hexdigest() == digest
+
+
+# Clear the screen, set the clipboard (OSC 52, BEL- and ST-terminated), retitle the window,
+# ring the bell, 8-bit CSI, and a right-to-left override.
+HOSTILE = (
+    "cc: error\x1b[2J\x1b[H"
+    "\x1b]52;c;cm0gLXJmIH4K\x07"
+    "\x1b]52;p;cm0gLXJmIH4K\x1b\\"
+    "\x1b]0;owned\x07\x07\x9b31m\u202eevil"
+)
+HOSTILE_SHOWN = (
+    r"cc: error\x1b[2J\x1b[H\x1b]52;c;cm0gLXJmIH4K\x07\x1b]52;p;cm0gLXJmIH4K\x1b"
+    "\\"  # the string terminator's own backslash is printable
+    r"\x1b]0;owned\x07\x07\x9b31m\u202eevil"
+)
+RAW_CONTROLS = ("\x1b[2J", "\x1b]52", "\x1b]0;", "\x07", "\x9b", "\u202e")
+
+
+class TestTerminalEscapes:
+    def test_controls_are_shown_as_escapes_but_tab_and_newline(self) -> None:
+        assert printable(HOSTILE) == HOSTILE_SHOWN
+        assert printable("make[1]:\tok\n") == "make[1]:\tok\n"
+        assert printable("\x00\x7f\x1f") == r"\x00\x7f\x1f"
+
+    def test_failure_tail_shows_no_raw_control_on_a_terminal(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        log = tmp_path / "p.log"
+        log.write_bytes(b"=== lfsorch: s/p attempt 1 ===\n" + HOSTILE.encode() + b"\nlast\n")
+        package = PackageState(stage="s", name="p", status="failed", log=str(log))
+        package.attempts.append(Attempt(number=1, started="t", error="exit status 2\x1b[2J"))
+        state = RunState(run_id="r", lfs="/x", files=[], outcome="failed", packages=[package])
+        for terminal in (True, False):
+            buffer = io.StringIO()
+            console = Console(file=buffer, force_terminal=terminal, highlight=False, width=400)
+            monkeypatch.setattr(cli, "out", console)
+            cli._print_summary(state, 5)
+            text = buffer.getvalue()
+            assert f"  | {HOSTILE_SHOWN}\n" in text
+            assert r"FAILED s/p: exit status 2\x1b[2J" in text
+            assert not any(control in text for control in RAW_CONTROLS)
+        assert HOSTILE.encode() in log.read_bytes()
+
+    @pytest.mark.parametrize("live", [True, False])
+    def test_progress_lines_show_no_raw_control(
+        self, live: bool, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(console_module, "_HEARTBEAT_S", 0.0)  # plain mode: every line
+        buffer = io.StringIO()
+        console = Console(file=buffer, force_terminal=live, width=400)
+        with ConsoleView(console, live=live) as view:
+            view(Event(BUILD_START, stage="s", package="p", data={"attempt": 1}))
+            for line in (HOSTILE, "[/usr/lib]"):
+                view(Event(BUILD_PROGRESS, stage="s", package="p", data={"line": line}))
+                if view._progress is not None:
+                    view._progress.refresh()
+        text = buffer.getvalue()
+        assert r"cc: error\x1b[2J\x1b[H\x1b]52;c;" in text
+        assert "[/usr/lib]" in text
+        assert not any(control in text for control in RAW_CONTROLS)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import docker
 import docker.errors
@@ -272,24 +273,48 @@ class _LogPump:
         self.thread.start()
 
     def _run(self) -> None:
+        # The stream is drained to its end whatever happens here: an unread stream holds the
+        # container back (the engine blocks its output), which would hang the build.
+        log_file = self._open()
         last_report = 0.0
         try:
-            with self._path.open("ab") as log_file:
-                for chunk in self._stream:
-                    with self._lock:
-                        if self._closed:
-                            return
-                        log_file.write(chunk)
-                    self.last_activity = time.monotonic()
-                    if self.lines.feed(chunk) and self.last_activity - last_report >= (
-                        _PROGRESS_INTERVAL_S
-                    ):
-                        last_report = self.last_activity
+            for chunk in self._stream:
+                with self._lock:
+                    if self._closed:
+                        return
+                    if log_file is not None:
+                        log_file = self._write(log_file, chunk)
+                self.last_activity = time.monotonic()
+                if self.lines.feed(chunk) and self.last_activity - last_report >= (
+                    _PROGRESS_INTERVAL_S
+                ):
+                    last_report = self.last_activity
+                    with contextlib.suppress(Exception):  # a subscriber's bug is not the build's
                         self._on_line(self.lines.last_text, self.lines.count)
-        except OSError as exc:
-            self.failure = f"lfsorch: the log could not be written: {exc}"
+        except (OSError, docker.errors.DockerException) as exc:
+            self.failure = f"lfsorch: the output stream broke off: {exc}"
         finally:
             self.lines.finish()
+            if log_file is not None:
+                with contextlib.suppress(OSError):
+                    log_file.close()
+
+    def _open(self) -> BinaryIO | None:
+        try:
+            return self._path.open("ab")
+        except OSError as exc:
+            self.failure = f"lfsorch: the log could not be written: {exc}"
+            return None
+
+    def _write(self, log_file: BinaryIO, chunk: bytes) -> BinaryIO | None:
+        try:
+            log_file.write(chunk)
+        except OSError as exc:
+            self.failure = f"lfsorch: the log could not be written: {exc}"
+            with contextlib.suppress(OSError):
+                log_file.close()
+            return None
+        return log_file
 
     def finish(self) -> None:
         """Wait until the stream ends; give up only after a long silence, and say so."""

@@ -16,7 +16,7 @@ from orchestrator import cli
 from orchestrator import console as console_module
 from orchestrator.console import ConsoleView, printable
 from orchestrator.events import BUILD_PROGRESS, BUILD_START, Event
-from orchestrator.runner import PROGRESS_LINE_MAX_BYTES, LineTracker
+from orchestrator.runner import PROGRESS_LINE_MAX_BYTES, LineTracker, _LogPump
 from orchestrator.state import Attempt, PackageState, RunState
 from orchestrator.workspace import Workspace
 from tests.conftest import REPO
@@ -107,6 +107,57 @@ class TestLineTracker:
         tracker.feed(b"bad \xff\xfe \x00 end\n")
         assert tracker.last == b"bad \xff\xfe \x00 end"
         assert tracker.last_text == "bad \ufffd\ufffd \x00 end"
+
+
+class _Output:
+    """What the engine's attach stream yields, and how far it was read."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._chunks = iter(chunks)
+        self.read = 0
+        self.closed = False
+
+    def __iter__(self) -> _Output:
+        return self
+
+    def __next__(self) -> bytes:
+        chunk = next(self._chunks)
+        self.read += 1
+        return chunk
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class TestLogPump:
+    """An unread stream holds the container back, so the pump reads to the end whatever fails."""
+
+    def _pump(self, chunks: list[bytes], path: Path, on_line) -> tuple[_LogPump, _Output]:
+        output = _Output(chunks)
+        pump = _LogPump(output, path, "test", on_line)  # type: ignore[arg-type]
+        pump.start()
+        pump.finish()
+        return pump, output
+
+    def test_a_failing_subscriber_does_not_stop_the_log(self, tmp_path: Path) -> None:
+        def broken(line: str, count: int) -> None:
+            raise RuntimeError("subscriber bug")
+
+        chunks = [b"line %d\n" % n for n in range(1000)]
+        pump, output = self._pump(chunks, tmp_path / "log", broken)
+        assert output.read == 1000
+        assert (tmp_path / "log").read_bytes() == b"".join(chunks)
+        assert (pump.lines.count, pump.failure) == (1000, None)
+
+    def test_an_unwritable_log_is_reported_and_the_stream_still_drained(
+        self, tmp_path: Path
+    ) -> None:
+        (tmp_path / "log").mkdir()
+        pump, output = self._pump([b"x\n"] * 50, tmp_path / "log", lambda line, count: None)
+        assert output.read == 50
+        assert pump.failure is not None
+        assert pump.failure.startswith("lfsorch: the log could not be written: [Errno 21]")
+        assert list((tmp_path / "log").iterdir()) == []
 
 
 @pytest.mark.docker

@@ -3,12 +3,14 @@ except in CI (CI=true), where a missing engine is a failure, never a silent skip
 
 from __future__ import annotations
 
+import contextlib
 import os
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 
 import docker
+import docker.errors
 import pytest
 
 from orchestrator import engine
@@ -89,5 +91,7 @@ def no_leftovers(docker_client: docker.DockerClient) -> Iterator[None]:
     ]
     names = [c.name for c in left]
     for container in left:
-        docker_client.api.remove_container(container.id, force=True)
+        # Another session's cleanup may be removing the same dead run's container.
+        with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+            docker_client.api.remove_container(container.id, force=True)
     assert names == [], f"containers left behind: {names}"

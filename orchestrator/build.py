@@ -703,6 +703,8 @@ class Build:
             source_files=[source.file for source in package.sources],
             resources=inputs.resources,
             network=inputs.network,
+            capabilities=inputs.capabilities,
+            build_space=self.settings.build_space,
         )
 
     def _build_package(

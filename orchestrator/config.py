@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from orchestrator.errors import ConfigError
-from orchestrator.models import CheckpointPolicy, Duration, Environment
+from orchestrator.models import CheckpointPolicy, Duration, Environment, Size
 
 SYSTEM_FILE = Path("/etc/lfsorch/config.yaml")
 ENV_PREFIX = "LFSORCH_"
@@ -55,6 +55,9 @@ class Settings(BaseModel):
         default_factory=dict, description="variables added to every build's clean environment"
     )
     network: bool = Field(False, description="allow network in build containers")
+    build_space: Size = Field(
+        16 << 30, description="disk a build may fill outside its mounts (/build, /tmp)"
+    )
     checkpoint: CheckpointPolicy = Field("stage", description="when to snapshot the partition")
     run_tests: bool = Field(False, description="LFSORCH_RUN_TESTS=1 in builds (book's tests)")
     source_set: str = Field("upstream", description="where sources come from (upstream, debian12)")

@@ -1,7 +1,13 @@
-"""The console view of a run: live progress bars on a terminal, plain lines anywhere else."""
+"""The console view of a run: live progress bars on a terminal, plain lines anywhere else.
+
+Text a build printed is never written to the terminal as it is: `printable` shows its control
+characters as escapes, so a package cannot clear the screen, move the cursor, set the clipboard
+(OSC 52), retitle the window or ring the bell. The log file keeps the bytes as printed.
+"""
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -11,6 +17,19 @@ from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElaps
 from orchestrator.events import Event
 
 _HEARTBEAT_S = 30.0
+# C0 controls but tab and newline, DEL, C1 controls (8-bit CSI and OSC), and the Unicode
+# direction overrides and isolates that make text display in another order than it reads.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text: str) -> str:
+    """`text` with every terminal control character shown as a visible escape (`\\x1b`)."""
+    return _CONTROL.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def _size(value: Any) -> str:
@@ -47,7 +66,8 @@ class ConsoleView:
                 SpinnerColumn(),
                 TextColumn("[bold]{task.fields[name]}"),
                 TimeElapsedColumn(),
-                TextColumn("{task.fields[line]}", style="dim"),
+                # A build's line is text, never rich markup: `[/usr/lib]` must not be a tag.
+                TextColumn("{task.fields[line]}", style="dim", markup=False),
                 console=self.console,
                 transient=True,
             )
@@ -59,7 +79,7 @@ class ConsoleView:
             self._progress.stop()
 
     def print(self, text: str) -> None:
-        self.console.print(text, markup=False, highlight=False, soft_wrap=True)
+        self.console.print(printable(text), markup=False, highlight=False, soft_wrap=True)
 
     def __call__(self, event: Event) -> None:
         handler = getattr(self, "_on_" + event.name.replace(".", "_"), None)
@@ -96,7 +116,7 @@ class ConsoleView:
 
     def _on_build_progress(self, event: Event) -> None:
         key = (event.stage, event.package)
-        line = str(event.data.get("line", ""))[:80]
+        line = printable(str(event.data.get("line", "")))[:80]
         if self._progress is not None and key in self._tasks:
             self._progress.update(self._tasks[key], line=line)
         elif self._progress is None:

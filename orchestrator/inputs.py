@@ -83,6 +83,7 @@ class PackageInputs:
     workdir: str | None
     network: bool
     resources: Resources
+    capabilities: tuple[str, ...] = ()  # beyond the base set: mknod can add device nodes
     neutral: Sequence[str] = field(default_factory=tuple)
 
     def all_inputs(self) -> dict[str, Any]:
@@ -101,6 +102,7 @@ class PackageInputs:
             "workdir": self.workdir,
             "network": self.network,
             "resources": self.resources.model_dump(mode="json"),
+            "capabilities": sorted(self.capabilities),
         }
 
     def split(self) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -184,6 +186,7 @@ class InputsOf:
             workdir=stage.workdir,
             network=stage.network_for(package) or self.settings.network,
             resources=stage.resources,
+            capabilities=tuple(stage.capabilities),
             neutral=tuple(self.settings.output_neutral),
         )
 

@@ -186,6 +186,9 @@ class Stage(StrictModel):
     timeout: Duration | None = None
     retries: int = Field(default=0, ge=0, le=100)
     network: bool = False
+    capabilities: list[Literal["fowner", "fsetid", "kill", "mknod", "sys_chroot"]] = Field(
+        default_factory=list, description="capabilities beyond the base set (see the README)"
+    )
     checkpoint: CheckpointPolicy | None = None  # None: the configuration's `checkpoint`
     packages: list[Package] = Field(min_length=1)
 

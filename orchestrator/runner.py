@@ -3,7 +3,13 @@
 The container starts as root only long enough to prepare a private build directory (sources
 linked in, the main tarball unpacked), then drops to the stage's user and runs the script in a
 clean environment (`env -i`, as the book's .bash_profile does). Docker's `wait()` is the truth
-about the exit; logs and stats are read in threads because their streams can outlive it.
+about the exit; output, stats and disk use are followed in threads.
+
+Output is read from the container's own attached stream, not from the engine's log copy: the
+json-file driver stores text (invalid UTF-8 becomes U+FFFD) and rotates, while the attach stream
+carries the bytes as printed, and holds the container back when the reader is slow instead of
+dropping anything. The entry script sends stderr into stdout, so the log is one stream in the
+order it was written, as a terminal shows it.
 """
 
 from __future__ import annotations
@@ -18,11 +24,13 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import docker
 import docker.errors
 from docker.models.containers import Container
-from docker.types import Mount
+from docker.types import LogConfig, Mount
+from docker.types.daemon import CancellableStream
 
 from orchestrator import engine, events
 from orchestrator.errors import ImageMissing, LfsorchError
@@ -39,6 +47,22 @@ EXIT_BAD_USER = 219  # unusual on purpose: a script's own 126/127 must not read 
 _TARBALL = re.compile(r"\.(tar(\.[a-z0-9]+)?|tgz|tbz2|txz)$")
 _PROGRESS_INTERVAL_S = 0.5
 _CONTAINER_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]")
+# A progress line is for a glance at the console: longer lines are cut, never held whole.
+PROGRESS_LINE_MAX_BYTES = 1024
+# After the container exits, its stream is waited for as long as bytes still arrive; this long
+# a silence means the engine lost the stream, and the log says so.
+_STREAM_SILENCE_S = 30.0
+_DISK_CHECK_INTERVAL_S = 10.0
+# The engine keeps its own copy of the output (for `docker logs` on a live build); lfsorch never
+# reads it, so it only needs to be bounded.
+ENGINE_LOG_CONFIG = LogConfig(
+    type=LogConfig.types.JSON, config={"max-size": "10m", "max-file": "2"}
+)
+# What the book's chapters 4-6 need as root, measured by dropping each in turn; the README's
+# "Security model" gives each one's reason.
+BASE_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "SETGID", "SETUID")
+# What a stage may add by name (`capabilities: [mknod]`); the stage schema allows these alone.
+OPTIONAL_CAPABILITIES = ("fowner", "fsetid", "kill", "mknod", "sys_chroot")
 
 
 @dataclass(frozen=True)
@@ -62,6 +86,8 @@ class BuildJob:
     source_files: Sequence[str] = ()
     resources: Resources = field(default_factory=Resources)
     network: bool = False
+    capabilities: Sequence[str] = ()  # names from OPTIONAL_CAPABILITIES, lowercase
+    build_space: int | None = None  # bytes the container may write outside its mounts
 
     @property
     def container_name(self) -> str:
@@ -70,6 +96,12 @@ class BuildJob:
         unique = hashlib.sha256(f"{self.stage}/{self.package}".encode()).hexdigest()[:8]
         readable = _CONTAINER_UNSAFE.sub("_", f"{self.stage}-{self.package}")
         return f"lfsorch-{self.run_id}-{readable}-{unique}-{self.attempt}"
+
+    def capability_set(self) -> list[str]:
+        unknown = set(self.capabilities) - set(OPTIONAL_CAPABILITIES)
+        if unknown:
+            raise LfsorchError(f"capabilities not allowed in builds: {', '.join(sorted(unknown))}")
+        return sorted({*BASE_CAPABILITIES, *(name.upper() for name in self.capabilities)})
 
 
 @dataclass
@@ -126,6 +158,7 @@ def _entry_script(job: BuildJob) -> str:
     workdir = shlex.quote(job.workdir) if job.workdir else ""
     # The script below runs as root in the fresh container; values are quoted by Python.
     return f"""set -eu
+exec 2>&1
 user={shlex.quote(user)}
 if [ "$user" = 0 ] || [ "$user" = root ]; then
     drop=()
@@ -184,52 +217,174 @@ def _mounts(job: BuildJob) -> list[Mount]:
     return mounts
 
 
-class _LogPump:
-    """Copies the container's output to the log file and reports lines, throttled."""
+class LineTracker:
+    """Counts output lines and keeps the last complete one, cut to a cap, whatever the output.
 
-    def __init__(self, container: Container, path: Path, on_line: Callable[[str, int], None]):
-        self._container = container
+    Only the bytes after the last newline are kept (also cut to the cap), so a flood without
+    newlines costs no more memory than a short line.
+    """
+
+    def __init__(self, cap: int = PROGRESS_LINE_MAX_BYTES) -> None:
+        self._cap = cap
+        self._partial = b""
+        self.count = 0
+        self.last = b""
+
+    def feed(self, chunk: bytes) -> bool:
+        """Take the next bytes of output; True when at least one line was completed."""
+        newlines = chunk.count(b"\n")
+        if not newlines:
+            if len(self._partial) < self._cap:
+                self._partial += chunk[: self._cap - len(self._partial)]
+            return False
+        self.count += newlines
+        end = chunk.rfind(b"\n")
+        if newlines == 1:
+            self.last = (self._partial + chunk[: min(end, self._cap)])[: self._cap]
+        else:
+            start = chunk.rfind(b"\n", 0, end) + 1
+            self.last = chunk[start : min(end, start + self._cap)]
+        self._partial = chunk[end + 1 : end + 1 + self._cap]
+        return True
+
+    def finish(self) -> None:
+        """The output ended: a last line without a newline still counts."""
+        if self._partial:
+            self.count += 1
+            self.last, self._partial = self._partial, b""
+
+    @property
+    def last_text(self) -> str:
+        return self.last.decode(errors="replace").rstrip()
+
+
+class _LogPump:
+    """Appends the container's attached output to the log file, bytes as printed, and reports
+    progress lines, throttled. Memory stays bounded: chunks go to the file as they come."""
+
+    def __init__(
+        self, stream: CancellableStream, path: Path, name: str, on_line: Callable[[str, int], None]
+    ) -> None:
+        self._stream = stream
         self._path = path
         self._on_line = on_line
         self._lock = threading.Lock()
         self._closed = False
-        self.lines = 0
-        self.thread = threading.Thread(target=self._run, name=f"logs-{container.name}", daemon=True)
+        self.lines = LineTracker()
+        self.last_activity = time.monotonic()
+        self.failure: str | None = None
+        self.thread = threading.Thread(target=self._run, name=f"logs-{name}", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
 
     def _run(self) -> None:
-        pending = b""
+        # The stream is drained to its end whatever happens here: an unread stream holds the
+        # container back (the engine blocks its output), which would hang the build.
+        log_file = self._open()
         last_report = 0.0
-        last_line = ""
-        with contextlib.suppress(Exception), self._path.open("ab") as log_file:
-            for chunk in self._container.logs(stream=True, follow=True):
+        try:
+            for chunk in self._stream:
                 with self._lock:
                     if self._closed:
                         return
-                    log_file.write(chunk)
-                pending += chunk
-                *complete, pending = pending.split(b"\n")
-                if complete:
-                    self.lines += len(complete)
-                    last_line = complete[-1].decode(errors="replace").rstrip()
-                    now = time.monotonic()
-                    if now - last_report >= _PROGRESS_INTERVAL_S:
-                        last_report = now
-                        self._on_line(last_line, self.lines)
-            if pending:
-                self.lines += 1
+                    if log_file is not None:
+                        log_file = self._write(log_file, chunk)
+                self.last_activity = time.monotonic()
+                if self.lines.feed(chunk) and self.last_activity - last_report >= (
+                    _PROGRESS_INTERVAL_S
+                ):
+                    last_report = self.last_activity
+                    with contextlib.suppress(Exception):  # a subscriber's bug is not the build's
+                        self._on_line(self.lines.last_text, self.lines.count)
+        except (OSError, docker.errors.DockerException) as exc:
+            self.failure = f"lfsorch: the output stream broke off: {exc}"
+        finally:
+            self.lines.finish()
+            if log_file is not None:
+                with contextlib.suppress(OSError):
+                    log_file.close()
+
+    def _open(self) -> BinaryIO | None:
+        try:
+            return self._path.open("ab")
+        except OSError as exc:
+            self.failure = f"lfsorch: the log could not be written: {exc}"
+            return None
+
+    def _write(self, log_file: BinaryIO, chunk: bytes) -> BinaryIO | None:
+        try:
+            log_file.write(chunk)
+        except OSError as exc:
+            self.failure = f"lfsorch: the log could not be written: {exc}"
+            with contextlib.suppress(OSError):
+                log_file.close()
+            return None
+        return log_file
 
     def finish(self) -> None:
-        """Wait briefly for the stream; if it hangs after exit, take the logs in one piece."""
-        self.thread.join(timeout=5)
-        if not self.thread.is_alive():
-            return
-        with self._lock:
-            self._closed = True
-        with contextlib.suppress(docker.errors.APIError):
-            self._path.write_bytes(self._container.logs(stdout=True, stderr=True))
+        """Wait until the stream ends; give up only after a long silence, and say so."""
+        while True:
+            self.thread.join(timeout=1.0)
+            if not self.thread.is_alive():
+                break
+            if time.monotonic() - self.last_activity > _STREAM_SILENCE_S:
+                with self._lock:
+                    self._closed = True
+                self.failure = (
+                    f"lfsorch: the output stream was silent {_STREAM_SILENCE_S:.0f}s after the "
+                    "container exited; the log may be incomplete"
+                )
+                with contextlib.suppress(Exception):
+                    self._stream.close()
+                break
+        if self.failure:
+            with contextlib.suppress(OSError), self._path.open("ab") as log_file:
+                log_file.write(f"\n{self.failure}\n".encode())
+
+
+class _DiskWatch:
+    """Kills the container once what it wrote outside its mounts (`/build`, `/tmp`: its own
+    writable layer) passes `limit` bytes. Checked by the engine's size figure at intervals:
+    overlay2 on ext4 has no per-container size option."""
+
+    def __init__(self, client: docker.DockerClient, container: Container, limit: int) -> None:
+        self._client = client
+        self._container = container
+        self._limit = limit
+        self._stop = threading.Event()
+        self.used: int | None = None
+        self.exceeded = False
+        self.thread = threading.Thread(target=self._run, name=f"disk-{container.name}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(_DISK_CHECK_INTERVAL_S):
+            with contextlib.suppress(docker.errors.APIError):
+                listed = self._client.api.containers(
+                    all=True, filters={"id": self._container.id}, size=True
+                )
+                self.used = int(listed[0].get("SizeRw") or 0) if listed else None
+            if self.used is not None and self.used > self._limit and not self._stop.is_set():
+                self.exceeded = True
+                with contextlib.suppress(docker.errors.APIError):
+                    self._container.kill()
+                return
+
+    def describe(self) -> str:
+        return (
+            f"wrote {_gib(self.used or 0)} outside its mounts (/build and the container's own "
+            f"files), more than build_space ({_gib(self._limit)}); container killed"
+        )
+
+
+def _gib(size: int) -> str:
+    return f"{size / (1 << 30):.2f} GiB"
 
 
 class _StatsPump:
@@ -303,6 +458,10 @@ class ContainerRunner:
                 mem_limit=resources.memory,
                 memswap_limit=resources.memory,
                 pids_limit=resources.pids,
+                cap_drop=["ALL"],
+                cap_add=job.capability_set(),
+                security_opt=["no-new-privileges"],
+                log_config=ENGINE_LOG_CONFIG,
             )
         except docker.errors.ImageNotFound:
             self.check_image(job.image)
@@ -322,6 +481,17 @@ class ContainerRunner:
         container = self._create(job)
         with self._lock:
             self._live[container.id] = container
+        try:
+            return self._follow(job, container, figures)
+        finally:
+            with self._lock:
+                self._live.pop(container.id, None)
+            self._removals.submit(engine.remove_quietly, container)
+
+    def _follow(
+        self, job: BuildJob, container: Container, figures: ContainerFigures
+    ) -> BuildResult:
+        """Start the container and follow it to its end: output, stats, disk, timeout."""
         timed_out = threading.Event()
 
         def on_timeout() -> None:
@@ -341,37 +511,42 @@ class ContainerRunner:
 
         timer = threading.Timer(job.timeout_s, on_timeout)
         timer.daemon = True
+        # Attached before the start, so not one byte of output is missed.
+        stream = container.attach(stdout=True, stderr=True, stream=True, logs=False)
+        logs = _LogPump(stream, job.log_path, container.name or job.container_name, on_line)
+        disk = _DiskWatch(self._client, container, job.build_space) if job.build_space else None
         started = time.monotonic()
         try:
             host_before = HostIO.sample()
             container.start()
             timer.start()
-            logs = _LogPump(container, job.log_path, on_line)
-            stats = _StatsPump(container, figures)
             logs.start()
-            stats.start()
+            _StatsPump(container, figures).start()
+            if disk is not None:
+                disk.start()
             status = container.wait()
             duration = time.monotonic() - started
             timer.cancel()
+            if disk is not None:
+                disk.stop()
             logs.finish()
-            # The stats stream can outlive the container; removal below ends it.
+            # The stats stream can outlive the container; removal ends it.
             figures.apply_host_io(host_before, HostIO.sample())
             container.reload()
-            state = container.attrs.get("State", {})
-            return BuildResult(
-                exit_code=int(status.get("StatusCode", state.get("ExitCode", -1))),
-                duration_s=duration,
-                figures=figures,
-                oom_killed=bool(state.get("OOMKilled")),
-                timed_out=timed_out.is_set(),
-                interrupted=self._interrupted.is_set() and not timed_out.is_set(),
-                error=_wrapper_error(status),
-            )
         finally:
             timer.cancel()
-            with self._lock:
-                self._live.pop(container.id, None)
-            self._removals.submit(engine.remove_quietly, container)
+            with contextlib.suppress(Exception):
+                stream.close()
+        state = container.attrs.get("State", {})
+        return BuildResult(
+            exit_code=int(status.get("StatusCode", state.get("ExitCode", -1))),
+            duration_s=duration,
+            figures=figures,
+            oom_killed=bool(state.get("OOMKilled")),
+            timed_out=timed_out.is_set(),
+            interrupted=self._interrupted.is_set() and not timed_out.is_set(),
+            error=disk.describe() if disk and disk.exceeded else _wrapper_error(status),
+        )
 
 
 def _wrapper_error(status: dict[str, object]) -> str | None:

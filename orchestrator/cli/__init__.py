@@ -18,7 +18,7 @@ from orchestrator.cli import images as images_cli
 from orchestrator.cli import snapshots as snapshots_cli
 from orchestrator.cli import sources as sources_cli
 from orchestrator.config import load_config
-from orchestrator.console import ConsoleView
+from orchestrator.console import ConsoleView, printable
 from orchestrator.errors import LfsorchError, local_file_error
 from orchestrator.models import stage_json_schema
 from orchestrator.report import SBU_REFERENCE, build_report
@@ -140,9 +140,9 @@ def _print_summary(state: RunState, tail_lines: int) -> None:
             continue
         last = package.attempts[-1] if package.attempts else None
         reason = last.error if last and last.error else f"exit status {package.exit_code}"
-        out.print(f"\nFAILED {package.stage}/{package.name}: {reason}", markup=False)
+        out.print(f"\nFAILED {package.stage}/{package.name}: {printable(reason)}", markup=False)
         for line in api.log_tail(package, tail_lines):
-            out.print(f"  | {line}", markup=False)
+            out.print(f"  | {printable(line)}", markup=False)
         out.print(f"  whole log: {package.log}", markup=False)
 
 

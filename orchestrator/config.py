@@ -27,7 +27,9 @@ COMMAND_LINE = "command line"
 # Build inputs that never change what a build produces, so they stay out of checkpoint keys:
 # the job count in MAKEFLAGS (as the number of cores in Nix), the attempt number, the CPU
 # limit. `environment.NAME` leaves out one variable; configuration layers add to this list.
-NEUTRAL_DEFAULT = ["makeflags.jobs", "environment.LFSORCH_ATTEMPT", "resources.cpus"]
+# Limits only decide whether a build finishes, never what it installs (a retry after an OOM kill
+# may raise the memory limit and still meet the same checkpoint).
+NEUTRAL_DEFAULT = ["makeflags.jobs", "environment.LFSORCH_ATTEMPT", "resources"]
 NEUTRAL_CHOICES = "makeflags.jobs, environment.NAME, network, resources, resources.cpus|memory|pids"
 _NEUTRAL = re.compile(
     r"makeflags\.jobs|environment\.[A-Za-z_][A-Za-z0-9_]*|network|resources"

@@ -119,7 +119,11 @@ class PackageInputs:
             head, _, name = entry.partition(".")
             holder = hashed if not name else hashed.get(head)
             if isinstance(holder, dict) and (name or head) in holder:
-                left_out[entry] = holder.pop(name or head)
+                value = holder.pop(name or head)
+                if isinstance(value, dict):  # a whole group: shown entry by entry
+                    left_out.update({f"{entry}.{inner}": v for inner, v in value.items()})
+                else:
+                    left_out[entry] = value
         return hashed, left_out
 
     def hashed(self) -> dict[str, Any]:

@@ -116,7 +116,10 @@ def test_every_configuration_layer_reaches_the_key(
     ).stdout  # fmt: skip
     hashed_line = next(line for line in shown.splitlines() if line.startswith("hashed:"))
     assert "environment.FOO" in hashed_line and "image" in hashed_line
-    neutral = "environment.LFSORCH_ATTEMPT (1), makeflags.jobs (-j2 V=1), resources.cpus (None)"
+    neutral = (
+        "environment.LFSORCH_ATTEMPT (1), makeflags.jobs (-j2 V=1), "
+        "resources.cpus (None), resources.memory (None), resources.pids (None)"
+    )
     assert f"neutral:   {neutral}" in shown.splitlines()
 
 

@@ -88,7 +88,7 @@ def test_every_layer_reaches_the_key(tmp_path: Path) -> None:
         ),
         "user": key_of(settings_from(tmp_path), stage_of(user="lfs")),
         "workdir": key_of(settings_from(tmp_path), stage_of(workdir="/tmp")),
-        "memory": key_of(settings_from(tmp_path), stage_of(resources={"memory": "1g"})),
+        "capabilities": key_of(settings_from(tmp_path), stage_of(capabilities=["mknod"])),
         "script": key_of(settings_from(tmp_path), stage_of(package={"script": "make -k"})),
         "version": key_of(settings_from(tmp_path), stage_of(package={"version": "2"})),
         "source": key_of(
@@ -111,6 +111,7 @@ def test_output_neutral_inputs_stay_out_of_the_key(tmp_path: Path) -> None:
     base = key_of(settings_from(tmp_path, ["makeflags=-j8"]), stage_of())
     assert key_of(settings_from(tmp_path, ["makeflags=-j1"]), stage_of()) == base
     assert key_of(settings_from(tmp_path), stage_of(resources={"cpus": 0.5})) == base
+    assert key_of(settings_from(tmp_path), stage_of(resources={"memory": "1g"})) == base
     settings = settings_from(tmp_path)
     of = InputsOf(settings, IMAGES.__getitem__)
     stage = stage_of()

@@ -317,12 +317,14 @@ class _LogPump:
         return log_file
 
     def finish(self) -> None:
-        """Wait until the stream ends; give up only after a long silence, and say so."""
+        """Called once the container exited: wait until the stream ends; give up only after a
+        long silence since the exit or the last bytes, and say so in the log."""
+        exited = time.monotonic()
         while True:
             self.thread.join(timeout=1.0)
             if not self.thread.is_alive():
                 break
-            if time.monotonic() - self.last_activity > _STREAM_SILENCE_S:
+            if time.monotonic() - max(exited, self.last_activity) > _STREAM_SILENCE_S:
                 with self._lock:
                     self._closed = True
                 self.failure = (

@@ -301,7 +301,8 @@ class _LogPump:
 
     def _open(self) -> BinaryIO | None:
         try:
-            return self._path.open("ab")
+            # Unbuffered: each chunk is on disk once written, before any note `finish` appends.
+            return self._path.open("ab", buffering=0)
         except OSError as exc:
             self.failure = f"lfsorch: the log could not be written: {exc}"
             return None

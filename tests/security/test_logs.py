@@ -230,7 +230,6 @@ def test_a_flood_of_lines_is_logged_exactly_with_bounded_memory(
     ((payload, digest),) = _attempts(_log(workspace, "flood", "lines"), "flood/lines")
     assert len(payload) == FLOOD_BYTES
     assert hashlib.sha256(payload).hexdigest() == digest
-    print(f"peak {peak >> 20} MiB")
     assert peak < MAX_RSS_BYTES, f"lfsorch peaked at {peak >> 20} MiB"
 
 

@@ -107,6 +107,7 @@ class BuildResult:
     timed_out: bool = False
     interrupted: bool = False
     error: str | None = None
+    timeout_s: float | None = None  # the limit that was reached, when timed out
 
     @property
     def succeeded(self) -> bool:
@@ -123,7 +124,9 @@ class BuildResult:
         if self.interrupted:
             return "interrupted"
         if self.timed_out:
-            return f"timed out after {self.duration_s:.0f}s (container killed)"
+            # The limit, not the measured time: that includes starting and killing the container.
+            limit = self.timeout_s if self.timeout_s is not None else self.duration_s
+            return f"timed out after {limit:.0f}s (container killed)"
         if self.oom_killed:
             return f"killed by the kernel's OOM killer (exit status {self.exit_code})"
         if self.error:
@@ -541,6 +544,7 @@ class ContainerRunner:
             figures=figures,
             oom_killed=bool(state.get("OOMKilled")),
             timed_out=timed_out.is_set(),
+            timeout_s=job.timeout_s if timed_out.is_set() else None,
             interrupted=self._interrupted.is_set() and not timed_out.is_set(),
             error=disk.describe() if disk and disk.exceeded else _wrapper_error(status),
         )

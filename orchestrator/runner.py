@@ -113,6 +113,7 @@ class BuildResult:
     timed_out: bool = False
     interrupted: bool = False
     error: str | None = None
+    timeout_s: float | None = None  # the limit that was reached, when timed out
 
     @property
     def succeeded(self) -> bool:
@@ -129,7 +130,9 @@ class BuildResult:
         if self.interrupted:
             return "interrupted"
         if self.timed_out:
-            return f"timed out after {self.duration_s:.0f}s (container killed)"
+            # The limit, not the measured time: that includes starting and killing the container.
+            limit = self.timeout_s if self.timeout_s is not None else self.duration_s
+            return f"timed out after {limit:.0f}s (container killed)"
         if self.oom_killed:
             return f"killed by the kernel's OOM killer (exit status {self.exit_code})"
         if self.error:
@@ -307,7 +310,8 @@ class _LogPump:
 
     def _open(self) -> BinaryIO | None:
         try:
-            return self._path.open("ab")
+            # Unbuffered: each chunk is on disk once written, before any note `finish` appends.
+            return self._path.open("ab", buffering=0)
         except OSError as exc:
             self.failure = f"lfsorch: the log could not be written: {exc}"
             return None
@@ -323,12 +327,14 @@ class _LogPump:
         return log_file
 
     def finish(self) -> None:
-        """Wait until the stream ends; give up only after a long silence, and say so."""
+        """Called once the container exited: wait until the stream ends; give up only after a
+        long silence since the exit or the last bytes, and say so in the log."""
+        exited = time.monotonic()
         while True:
             self.thread.join(timeout=1.0)
             if not self.thread.is_alive():
                 break
-            if time.monotonic() - self.last_activity > _STREAM_SILENCE_S:
+            if time.monotonic() - max(exited, self.last_activity) > _STREAM_SILENCE_S:
                 with self._lock:
                     self._closed = True
                 self.failure = (
@@ -544,6 +550,7 @@ class ContainerRunner:
             figures=figures,
             oom_killed=bool(state.get("OOMKilled")),
             timed_out=timed_out.is_set(),
+            timeout_s=job.timeout_s if timed_out.is_set() else None,
             interrupted=self._interrupted.is_set() and not timed_out.is_set(),
             error=disk.describe() if disk and disk.exceeded else _wrapper_error(status),
         )

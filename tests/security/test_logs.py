@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 from rich.console import Console
 
-from orchestrator import cli
+from orchestrator import cli, runner
 from orchestrator import console as console_module
 from orchestrator.console import ConsoleView, printable
 from orchestrator.events import BUILD_PROGRESS, BUILD_START, Event
@@ -129,6 +132,24 @@ class _Output:
         self.closed = True
 
 
+class _Stalled(_Output):
+    """Yields its chunks, then is silent until `release` is set or the reader closes it."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        super().__init__(chunks)
+        self.release = threading.Event()
+
+    def __next__(self) -> bytes:
+        with contextlib.suppress(StopIteration):
+            return super().__next__()
+        self.release.wait()
+        raise StopIteration
+
+    def close(self) -> None:
+        super().close()
+        self.release.set()
+
+
 class TestLogPump:
     """An unread stream holds the container back, so the pump reads to the end whatever fails."""
 
@@ -148,6 +169,35 @@ class TestLogPump:
         assert output.read == 1000
         assert (tmp_path / "log").read_bytes() == b"".join(chunks)
         assert (pump.lines.count, pump.failure) == (1000, None)
+
+    def test_a_stream_that_never_ends_is_closed_and_the_log_says_so(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(runner, "_STREAM_SILENCE_S", 1.0)
+        output = _Stalled([b"all there was\n"])
+        pump = _LogPump(output, tmp_path / "log", "test", lambda line, count: None)  # type: ignore[arg-type]
+        pump.start()
+        pump.finish()
+        assert output.closed
+        assert (tmp_path / "log").read_bytes() == (
+            b"all there was\n\nlfsorch: the output stream was silent 1s after the container "
+            b"exited; the log may be incomplete\n"
+        )
+
+    def test_silence_before_the_exit_does_not_cut_the_stream_short(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A build quiet for longer than the grace (a long compile) whose last bytes arrive
+        shortly after the exit keeps them."""
+        monkeypatch.setattr(runner, "_STREAM_SILENCE_S", 3.0)
+        output = _Stalled([b"configure done\n"])
+        pump = _LogPump(output, tmp_path / "log", "test", lambda line, count: None)  # type: ignore[arg-type]
+        pump.start()
+        time.sleep(4.0)  # silent past the grace while the container still runs
+        threading.Timer(1.5, output.release.set).start()  # the stream ends after the exit
+        pump.finish()
+        assert (pump.failure, output.closed) == (None, False)
+        assert (tmp_path / "log").read_bytes() == b"configure done\n"
 
     def test_an_unwritable_log_is_reported_and_the_stream_still_drained(
         self, tmp_path: Path
@@ -180,7 +230,6 @@ def test_a_flood_of_lines_is_logged_exactly_with_bounded_memory(
     ((payload, digest),) = _attempts(_log(workspace, "flood", "lines"), "flood/lines")
     assert len(payload) == FLOOD_BYTES
     assert hashlib.sha256(payload).hexdigest() == digest
-    print(f"peak {peak >> 20} MiB")
     assert peak < MAX_RSS_BYTES, f"lfsorch peaked at {peak >> 20} MiB"
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from orchestrator.snapshots import SnapshotStore
+from orchestrator.checkpoints.store import SnapshotStore
 
 POOL_BYTES = 64 << 20
 LARGE_FILE = 16 << 20

@@ -10,19 +10,22 @@ from pathlib import Path
 
 import docker
 
-from orchestrator import engine, leftovers, records, sources
-from orchestrator.build import Build, RunOptions, workspace_lock
+from orchestrator.build import records
+from orchestrator.build.scheduler import Build, RunOptions, workspace_lock
+from orchestrator.build.state import PackageState, RunState, load_state, save_state
+from orchestrator.checkpoints import leftovers
+from orchestrator.checkpoints.manifest import SnapshotError
+from orchestrator.checkpoints.store import SnapshotInfo, SnapshotStore
 from orchestrator.config import Config, load_config
-from orchestrator.console import ConsoleView
 from orchestrator.errors import EngineUnavailable, LfsorchError, local_file_error
-from orchestrator.eventlog import JsonEventLog
-from orchestrator.events import EventBus
-from orchestrator.graph import Plan, load_plan
-from orchestrator.manifest import SnapshotError
+from orchestrator.execution import engine
+from orchestrator.monitor.console import ConsoleView
+from orchestrator.monitor.eventlog import JsonEventLog
+from orchestrator.monitor.events import EventBus
+from orchestrator.monitor.plugins import PluginBridge, plugin_manager
 from orchestrator.partition import Partition, PartitionBusy, refuse_unsafe_workspace
-from orchestrator.plugins import PluginBridge, plugin_manager
-from orchestrator.snapshots import SnapshotInfo, SnapshotStore
-from orchestrator.state import PackageState, RunState, load_state, save_state
+from orchestrator.sources import cache as sources
+from orchestrator.spec.graph import Plan, load_plan
 from orchestrator.workspace import Workspace
 
 

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from orchestrator.errors import ConfigError
-from orchestrator.models import CheckpointPolicy, Duration, Environment, Size
+from orchestrator.spec.models import CheckpointPolicy, Duration, Environment, Size
 
 SYSTEM_FILE = Path("/etc/lfsorch/config.yaml")
 ENV_PREFIX = "LFSORCH_"

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator import engine
+from orchestrator.checkpoints.treescan import PARTITION_MARKER
 from orchestrator.errors import LfsorchError, local_file_error
-from orchestrator.treescan import PARTITION_MARKER
+from orchestrator.execution import engine
 from orchestrator.workspace import Workspace
 
 ID_FILE = "id"

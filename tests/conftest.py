@@ -14,8 +14,8 @@ from pathlib import Path
 import docker
 import pytest
 
-from orchestrator import engine
 from orchestrator.errors import EngineUnavailable
+from orchestrator.execution import engine
 from orchestrator.workspace import Workspace
 
 BASE_IMAGE = "lfsorch/base:bookworm"

@@ -14,15 +14,15 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator import api
+from orchestrator.build.state import RunState
 from orchestrator.cli import images as images_cli
 from orchestrator.cli import snapshots as snapshots_cli
 from orchestrator.cli import sources as sources_cli
 from orchestrator.config import load_config
-from orchestrator.console import ConsoleView, printable
 from orchestrator.errors import LfsorchError, local_file_error
-from orchestrator.models import stage_json_schema
-from orchestrator.report import SBU_REFERENCE, build_report
-from orchestrator.state import RunState
+from orchestrator.monitor.console import ConsoleView, printable
+from orchestrator.monitor.report import SBU_REFERENCE, build_report
+from orchestrator.spec.models import stage_json_schema
 
 app = typer.Typer(
     name="lfsorch",

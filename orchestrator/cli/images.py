@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator import engine, images
+from orchestrator.execution import engine, images
 from orchestrator.workspace import Workspace
 
 app = typer.Typer(

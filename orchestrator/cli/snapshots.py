@@ -15,9 +15,9 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator import api
+from orchestrator.checkpoints.store import IMAGE_REPOSITORY, SnapshotInfo, SnapshotStore
 from orchestrator.errors import ConfigError, LfsorchError
-from orchestrator.models import parse_size
-from orchestrator.snapshots import IMAGE_REPOSITORY, SnapshotInfo, SnapshotStore
+from orchestrator.spec.models import parse_size
 
 snapshots_app = typer.Typer(
     help="Checkpoints of the LFS partition taken after each stage.", no_args_is_help=True

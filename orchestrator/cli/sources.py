@@ -7,10 +7,10 @@ from pathlib import Path
 import typer
 
 from orchestrator.config import load_config
-from orchestrator.graph import load_plan
-from orchestrator.source_errors import SourceError
-from orchestrator.sources import add, cache_dir_for, fetch, status
-from orchestrator.sourcesets import Source, default_set_dirs, load_source_set
+from orchestrator.sources.cache import add, cache_dir_for, fetch, status
+from orchestrator.sources.errors import SourceError
+from orchestrator.sources.sets import Source, default_set_dirs, load_source_set
+from orchestrator.spec.graph import load_plan
 from orchestrator.workspace import Workspace
 
 app = typer.Typer(help="Fetch, verify and list the packages' source files.", no_args_is_help=True)

@@ -9,11 +9,11 @@ from pathlib import Path
 import docker
 import pytest
 
-from orchestrator import extract
-from orchestrator.extract import ContainerExtractor, Layer, SandboxExtractor
-from orchestrator.snapshots import SnapshotStore
-from orchestrator.tarstream import ArchiveError, Member, MemberPolicy
-from tests.integration.test_snapshots import tree_state
+from orchestrator.checkpoints import extract
+from orchestrator.checkpoints.extract import ContainerExtractor, Layer, SandboxExtractor
+from orchestrator.checkpoints.store import SnapshotStore
+from orchestrator.checkpoints.tarstream import ArchiveError, Member, MemberPolicy
+from tests.checkpoints.test_store import tree_state
 from tests.security.tarcraft import (
     assert_canary_intact,
     canary_state,

@@ -13,11 +13,12 @@ from pathlib import Path
 import docker
 import pytest
 
-from orchestrator import api, engine
+from orchestrator import api
+from orchestrator.checkpoints.treescan import PARTITION_MARKER
 from orchestrator.errors import LfsorchError
-from orchestrator.models import Stage
-from orchestrator.runner import BASE_CAPABILITIES, OPTIONAL_CAPABILITIES, BuildJob
-from orchestrator.treescan import PARTITION_MARKER
+from orchestrator.execution import engine
+from orchestrator.execution.container import BASE_CAPABILITIES, OPTIONAL_CAPABILITIES, BuildJob
+from orchestrator.spec.models import Stage
 from orchestrator.workspace import Workspace
 from tests.conftest import REPO
 

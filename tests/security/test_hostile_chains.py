@@ -16,10 +16,10 @@ from pathlib import Path
 import docker
 import pytest
 
-from orchestrator.snapshots import SnapshotStore
-from orchestrator.tarstream import UnsafeArchiveError
+from orchestrator.checkpoints.store import SnapshotStore
+from orchestrator.checkpoints.tarstream import UnsafeArchiveError
+from tests.checkpoints.test_store import tree_state
 from tests.conftest import REPO
-from tests.integration.test_snapshots import tree_state
 from tests.security.tarcraft import (
     Snapshot,
     assert_canary_intact,

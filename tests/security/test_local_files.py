@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.snapshots import SnapshotStore
+from orchestrator.checkpoints.store import SnapshotStore
 from orchestrator.workspace import Workspace
 from tests.conftest import BASE_IMAGE, run_cli
 

@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from orchestrator import cli, runner
-from orchestrator import console as console_module
-from orchestrator.console import ConsoleView, printable
-from orchestrator.events import BUILD_PROGRESS, BUILD_START, Event
-from orchestrator.runner import PROGRESS_LINE_MAX_BYTES, LineTracker, _LogPump
-from orchestrator.state import Attempt, PackageState, RunState
+from orchestrator import cli
+from orchestrator.build.state import Attempt, PackageState, RunState
+from orchestrator.execution import container as runner
+from orchestrator.execution.container import PROGRESS_LINE_MAX_BYTES, LineTracker, _LogPump
+from orchestrator.monitor import console as console_module
+from orchestrator.monitor.console import ConsoleView, printable
+from orchestrator.monitor.events import BUILD_PROGRESS, BUILD_START, Event
 from orchestrator.workspace import Workspace
 from tests.conftest import REPO
 

@@ -15,9 +15,10 @@ from pathlib import Path
 import docker
 import pytest
 
-from orchestrator import api, engine
-from orchestrator.snapshots import SnapshotStore
-from orchestrator.treescan import PARTITION_MARKER
+from orchestrator import api
+from orchestrator.checkpoints.store import SnapshotStore
+from orchestrator.checkpoints.treescan import PARTITION_MARKER
+from orchestrator.execution import engine
 from orchestrator.workspace import Workspace
 from tests.conftest import BASE_IMAGE, REPO, run_cli
 

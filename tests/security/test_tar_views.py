@@ -7,8 +7,13 @@ import io
 
 import pytest
 
-from orchestrator.extract import Layer, check_layer
-from orchestrator.tarstream import ExtractedTree, MemberPolicy, UnsafeArchiveError, scan_stream
+from orchestrator.checkpoints.extract import Layer, check_layer
+from orchestrator.checkpoints.tarstream import (
+    ExtractedTree,
+    MemberPolicy,
+    UnsafeArchiveError,
+    scan_stream,
+)
 from tests.security.tarcraft import BLOCK, end, header, member, padded, pax, record
 
 SOURCE = "snapshot ch5 (a1b2c3)"

@@ -1,0 +1,820 @@
+"""Running a plan: packages whose dependencies are done build side by side, state is recorded
+after every change, a failure stops its dependents, an interrupt stops every container.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import os
+import secrets
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import docker
+import networkx as nx
+
+from orchestrator.execution import engine
+from orchestrator.monitor import events
+from orchestrator.execution import images
+from orchestrator.checkpoints import leftovers
+from orchestrator.build import records
+from orchestrator.build.checkpointing import Checkpointer, policy_of
+from orchestrator.config import Settings
+from orchestrator.errors import LfsorchError
+from orchestrator.monitor.events import EventBus
+from orchestrator.spec.graph import Plan, StagePlan, package_graph
+from orchestrator.build.inputs import InputsOf
+from orchestrator.monitor.metrics import host_summary, tree_usage
+from orchestrator.spec.models import CheckpointPolicy, Package, Stage
+from orchestrator.partition import Partition
+from orchestrator.execution.container import BuildJob, BuildResult, ContainerRunner
+from orchestrator.checkpoints.store import SnapshotStore, refuse_nested_mounts
+from orchestrator.spec.stagefile import copy_stage_assets
+from orchestrator.build.state import Attempt, PackageState, RunState, now_iso, save_state
+from orchestrator.workspace import Workspace
+
+
+class BuildInterrupted(LfsorchError):
+    exit_code = 130
+
+
+class WorkspaceBusy(LfsorchError):
+    exit_code = 3
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    lfs_dir: Path
+    parallel: int = 1
+    rebuild: bool = False  # build every stage even when a checkpoint of its inputs exists
+    rebuild_stages: tuple[str, ...] = ()  # build these even when done or checkpointed
+    from_stage: str | None = None  # restore the checkpoint before this stage, build from it
+
+
+def new_run_id() -> str:
+    return f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+
+
+@contextlib.contextmanager
+def workspace_lock(workspace: Workspace) -> Iterator[None]:
+    """One run per workspace at a time: the state file and the partition are not shareable."""
+    workspace.ensure()
+    lock_path = workspace.root / "run.lock"
+    with lock_path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise WorkspaceBusy(
+                f"another lfsorch run holds the workspace {workspace.root} (pid {holder})",
+                hint="wait for it to finish, or use another LFSORCH_HOME",
+            ) from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@dataclass(frozen=True)
+class Group:
+    """Packages built between two checkpoints: one package (`checkpoint: package` at -j 1),
+    a level of packages that build side by side (at -j N), or a whole stage."""
+
+    names: list[str]
+    start: str | None  # the checkpoint before the group
+    key: str | None  # the checkpoint after it; None when none is taken
+
+
+class Build:
+    """One invocation of `lfsorch run`."""
+
+    def __init__(
+        self,
+        plan: Plan,
+        settings: Settings,
+        workspace: Workspace,
+        client: docker.DockerClient,
+        bus: EventBus,
+        options: RunOptions,
+        sources_dir: Path | None = None,
+    ) -> None:
+        self.plan = plan
+        self.settings = settings
+        self.workspace = workspace
+        self.client = client
+        self.bus = bus
+        self.options = options
+        self.sources_dir = sources_dir
+        self.run_id = new_run_id()
+        self.runner = ContainerRunner(client, bus)
+        self.inputs_of = InputsOf(settings, functools.partial(_image_id, client))
+        self.checkpoints = Checkpointer(
+            SnapshotStore(workspace.snapshots_dir),
+            client,
+            settings,
+            bus,
+            self.run_id,
+            inputs_of=self.inputs_of,
+        )
+        self._lock = threading.Lock()
+        # The key of the stage this run built last, when nothing changed the partition since.
+        self._built_at: str | None = None
+        self._asset_dirs: dict[str, Path] = {}
+        self.partition = Partition.checked(options.lfs_dir, workspace)
+        self.state = self._initial_state()
+        self._check_from_stage()
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _initial_state(self) -> RunState:
+        """This run's record, carrying on from the partition's own record (never another
+        partition's: a run elsewhere must not change how this partition resumes)."""
+        previous = records.load_record(self.partition)
+        lfs = str(self.partition.path)
+        files = [str(p.file.path) for p in self.plan.stages]
+        carried: dict[tuple[str, str], PackageState] = {}
+        identity = self.partition.identity()
+        state = RunState(run_id=self.run_id, lfs=lfs, partition=identity, files=files)
+        if previous is not None:
+            carried = {p.key: p for p in previous.packages}
+            state.base_stage, state.base_key = previous.base_stage, previous.base_key
+            state.checkpoints = dict(previous.checkpoints)
+            state.partition_at = previous.partition_at
+        for stage_plan in self.plan.stages:
+            stage = stage_plan.file.stage
+            for package in stage.packages:
+                digest = self.inputs_of.digest(stage_plan.file, package)
+                old = carried.get((stage.stage, package.name))
+                if old is not None and old.definition == digest:
+                    # Unchanged: keep its history; only what is not done is built again.
+                    if old.status != "done":
+                        old.status = "pending"
+                    state.packages.append(old)
+                else:
+                    state.packages.append(
+                        PackageState(stage=stage.stage, name=package.name, definition=digest)
+                    )
+        return state
+
+    def _record_files(self) -> list[Path]:
+        """The partition's record (what resume reads), then the workspace's last run."""
+        assert self.state.partition is not None
+        return [self.partition.record_file(self.state.partition), self.workspace.state_file]
+
+    def _save(self) -> None:
+        for path in self._record_files():
+            save_state(self.state, path)
+
+    def _save_final(self) -> None:
+        """Write every copy of the finished record, each one even if another fails; raise
+        the first failure unless an error is already on its way out."""
+        failures: list[LfsorchError] = []
+        for path in [*self._record_files(), self.workspace.run_dir(self.run_id) / "state.json"]:
+            try:
+                save_state(self.state, path)
+            except LfsorchError as exc:
+                failures.append(exc)
+        if failures and sys.exc_info()[1] is None:
+            raise failures[0]
+
+    @contextlib.contextmanager
+    def _recording(self) -> Iterator[None]:
+        """Change the state under the lock; the change is on disk when the block ends."""
+        with self._lock:
+            yield
+            self._save()
+
+    # -- running -----------------------------------------------------------------------------
+
+    def _check_images(self) -> None:
+        images = sorted({s.file.stage.image or self.settings.image for s in self.plan.stages})
+        missing = []
+        for image in images:
+            try:
+                self.runner.check_image(image)
+            except LfsorchError:
+                missing.append(image)
+        if missing:
+            raise LfsorchError(
+                f"image(s) not in the Docker engine: {', '.join(missing)}",
+                hint="build the host image with `lfsorch images build`",
+            )
+
+    def _check_partition(self) -> None:
+        lfs = self.options.lfs_dir
+        if not lfs.is_dir():
+            raise LfsorchError(
+                f"the LFS partition {lfs} is not a directory",
+                hint="mount the partition (or create the directory) and pass it with --lfs",
+            )
+        if any(policy_of(s.file.stage, self.settings) != "none" for s in self.plan.stages):
+            # Found now rather than at the first checkpoint, after a package was built.
+            refuse_nested_mounts(lfs.resolve(), "checkpoint")
+
+    def run(self) -> RunState:
+        self._check_partition()
+        with workspace_lock(self.workspace), self.partition.lock():
+            removed = engine.reap_leftovers(self.client)
+            staging = leftovers.workspace_leftovers(self.workspace)
+            staging += leftovers.partition_leftovers(self.partition.path)
+            removed += leftovers.remove_leftovers(staging)
+            if removed:
+                self.bus.emit(events.CLEANUP, run_id=self.run_id, removed=removed)
+            self._check_images()
+            self.workspace.ensure(self.workspace.run_dir(self.run_id))
+            files = [stage_plan.file for stage_plan in self.plan.stages]
+            self._asset_dirs = copy_stage_assets(
+                files, self.workspace.run_dir(self.run_id) / "assets"
+            )
+            reserve = records.SpaceReserve(self.workspace)
+            try:
+                self._save()
+                save_state(self.state, self.workspace.run_dir(self.run_id) / "state.json")
+            except BaseException:
+                self.state.outcome, self.state.finished = "failed", now_iso()
+                reserve.release()
+                self._save_final()
+                raise
+            self.bus.emit(
+                events.RUN_START,
+                run_id=self.run_id,
+                lfs=self.state.lfs,
+                stages=[s.name for s in self.plan.stages],
+                packages=len(self.state.packages),
+                already_done=sum(p.status == "done" for p in self.state.packages),
+                host=host_summary(),
+            )
+            try:
+                self._run_stages()
+            except KeyboardInterrupt:
+                self.runner.interrupt()
+                self.state.outcome = "interrupted"
+                raise BuildInterrupted(
+                    "interrupted: running containers were stopped and removed",
+                    hint="run the same command again to continue where it stopped",
+                ) from None
+            except BaseException:
+                self.runner.interrupt()
+                self.state.outcome = "failed"
+                raise
+            finally:
+                if self.state.outcome == "running":
+                    failed = any(p.status in ("failed", "skipped") for p in self.state.packages)
+                    self.state.outcome = "failed" if failed else "succeeded"
+                for package in self.state.packages:
+                    if package.status == "running":
+                        package.status = "pending"
+                self.state.finished = now_iso()
+                reserve.release()
+                self._save_final()
+                self.runner.close()
+                self.bus.emit(events.RUN_COMPLETE, run_id=self.run_id, outcome=self.state.outcome)
+        return self.state
+
+    def _check_from_stage(self) -> None:
+        names = [stage_plan.name for stage_plan in self.plan.stages]
+        named = [("--from", self.options.from_stage)] + [
+            ("--rebuild-stage", stage) for stage in self.options.rebuild_stages
+        ]
+        for option, stage in named:
+            if stage is not None and stage not in names:
+                raise LfsorchError(
+                    f"{option} {stage}: no such stage in this plan",
+                    hint=f"stages: {', '.join(names)}",
+                )
+
+    def _base_key(self) -> str:
+        """The checkpoint of the partition before the plan's first stage."""
+        first = self.plan.stages[0].name
+        if self.state.base_stage == first and self.state.base_key is not None:
+            key = self.state.base_key
+        else:
+            lfs = self.options.lfs_dir.resolve()
+            key, taken_here = self.checkpoints.initial(lfs)
+            with self._recording():
+                self.state.base_stage, self.state.base_key = first, key
+                self.state.partition_at = key if taken_here else None
+        self.checkpoints.chain = {"first_stage": first, "base": key}
+        return key
+
+    def _stage_records(self, stage: Stage) -> list[PackageState]:
+        records = [self.state.find(stage.stage, p.name) for p in stage.packages]
+        return [r for r in records if r is not None]
+
+    def _reset(self, records: list[PackageState]) -> None:
+        with self._recording():
+            for record in records:
+                record.status = "pending"
+
+    def _settle_partition(
+        self,
+        stage: str,
+        target: str,
+        force: bool,
+        records: list[PackageState],
+        rebuild: bool = False,
+    ) -> None:
+        """Before building, make the partition equal the checkpoint `target`.
+
+        Nothing is ever built on top of half-installed files: when the partition may have
+        changed since that checkpoint (a failed or killed build), it is restored and the
+        packages built after it are built again; when the record says the partition is still
+        at that checkpoint, a drift check confirms it.
+        """
+        lfs = self.options.lfs_dir.resolve()
+        if not force and self._built_at == target:
+            return  # built by this very run (its checkpoint existed before, so may differ)
+        if not force and self.state.partition_at == target:
+            self.checkpoints.check_drift(target, lfs)
+            return
+        if not self.checkpoints.store.has(target):
+            if force:
+                raise LfsorchError(
+                    f"--from {stage}: no checkpoint of the partition before it",
+                    hint="build the stages before it once (with checkpoints enabled)",
+                )
+            return  # the stage before kept no checkpoint: continue in place, as the book does
+        reason = "--from" if force else "resume: back to the last checkpoint"
+        if rebuild and not force:
+            reason = "--rebuild: back to the checkpoint before it"
+        self.checkpoints.restore(target, lfs, stage=stage, reason=reason)
+        self._reset(records)
+        with self._recording():
+            self.state.partition_at = target
+
+    def _chain_keys(self, base: str) -> list[str]:
+        """Checkpoint keys along the plan: the base, then one per stage."""
+        keys = [base]
+        for stage_plan in self.plan.stages:
+            keys.append(self.checkpoints.stage_key(stage_plan, keys[-1]))
+        return keys
+
+    def _rebuilds(self, stage: str) -> bool:
+        """Whether `--rebuild` (all stages, or this one by name) asks to build the stage even
+        when a checkpoint of its inputs exists or the record says it is done."""
+        return self.options.rebuild or stage in self.options.rebuild_stages
+
+    def _run_stages(self) -> None:
+        broken: set[str] = set()
+        checkpointing = any(
+            policy_of(s.file.stage, self.settings) != "none" for s in self.plan.stages
+        )
+        keys = self._chain_keys(self._base_key()) if checkpointing else []
+        # How far along the chain the partition is; None when a build may have changed it.
+        at = keys.index(self.state.partition_at) if self.state.partition_at in keys else None
+        starting = self.options.from_stage is None
+        for number, stage_plan in enumerate(self.plan.stages, start=1):
+            stage = stage_plan.file.stage
+            policy = policy_of(stage, self.settings)
+            parent, key = (keys[number - 1], keys[number]) if keys else (None, None)
+            forced = stage.stage == self.options.from_stage
+            starting = starting or forced
+            if not starting:
+                continue
+            blocked_by = sorted(set(stage.requires) & broken)
+            if blocked_by:
+                broken.add(stage.stage)
+                self._skip_stage(stage_plan, f"required stage {', '.join(blocked_by)} failed")
+                continue
+            rebuild = self._rebuilds(stage.stage)
+            if key is not None and policy != "none" and not rebuild:
+                # Built and checkpointed before, and the partition holds it (or a later
+                # stage; None: a later stage will restore what it needs).
+                done = all(r.status == "done" for r in self._stage_records(stage))
+                present = at is None or at >= number
+                if (
+                    not forced
+                    and done
+                    and present
+                    and self.state.checkpoints.get(stage.stage) == key
+                ):
+                    continue
+                cached = self.options.from_stage is None and (
+                    self._cache_hit(stage, key) or self._covered_by_later(stage, keys[number + 1 :])
+                )
+                if cached:
+                    at = number if self.state.partition_at == key else at
+                    continue
+            if rebuild:
+                self._reset(self._stage_records(stage))
+            ok = self._build_stage(stage_plan, policy, parent, key, forced, rebuild)
+            # The partition holds what this stage built: later stages are not on it yet.
+            at = number if ok else None
+            if not ok:
+                broken.add(stage.stage)
+
+    def _build_stage(
+        self,
+        stage_plan: StagePlan,
+        policy: CheckpointPolicy,
+        parent: str | None,
+        key: str | None,
+        forced: bool,
+        rebuild: bool,
+    ) -> bool:
+        stage = stage_plan.file.stage
+        self.bus.emit(events.STAGE_START, run_id=self.run_id, stage=stage.stage)
+        started = time.monotonic()
+        ok, last_group_key = self._run_groups(stage_plan, policy, parent, forced, rebuild)
+        if ok and key is not None and policy != "none":
+            # After groups of its own, the stage's checkpoint is the same tree as its last
+            # group's: a delta over that one is empty, where one over the stage before
+            # repeats the stage.
+            self._checkpoint(stage.stage, key, parent, delta_base=last_group_key or parent)
+        self._built_at = key if ok else None
+        self.bus.emit(
+            events.STAGE_COMPLETE,
+            run_id=self.run_id,
+            stage=stage.stage,
+            ok=ok,
+            duration_s=round(time.monotonic() - started, 3),
+        )
+        return ok
+
+    def _cache_hit(self, stage: Stage, key: str) -> bool:
+        if not self.checkpoints.store.has(key):
+            return False
+        lfs = self.options.lfs_dir.resolve()
+        self.checkpoints.restore(key, lfs, stage=stage.stage, reason="cache hit")
+        with self._recording():
+            for record in self._stage_records(stage):
+                record.status = "done"
+            self.state.checkpoints[stage.stage] = key
+            self.state.partition_at = key
+        self.bus.emit(events.STAGE_CACHED, run_id=self.run_id, stage=stage.stage, key=key)
+        return True
+
+    def _covered_by_later(self, stage: Stage, later_keys: list[str]) -> bool:
+        """True when a later stage's checkpoint exists: keys chain, so it holds this stage.
+
+        This is the case in a workspace that imported a later stage's snapshot image
+        (`lfsorch snapshots pull`): it has that checkpoint and none of those before it, and
+        nothing before it needs building again. The later stage restores the partition as
+        its cache hit.
+        """
+        later = next((k for k in later_keys if self.checkpoints.store.has(k)), None)
+        if later is None:
+            return False
+        with self._recording():
+            for record in self._stage_records(stage):
+                record.status = "done"
+        self.bus.emit(
+            events.STAGE_CACHED, run_id=self.run_id, stage=stage.stage, key=later, covered=True
+        )
+        return True
+
+    def _checkpoint(
+        self,
+        stage: str,
+        key: str,
+        parent: str | None,
+        packages: Sequence[str] = (),
+        delta_base: str | None = None,
+    ) -> None:
+        """Snapshot the partition after a stage or, with `packages`, after a group of them."""
+        lfs = self.options.lfs_dir.resolve()
+        fresh = self.checkpoints.take(
+            lfs,
+            key,
+            stage=stage,
+            parent=parent,
+            package=", ".join(packages) or None,
+            delta_base=delta_base,
+        )
+        with self._recording():
+            for name in [f"{stage}/{package}" for package in packages] or [stage]:
+                self.state.checkpoints[name] = key
+            # A one-package stage's checkpoint is its package's: the partition is still at it.
+            at_key = fresh or self.state.partition_at == key
+            self.state.partition_at = key if at_key else None
+
+    def _skip_stage(self, stage_plan: StagePlan, reason: str) -> None:
+        for package in stage_plan.file.stage.packages:
+            record = self.state.find(stage_plan.name, package.name)
+            assert record is not None
+            if record.status != "done":
+                self._skip(record, reason)
+
+    def _skip(self, record: PackageState, reason: str) -> None:
+        with self._recording():
+            record.status = "skipped"
+        self.bus.emit(
+            events.BUILD_SKIPPED,
+            run_id=self.run_id,
+            stage=record.stage,
+            package=record.name,
+            reason=reason,
+        )
+
+    def _groups(
+        self, stage_plan: StagePlan, policy: CheckpointPolicy, parent: str | None
+    ) -> list[Group]:
+        """The stage as groups, each followed by a checkpoint.
+
+        `checkpoint: package` takes one after every package at -j 1 and after every level of
+        packages that build side by side at -j N; other stages are one group, whose
+        checkpoint is the stage's own (taken by the caller). Group keys chain from `parent`.
+        """
+        stage = stage_plan.file.stage
+        index = {package.name: i for i, package in enumerate(stage.packages)}
+        if policy != "package" or parent is None:
+            return [Group(list(index), parent, None)]
+        if self.options.parallel > 1:
+            batches = [sorted(level, key=index.__getitem__) for level in stage_plan.levels]
+        else:
+            graph, _ = package_graph(stage_plan.file)
+            order = nx.lexicographical_topological_sort(graph, key=index.__getitem__)
+            batches = [[name] for name in order]
+        groups: list[Group] = []
+        start = parent
+        for names in batches:
+            packages = [stage.package(name) for name in names]
+            key = self.checkpoints.key(stage_plan.file, packages, start)
+            groups.append(Group(names, start, key))
+            start = key
+        return groups
+
+    def _resume_point(self, stage: Stage, groups: list[Group], forced: bool) -> int:
+        """How many groups are built and checkpointed, with their checkpoints at hand."""
+        built = 0
+        for group in groups:
+            if forced or group.key is None or not self.checkpoints.store.has(group.key):
+                break
+            records = [self.state.find(stage.stage, name) for name in group.names]
+            if not all(
+                record is not None
+                and record.status == "done"
+                and self.state.checkpoints.get(f"{stage.stage}/{record.name}") == group.key
+                for record in records
+            ):
+                break
+            built += 1
+        return built
+
+    def _run_groups(
+        self,
+        stage_plan: StagePlan,
+        policy: CheckpointPolicy,
+        parent: str | None,
+        forced: bool,
+        rebuild: bool,
+    ) -> tuple[bool, str | None]:
+        """Build a stage group by group from the last group checkpoint the record knows,
+        never on top of half-installed files.
+
+        Returns whether every package was built, and the key of the last group checkpoint.
+        """
+        stage = stage_plan.file.stage
+        groups = self._groups(stage_plan, policy, parent)
+        resume_at = self._resume_point(stage, groups, forced or rebuild)
+        start = groups[resume_at].start if resume_at < len(groups) else groups[-1].key
+        if start is not None and policy != "none":
+            later = [name for group in groups[resume_at:] for name in group.names]
+            records = [r for r in (self.state.find(stage.stage, n) for n in later) if r]
+            self._settle_partition(stage.stage, start, forced, records, rebuild)
+        last_key = start if policy == "package" else None
+        for position in range(resume_at, len(groups)):
+            group = groups[position]
+            retry_on_checkpoint = None
+            if len(group.names) == 1 and group.start is not None and policy == "package":
+                # Alone in its group, a package's retry starts from the checkpoint before it;
+                # beside others still building (or in a stage checkpointed as a whole), it
+                # retries in place.
+                retry_on_checkpoint = functools.partial(
+                    self._restore_for_retry, stage, group.names[0], group.start
+                )
+            if not self._run_packages(stage_plan, group.names, retry_on_checkpoint):
+                self._skip_later_groups(stage, group, groups[position + 1 :])
+                return False, last_key
+            if group.key is not None:
+                self._checkpoint(stage.stage, group.key, group.start, packages=group.names)
+                last_key = group.key
+        return True, last_key
+
+    def _skip_later_groups(self, stage: Stage, failed: Group, later: list[Group]) -> None:
+        records = [self.state.find(stage.stage, name) for name in failed.names]
+        culprits = ", ".join(r.name for r in records if r is not None and r.status != "done")
+        for group in later:
+            for name in group.names:
+                record = self.state.find(stage.stage, name)
+                if record is not None and record.status != "skipped":
+                    self._skip(record, f"{culprits} failed (checkpoint: package builds in order)")
+
+    def _run_packages(
+        self,
+        stage_plan: StagePlan,
+        names: list[str],
+        before_retry: Callable[[], None] | None = None,
+    ) -> bool:
+        """Build the packages `names` not yet done: those whose dependencies are done build
+        side by side, up to `parallel`; dependencies outside `names` were built before."""
+        stage = stage_plan.file.stage
+        graph, _ = package_graph(stage_plan.file)
+        order = {name: index for index, name in enumerate(names)}
+        records = {name: self.state.find(stage.stage, name) for name in names}
+        done = {name for name, r in records.items() if r is not None and r.status == "done"}
+        done |= set(graph) - set(names)
+        pending = set(names) - done
+        failed: set[str] = set()
+        parallel = max(1, self.options.parallel)
+        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="build") as pool:
+            running: dict[Future[bool], str] = {}
+            try:
+                while pending or running:
+                    for name in sorted(pending, key=order.__getitem__):
+                        blockers = set(nx.ancestors(graph, name)) & failed
+                        if blockers:
+                            pending.discard(name)
+                            failed.add(name)
+                            record = records[name]
+                            assert record is not None
+                            self._skip(record, f"dependency {', '.join(sorted(blockers))} failed")
+                    ready = [
+                        n
+                        for n in sorted(pending, key=order.__getitem__)
+                        if set(graph.predecessors(n)) <= done
+                    ]
+                    for name in ready[: parallel - len(running)]:
+                        pending.discard(name)
+                        package = stage.package(name)
+                        future = pool.submit(self._build_package, stage_plan, package, before_retry)
+                        running[future] = name
+                    if not running:
+                        break
+                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                    outcomes = {running.pop(future): future for future in finished}
+                    error = _first_error(outcomes.values())
+                    if error is not None:
+                        raise error
+                    for name, future in outcomes.items():
+                        (done if future.result() else failed).add(name)
+            except BaseException as caught:
+                # Every other build stops now; what they raise in turn (interrupted) is a
+                # consequence, unless `caught` was one itself and they hold the real cause.
+                self.runner.interrupt()
+                error = _first_error(running)
+                consequence = isinstance(caught, KeyboardInterrupt)
+                if consequence and error is not None and not isinstance(error, KeyboardInterrupt):
+                    raise error from None
+                raise
+        return not failed and not pending
+
+    def _restore_for_retry(self, stage: Stage, package: str, key: str) -> None:
+        """A retry starts from the checkpoint before the package, not from what the failed
+        attempt left half installed (when that checkpoint exists)."""
+        if not self.checkpoints.store.has(key):
+            return
+        lfs = self.options.lfs_dir.resolve()
+        reason = f"retry {package}: back to the checkpoint before it"
+        self.checkpoints.restore(key, lfs, stage=stage.stage, reason=reason)
+        with self._recording():
+            self.state.partition_at = key
+
+    def _job(self, stage_plan: StagePlan, package: Package, attempt: int) -> BuildJob:
+        stage = stage_plan.file.stage
+        # The same inputs the package's keys are made of: the two cannot disagree.
+        inputs = self.inputs_of.of(stage_plan.file, package, attempt)
+        log_path = (
+            self.workspace.run_dir(self.run_id) / "logs" / stage.stage / f"{package.name}.log"
+        )
+        return BuildJob(
+            run_id=self.run_id,
+            stage=stage.stage,
+            package=package.name,
+            attempt=attempt,
+            image=inputs.image,
+            script=package.script,
+            environment=inputs.environment,
+            lfs_dir=self.options.lfs_dir.resolve(),
+            log_path=log_path,
+            timeout_s=stage.timeout_for(package, self.settings.timeout),
+            user=inputs.user,
+            workdir=inputs.workdir,
+            assets_dir=self._asset_dirs.get(stage.stage),
+            sources_dir=self.sources_dir if package.sources else None,
+            source_files=[source.file for source in package.sources],
+            resources=inputs.resources,
+            network=inputs.network,
+            capabilities=inputs.capabilities,
+            build_space=self.settings.build_space,
+        )
+
+    def _build_package(
+        self,
+        stage_plan: StagePlan,
+        package: Package,
+        before_retry: Callable[[], None] | None = None,
+    ) -> bool:
+        """Build one package, with the stage's retries; `before_retry` runs before each."""
+        stage = stage_plan.file.stage
+        record = self.state.find(stage.stage, package.name)
+        assert record is not None
+        tries = stage.retries_for(package) + 1
+        common = {"run_id": self.run_id, "stage": stage.stage, "package": package.name}
+        for try_index in range(tries):
+            number = len(record.attempts) + 1
+            job = self._job(stage_plan, package, number)
+            job.log_path.parent.mkdir(parents=True, exist_ok=True)
+            with job.log_path.open("a") as log:
+                log.write(f"=== lfsorch: {stage.stage}/{package.name} attempt {number} ===\n")
+            attempt = Attempt(number=number, started=now_iso())
+            with self._recording():
+                record.status = "running"
+                record.attempts.append(attempt)
+                record.log = str(job.log_path)
+                self.state.partition_at = None
+            self.bus.emit(events.BUILD_START, attempt=number, log=str(job.log_path), **common)
+            usage_before = tree_usage(job.lfs_dir)
+            result = self.runner.run(job)
+            with self._recording():
+                _record_result(record, attempt, result)
+                record.disk_added_bytes = tree_usage(job.lfs_dir) - usage_before
+            figures = _figures(record)
+            if result.succeeded:
+                self.bus.emit(events.BUILD_COMPLETE, attempt=number, **figures, **common)
+                return True
+            self.bus.emit(
+                events.BUILD_ERROR,
+                attempt=number,
+                will_retry=try_index < tries - 1 and not result.interrupted,
+                reason=result.describe(),
+                log=str(job.log_path),
+                **figures,
+                **common,
+            )
+            if result.interrupted:
+                raise KeyboardInterrupt
+            if try_index < tries - 1:
+                self.bus.emit(events.BUILD_RETRY, attempt=number + 1, **common)
+                if before_retry is not None:
+                    before_retry()
+        return False
+
+
+def _image_id(client: docker.DockerClient, reference: str) -> str:
+    """An image's id for keys. A missing image is reported by the run's image check, with
+    every other missing one, before anything is built or recorded."""
+    return images.image_id_or_none(client, reference) or f"missing {reference}"
+
+
+def _first_error(futures: Iterable[Future[bool]]) -> BaseException | None:
+    """Wait for finished or interrupted builds; the first error that is not an interrupt
+    wins over interrupts, which another build's failure may have caused."""
+    errors: list[BaseException] = []
+    for future in futures:
+        try:
+            future.result()
+        except BaseException as error:
+            errors.append(error)
+    real = [error for error in errors if not isinstance(error, KeyboardInterrupt)]
+    return next(iter(real or errors), None)
+
+
+def _record_result(record: PackageState, attempt: Attempt, result: BuildResult) -> None:
+    attempt.duration_s = round(result.duration_s, 3)
+    attempt.exit_code = result.exit_code
+    attempt.oom_killed = result.oom_killed
+    attempt.timed_out = result.timed_out
+    attempt.interrupted = result.interrupted
+    attempt.error = None if result.succeeded else result.describe()
+    record.exit_code = result.exit_code
+    record.oom_killed = result.oom_killed
+    record.timed_out = result.timed_out
+    record.duration_s = attempt.duration_s
+    record.cpu_seconds = result.figures.cpu_seconds
+    record.memory_peak_bytes = result.figures.memory_peak_bytes
+    record.read_bytes = result.figures.read_bytes
+    record.write_bytes = result.figures.write_bytes
+    record.io_source = result.figures.io_source
+    record.finished = now_iso()
+    if result.interrupted:
+        record.status = "pending"
+    else:
+        record.status = "done" if result.succeeded else "failed"
+
+
+def _figures(record: PackageState) -> dict[str, object]:
+    return {
+        "duration_s": record.duration_s,
+        "exit_code": record.exit_code,
+        "oom_killed": record.oom_killed,
+        "timed_out": record.timed_out,
+        "cpu_seconds": record.cpu_seconds,
+        "memory_peak_bytes": record.memory_peak_bytes,
+        "read_bytes": record.read_bytes,
+        "write_bytes": record.write_bytes,
+        "io_source": record.io_source,
+        "disk_added_bytes": record.disk_added_bytes,
+    }

@@ -1,0 +1,566 @@
+"""Building one package in one fresh container.
+
+The container starts as root only long enough to prepare a private build directory (sources
+linked in, the main tarball unpacked), then drops to the stage's user and runs the script in a
+clean environment (`env -i`, as the book's .bash_profile does). Docker's `wait()` is the truth
+about the exit; output, stats and disk use are followed in threads.
+
+Output is read from the container's own attached stream, not from the engine's log copy: the
+json-file driver stores text (invalid UTF-8 becomes U+FFFD) and rotates, while the attach stream
+carries the bytes as printed, and holds the container back when the reader is slow instead of
+dropping anything. The entry script sends stderr into stdout, so the log is one stream in the
+order it was written, as a terminal shows it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import re
+import shlex
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import docker
+import docker.errors
+from docker.models.containers import Container
+from docker.types import LogConfig, Mount
+from docker.types.daemon import CancellableStream
+
+from orchestrator.errors import ImageMissing, LfsorchError
+from orchestrator.execution import engine
+from orchestrator.monitor import events
+from orchestrator.monitor.events import EventBus
+from orchestrator.monitor.metrics import ContainerFigures, HostIO
+from orchestrator.spec.models import Resources
+
+BUILD_DIR = "/build"
+LFS_MOUNT = "/mnt/lfs"
+SOURCES_MOUNT = "/sources"
+STAGE_MOUNT = "/stage"
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+EXIT_BAD_USER = 219  # unusual on purpose: a script's own 126/127 must not read as this
+_TARBALL = re.compile(r"\.(tar(\.[a-z0-9]+)?|tgz|tbz2|txz)$")
+_PROGRESS_INTERVAL_S = 0.5
+_CONTAINER_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]")
+# A progress line is for a glance at the console: longer lines are cut, never held whole.
+PROGRESS_LINE_MAX_BYTES = 1024
+# After the container exits, its stream is waited for as long as bytes still arrive; this long
+# a silence means the engine lost the stream, and the log says so.
+_STREAM_SILENCE_S = 30.0
+_DISK_CHECK_INTERVAL_S = 10.0
+# The engine keeps its own copy of the output (for `docker logs` on a live build); lfsorch never
+# reads it, so it only needs to be bounded.
+ENGINE_LOG_CONFIG = LogConfig(
+    type=LogConfig.types.JSON, config={"max-size": "10m", "max-file": "2"}
+)
+# What the book's chapters 4-6 need as root, measured by dropping each in turn; the README's
+# "Security model" gives each one's reason.
+BASE_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "SETGID", "SETUID")
+# What a stage may add by name (`capabilities: [mknod]`); the stage schema allows these alone.
+OPTIONAL_CAPABILITIES = ("fowner", "fsetid", "kill", "mknod", "sys_chroot")
+
+
+@dataclass(frozen=True)
+class BuildJob:
+    """Everything one container needs; built by the scheduler from stage, package and config."""
+
+    run_id: str
+    stage: str
+    package: str
+    attempt: int
+    image: str
+    script: str
+    environment: dict[str, str]
+    lfs_dir: Path
+    log_path: Path
+    timeout_s: float
+    user: str | None = None
+    workdir: str | None = None
+    assets_dir: Path | None = None  # the stage's declared assets, copied; never its directory
+    sources_dir: Path | None = None
+    source_files: Sequence[str] = ()
+    resources: Resources = field(default_factory=Resources)
+    network: bool = False
+    capabilities: Sequence[str] = ()  # names from OPTIONAL_CAPABILITIES, lowercase
+    build_space: int | None = None  # bytes the container may write outside its mounts
+
+    @property
+    def container_name(self) -> str:
+        """Readable and unique: names Docker refuses (`gtk+`) are made safe, and a short
+        hash of the real names keeps `gtk+` and `gtk_` apart."""
+        unique = hashlib.sha256(f"{self.stage}/{self.package}".encode()).hexdigest()[:8]
+        readable = _CONTAINER_UNSAFE.sub("_", f"{self.stage}-{self.package}")
+        return f"lfsorch-{self.run_id}-{readable}-{unique}-{self.attempt}"
+
+    def capability_set(self) -> list[str]:
+        unknown = set(self.capabilities) - set(OPTIONAL_CAPABILITIES)
+        if unknown:
+            raise LfsorchError(f"capabilities not allowed in builds: {', '.join(sorted(unknown))}")
+        return sorted({*BASE_CAPABILITIES, *(name.upper() for name in self.capabilities)})
+
+
+@dataclass
+class BuildResult:
+    exit_code: int | None
+    duration_s: float
+    figures: ContainerFigures
+    oom_killed: bool = False
+    timed_out: bool = False
+    interrupted: bool = False
+    error: str | None = None
+    timeout_s: float | None = None  # the limit that was reached, when timed out
+
+    @property
+    def succeeded(self) -> bool:
+        # A child killed by the OOM killer can leave a script that carried on and exited 0.
+        return (
+            self.exit_code == 0
+            and not self.oom_killed
+            and not self.timed_out
+            and not self.interrupted
+            and self.error is None
+        )
+
+    def describe(self) -> str:
+        if self.interrupted:
+            return "interrupted"
+        if self.timed_out:
+            # The limit, not the measured time: that includes starting and killing the container.
+            limit = self.timeout_s if self.timeout_s is not None else self.duration_s
+            return f"timed out after {limit:.0f}s (container killed)"
+        if self.oom_killed:
+            return f"killed by the kernel's OOM killer (exit status {self.exit_code})"
+        if self.error:
+            return self.error
+        return f"exit status {self.exit_code}"
+
+
+def expand_environment(layers: Sequence[dict[str, str]]) -> dict[str, str]:
+    """Merge variable layers in order, expanding $NAME/${NAME} from variables set before."""
+    merged: dict[str, str] = {}
+    pattern = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+    for layer in layers:
+        for name, value in layer.items():
+            merged[name] = pattern.sub(
+                lambda m: merged.get(m.group(1) or m.group(2), m.group(0)), value
+            )
+    merged.setdefault("PATH", DEFAULT_PATH)
+    return merged
+
+
+def _entry_script(job: BuildJob) -> str:
+    user = job.user or "0"
+    main = job.source_files[0] if job.source_files else ""
+    unpack = main if _TARBALL.search(main) else ""
+    links = " ".join(shlex.quote(name) for name in job.source_files)
+    workdir = shlex.quote(job.workdir) if job.workdir else ""
+    # The script below runs as root in the fresh container; values are quoted by Python.
+    return f"""set -eu
+exec 2>&1
+user={shlex.quote(user)}
+if [ "$user" = 0 ] || [ "$user" = root ]; then
+    drop=()
+    home=/root
+elif id "$user" >/dev/null 2>&1; then
+    gid=$(id -g "$user")
+    home=$(getent passwd "$user" | cut -d: -f6 || true)
+    drop=(setpriv --reuid="$user" --regid="$gid" --init-groups)
+else
+    case "$user" in
+        *[!0-9]*) echo "lfsorch: user '$user' does not exist in image {shlex.quote(job.image)}" >&2
+                  exit {EXIT_BAD_USER} ;;
+    esac
+    home=/
+    drop=(setpriv --reuid="$user" --regid="$user" --clear-groups)
+fi
+mkdir -p {BUILD_DIR}
+for name in {links}; do ln -s {SOURCES_MOUNT}/"$name" {BUILD_DIR}/"$name"; done
+if [ ${{#drop[@]}} -gt 0 ]; then
+    chown -h "$user:${{gid:-$user}}" {BUILD_DIR} {BUILD_DIR}/* 2>/dev/null || true
+fi
+cd {BUILD_DIR}
+unpack={shlex.quote(unpack)}
+if [ -n "$unpack" ]; then
+    "${{drop[@]}}" tar -xf {SOURCES_MOUNT}/"$unpack" --no-same-owner
+    top=$(find {BUILD_DIR} -mindepth 1 -maxdepth 1 -type d)
+    if [ -n "$top" ] && [ "$(printf '%s\\n' "$top" | wc -l)" = 1 ]; then cd "$top"; fi
+fi
+workdir={workdir}
+if [ -n "$workdir" ]; then cd "$workdir"; fi
+script=$1
+shift
+exec "${{drop[@]}}" env -i "HOME=${{home:-/}}" "$@" \\
+    bash -eo pipefail -c "$script" {shlex.quote(job.package)}
+"""
+
+
+def container_command(job: BuildJob) -> list[str]:
+    """`bash -c ENTRY lfsorch SCRIPT NAME=VALUE...`: the script and the environment travel as
+    arguments (any byte but NUL, which no environment value holds), so nothing is copied into
+    the container before it starts."""
+    # The book's .bashrc: `set +h` so new tools in $LFS/tools/bin are found at once.
+    script = "set +h\numask 022\n" + job.script
+    variables = [f"{name}={value}" for name, value in job.environment.items()]
+    return ["bash", "-c", _entry_script(job), "lfsorch", script, *variables]
+
+
+def _mounts(job: BuildJob) -> list[Mount]:
+    # Mount(type="bind") refuses a missing source, unlike `volumes=` which would create a
+    # root-owned empty directory and build into it.
+    mounts = [Mount(LFS_MOUNT, str(job.lfs_dir), type="bind")]
+    if job.assets_dir is not None:
+        mounts.append(Mount(STAGE_MOUNT, str(job.assets_dir), type="bind", read_only=True))
+    if job.sources_dir is not None:
+        mounts.append(Mount(SOURCES_MOUNT, str(job.sources_dir), type="bind", read_only=True))
+    return mounts
+
+
+class LineTracker:
+    """Counts output lines and keeps the last complete one, cut to a cap, whatever the output.
+
+    Only the bytes after the last newline are kept (also cut to the cap), so a flood without
+    newlines costs no more memory than a short line.
+    """
+
+    def __init__(self, cap: int = PROGRESS_LINE_MAX_BYTES) -> None:
+        self._cap = cap
+        self._partial = b""
+        self.count = 0
+        self.last = b""
+
+    def feed(self, chunk: bytes) -> bool:
+        """Take the next bytes of output; True when at least one line was completed."""
+        newlines = chunk.count(b"\n")
+        if not newlines:
+            if len(self._partial) < self._cap:
+                self._partial += chunk[: self._cap - len(self._partial)]
+            return False
+        self.count += newlines
+        end = chunk.rfind(b"\n")
+        if newlines == 1:
+            self.last = (self._partial + chunk[: min(end, self._cap)])[: self._cap]
+        else:
+            start = chunk.rfind(b"\n", 0, end) + 1
+            self.last = chunk[start : min(end, start + self._cap)]
+        self._partial = chunk[end + 1 : end + 1 + self._cap]
+        return True
+
+    def finish(self) -> None:
+        """The output ended: a last line without a newline still counts."""
+        if self._partial:
+            self.count += 1
+            self.last, self._partial = self._partial, b""
+
+    @property
+    def last_text(self) -> str:
+        return self.last.decode(errors="replace").rstrip()
+
+
+class _LogPump:
+    """Appends the container's attached output to the log file, bytes as printed, and reports
+    progress lines, throttled. Memory stays bounded: chunks go to the file as they come."""
+
+    def __init__(
+        self, stream: CancellableStream, path: Path, name: str, on_line: Callable[[str, int], None]
+    ) -> None:
+        self._stream = stream
+        self._path = path
+        self._on_line = on_line
+        self._lock = threading.Lock()
+        self._closed = False
+        self.lines = LineTracker()
+        self.last_activity = time.monotonic()
+        self.failure: str | None = None
+        self.thread = threading.Thread(target=self._run, name=f"logs-{name}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        # The stream is drained to its end whatever happens here: an unread stream holds the
+        # container back (the engine blocks its output), which would hang the build.
+        log_file = self._open()
+        last_report = 0.0
+        try:
+            for chunk in self._stream:
+                with self._lock:
+                    if self._closed:
+                        return
+                    if log_file is not None:
+                        log_file = self._write(log_file, chunk)
+                self.last_activity = time.monotonic()
+                if self.lines.feed(chunk) and self.last_activity - last_report >= (
+                    _PROGRESS_INTERVAL_S
+                ):
+                    last_report = self.last_activity
+                    with contextlib.suppress(Exception):  # a subscriber's bug is not the build's
+                        self._on_line(self.lines.last_text, self.lines.count)
+        except (OSError, docker.errors.DockerException) as exc:
+            self.failure = f"lfsorch: the output stream broke off: {exc}"
+        finally:
+            self.lines.finish()
+            if log_file is not None:
+                with contextlib.suppress(OSError):
+                    log_file.close()
+
+    def _open(self) -> BinaryIO | None:
+        try:
+            # Unbuffered: each chunk is on disk once written, before any note `finish` appends.
+            return self._path.open("ab", buffering=0)
+        except OSError as exc:
+            self.failure = f"lfsorch: the log could not be written: {exc}"
+            return None
+
+    def _write(self, log_file: BinaryIO, chunk: bytes) -> BinaryIO | None:
+        try:
+            log_file.write(chunk)
+        except OSError as exc:
+            self.failure = f"lfsorch: the log could not be written: {exc}"
+            with contextlib.suppress(OSError):
+                log_file.close()
+            return None
+        return log_file
+
+    def finish(self) -> None:
+        """Called once the container exited: wait until the stream ends; give up only after a
+        long silence since the exit or the last bytes, and say so in the log."""
+        exited = time.monotonic()
+        while True:
+            self.thread.join(timeout=1.0)
+            if not self.thread.is_alive():
+                break
+            if time.monotonic() - max(exited, self.last_activity) > _STREAM_SILENCE_S:
+                with self._lock:
+                    self._closed = True
+                self.failure = (
+                    f"lfsorch: the output stream was silent {_STREAM_SILENCE_S:.0f}s after the "
+                    "container exited; the log may be incomplete"
+                )
+                with contextlib.suppress(Exception):
+                    self._stream.close()
+                break
+        if self.failure:
+            with contextlib.suppress(OSError), self._path.open("ab") as log_file:
+                log_file.write(f"\n{self.failure}\n".encode())
+
+
+class _DiskWatch:
+    """Kills the container once what it wrote outside its mounts (`/build`, `/tmp`: its own
+    writable layer) passes `limit` bytes. Checked by the engine's size figure at intervals:
+    overlay2 on ext4 has no per-container size option."""
+
+    def __init__(self, client: docker.DockerClient, container: Container, limit: int) -> None:
+        self._client = client
+        self._container = container
+        self._limit = limit
+        self._stop = threading.Event()
+        self.used: int | None = None
+        self.exceeded = False
+        self.thread = threading.Thread(target=self._run, name=f"disk-{container.name}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(_DISK_CHECK_INTERVAL_S):
+            with contextlib.suppress(docker.errors.APIError):
+                listed = self._client.api.containers(
+                    all=True, filters={"id": self._container.id}, size=True
+                )
+                self.used = int(listed[0].get("SizeRw") or 0) if listed else None
+            if self.used is not None and self.used > self._limit and not self._stop.is_set():
+                self.exceeded = True
+                with contextlib.suppress(docker.errors.APIError):
+                    self._container.kill()
+                return
+
+    def describe(self) -> str:
+        return (
+            f"wrote {_gib(self.used or 0)} outside its mounts (/build and the container's own "
+            f"files), more than build_space ({_gib(self._limit)}); container killed"
+        )
+
+
+def _gib(size: int) -> str:
+    return f"{size / (1 << 30):.2f} GiB"
+
+
+class _StatsPump:
+    def __init__(self, container: Container, figures: ContainerFigures):
+        self._container = container
+        self._figures = figures
+        self.thread = threading.Thread(
+            target=self._run, name=f"stats-{container.name}", daemon=True
+        )
+
+    def _run(self) -> None:
+        with contextlib.suppress(Exception):
+            for frame in self._container.stats(stream=True, decode=True):
+                self._figures.add_frame(frame)
+
+    def start(self) -> None:
+        self.thread.start()
+
+
+class ContainerRunner:
+    """Runs build jobs; knows its live containers so an interrupt can stop them all."""
+
+    def __init__(self, client: docker.DockerClient, bus: EventBus) -> None:
+        self._client = client
+        self._bus = bus
+        self._lock = threading.Lock()
+        self._live: dict[str, Container] = {}
+        self._interrupted = threading.Event()
+        # Removal is off the critical path, as the daemon does for `docker run --rm`;
+        # `close()` waits for it, so no container outlives the run.
+        self._removals = ThreadPoolExecutor(max_workers=1, thread_name_prefix="remove")
+
+    def check_image(self, image: str) -> None:
+        try:
+            self._client.images.get(image)
+        except docker.errors.ImageNotFound:
+            raise ImageMissing(
+                f"image '{image}' is not in the Docker engine",
+                hint="build it with `lfsorch images build` (or name another image in the stage)",
+            ) from None
+
+    def close(self) -> None:
+        """Wait until every finished container is removed."""
+        self._removals.shutdown(wait=True)
+
+    def interrupt(self) -> None:
+        """Kill every running container; their builds end as interrupted."""
+        self._interrupted.set()
+        with self._lock:
+            containers = list(self._live.values())
+        for container in containers:
+            with contextlib.suppress(docker.errors.APIError):
+                container.kill()
+
+    def _create(self, job: BuildJob) -> Container:
+        resources = job.resources
+        labels = engine.owner_labels(
+            "build", run=job.run_id, stage=job.stage, package=job.package, attempt=str(job.attempt)
+        )
+        try:
+            container = self._client.containers.create(
+                job.image,
+                command=container_command(job),
+                name=job.container_name,
+                user="0:0",
+                working_dir="/",
+                labels=labels,
+                mounts=_mounts(job),
+                network_mode="bridge" if job.network else "none",
+                nano_cpus=int(resources.cpus * 1e9) if resources.cpus else None,
+                mem_limit=resources.memory,
+                memswap_limit=resources.memory,
+                pids_limit=resources.pids,
+                cap_drop=["ALL"],
+                cap_add=job.capability_set(),
+                security_opt=["no-new-privileges"],
+                log_config=ENGINE_LOG_CONFIG,
+            )
+        except docker.errors.ImageNotFound:
+            self.check_image(job.image)
+            raise
+        except docker.errors.APIError as exc:
+            raise LfsorchError(
+                f"{job.stage}/{job.package}: the engine refused the container: "
+                f"{exc.explanation or exc}"
+            ) from None
+        return container
+
+    def run(self, job: BuildJob) -> BuildResult:
+        job.log_path.parent.mkdir(parents=True, exist_ok=True)
+        figures = ContainerFigures()
+        if self._interrupted.is_set():
+            return BuildResult(None, 0.0, figures, interrupted=True)
+        container = self._create(job)
+        with self._lock:
+            self._live[container.id] = container
+        try:
+            return self._follow(job, container, figures)
+        finally:
+            with self._lock:
+                self._live.pop(container.id, None)
+            self._removals.submit(engine.remove_quietly, container)
+
+    def _follow(
+        self, job: BuildJob, container: Container, figures: ContainerFigures
+    ) -> BuildResult:
+        """Start the container and follow it to its end: output, stats, disk, timeout."""
+        timed_out = threading.Event()
+
+        def on_timeout() -> None:
+            timed_out.set()
+            with contextlib.suppress(docker.errors.APIError):
+                container.kill()
+
+        def on_line(line: str, count: int) -> None:
+            self._bus.emit(
+                events.BUILD_PROGRESS,
+                run_id=job.run_id,
+                stage=job.stage,
+                package=job.package,
+                line=line,
+                lines=count,
+            )
+
+        timer = threading.Timer(job.timeout_s, on_timeout)
+        timer.daemon = True
+        # Attached before the start, so not one byte of output is missed.
+        stream = container.attach(stdout=True, stderr=True, stream=True, logs=False)
+        logs = _LogPump(stream, job.log_path, container.name or job.container_name, on_line)
+        disk = _DiskWatch(self._client, container, job.build_space) if job.build_space else None
+        started = time.monotonic()
+        try:
+            host_before = HostIO.sample()
+            container.start()
+            timer.start()
+            logs.start()
+            _StatsPump(container, figures).start()
+            if disk is not None:
+                disk.start()
+            status = container.wait()
+            duration = time.monotonic() - started
+            timer.cancel()
+            if disk is not None:
+                disk.stop()
+            logs.finish()
+            # The stats stream can outlive the container; removal ends it.
+            figures.apply_host_io(host_before, HostIO.sample())
+            container.reload()
+        finally:
+            timer.cancel()
+            with contextlib.suppress(Exception):
+                stream.close()
+        state = container.attrs.get("State", {})
+        return BuildResult(
+            exit_code=int(status.get("StatusCode", state.get("ExitCode", -1))),
+            duration_s=duration,
+            figures=figures,
+            oom_killed=bool(state.get("OOMKilled")),
+            timed_out=timed_out.is_set(),
+            timeout_s=job.timeout_s if timed_out.is_set() else None,
+            interrupted=self._interrupted.is_set() and not timed_out.is_set(),
+            error=disk.describe() if disk and disk.exceeded else _wrapper_error(status),
+        )
+
+
+def _wrapper_error(status: dict[str, object]) -> str | None:
+    if status.get("StatusCode") == EXIT_BAD_USER:
+        return "the stage's user does not exist in the image (see the log)"
+    error = status.get("Error")
+    if isinstance(error, dict) and error.get("Message"):
+        return str(error["Message"])
+    return None

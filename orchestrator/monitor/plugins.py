@@ -1,0 +1,76 @@
+"""Plugin hooks: named points where third-party code sees a run, as Fedora mock's plugins do.
+
+A plugin is a module (named in the `plugins` configuration key, or registered under the
+`lfsorch` entry-point group) with functions marked `@hookimpl` named after the hooks below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Sequence
+
+import pluggy
+
+from orchestrator.errors import ConfigError
+from orchestrator.monitor import events
+from orchestrator.monitor.events import Event
+
+PROJECT = "lfsorch"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+class HookSpecs:
+    @hookspec
+    def lfsorch_event(self, event: Event) -> None:
+        """Every event on the bus (`build.start`, `build.complete`, `build.error`, ...)."""
+
+    @hookspec
+    def lfsorch_run_start(self, run_id: str, stages: list[str]) -> None:
+        """A run begins, before the first container."""
+
+    @hookspec
+    def lfsorch_package_done(self, run_id: str, stage: str, package: str, ok: bool) -> None:
+        """A package finished (ok) or failed for good, after its last attempt."""
+
+    @hookspec
+    def lfsorch_run_end(self, run_id: str, outcome: str) -> None:
+        """A run ended: succeeded, failed or interrupted."""
+
+
+def plugin_manager(modules: Sequence[str] = ()) -> pluggy.PluginManager:
+    manager = pluggy.PluginManager(PROJECT)
+    manager.add_hookspecs(HookSpecs)
+    manager.load_setuptools_entrypoints(PROJECT)
+    for name in modules:
+        try:
+            manager.register(importlib.import_module(name), name=name)
+        except ImportError as exc:
+            raise ConfigError(
+                f"plugin module {name!r} cannot be imported: {exc}",
+                hint="fix the `plugins` configuration key or install the plugin",
+            ) from None
+    return manager
+
+
+class PluginBridge:
+    """A bus subscriber that calls the plugins' hooks."""
+
+    def __init__(self, manager: pluggy.PluginManager) -> None:
+        self._hook = manager.hook
+
+    def __call__(self, event: Event) -> None:
+        self._hook.lfsorch_event(event=event)
+        if event.name == events.RUN_START:
+            self._hook.lfsorch_run_start(run_id=event.run_id, stages=event.data["stages"])
+        elif event.name in (events.BUILD_COMPLETE, events.BUILD_ERROR):
+            final = event.name == events.BUILD_COMPLETE or not event.data.get("will_retry")
+            if final:
+                self._hook.lfsorch_package_done(
+                    run_id=event.run_id,
+                    stage=event.stage,
+                    package=event.package,
+                    ok=event.name == events.BUILD_COMPLETE,
+                )
+        elif event.name == events.RUN_COMPLETE:
+            self._hook.lfsorch_run_end(run_id=event.run_id, outcome=event.data["outcome"])

@@ -1,0 +1,486 @@
+"""Snapshots against the real engine: round trips, refusals, deltas, the image form."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import stat
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import docker
+import pytest
+import zstandard
+
+from orchestrator.checkpoints.archive import sort_key
+from orchestrator.checkpoints.manifest import ARCHIVE, SnapshotError, snapshot_key
+from orchestrator.checkpoints.store import KEY_LABEL, MANIFEST, MANIFEST_MEMBER, SnapshotStore
+from orchestrator.checkpoints.tarstream import UnsafeArchiveError
+from orchestrator.checkpoints.treescan import PARTITION_MARKER, scan_tree, verify_tree
+
+pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]
+
+
+def make_tree(root: Path) -> None:
+    """A small LFS-like tree with one of every kind of entry a snapshot must keep."""
+    (root / "usr/bin").mkdir(parents=True)
+    (root / "usr/bin/bash").write_bytes(b"\x7fELF bash " * 500)
+    os.chmod(root / "usr/bin/bash", 0o755)
+    (root / "usr/bin/su").write_bytes(b"su binary")
+    os.chmod(root / "usr/bin/su", 0o4755)
+    (root / "usr/bin/wall").write_bytes(b"wall binary")
+    os.chown(root / "usr/bin/wall", 0, 5)
+    os.chmod(root / "usr/bin/wall", 0o2755)
+    os.link(root / "usr/bin/bash", root / "usr/bin/bash-hl")
+    os.setxattr(root / "usr/bin/bash", "user.lfs.note", b"chapter 6")
+    os.symlink("/bin/bash", root / "usr/bin/sh")
+    os.symlink("../bin/bash", root / "usr/bin/rel")
+    os.symlink("usr/bin", root / "bin")
+    (root / "tmp").mkdir()
+    os.chmod(root / "tmp", 0o1777)
+    (root / "empty").mkdir()
+    (root / "home/tester").mkdir(parents=True)
+    (root / "home/tester/notes").write_text("hello\n")
+    os.chown(root / "home/tester/notes", 1000, 1001)
+    os.chown(root / "home/tester", 1000, 1001)
+    os.chmod(root / "home/tester", 0o700)
+    (root / "dev").mkdir()
+    os.mknod(root / "dev/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.chmod(root / "dev/null", 0o666)
+    os.mknod(root / "dev/console", 0o600 | stat.S_IFCHR, os.makedev(5, 1))
+    os.mkfifo(root / "dev/initctl", 0o600)
+
+
+def assert_tree_kinds(root: Path) -> None:
+    """Explicit checks, independent of verify_tree, of what must survive a round trip."""
+    mode = lambda p: stat.S_IMODE(os.lstat(root / p).st_mode)  # noqa: E731
+    assert mode("usr/bin/su") == 0o4755
+    assert mode("usr/bin/wall") == 0o2755
+    assert mode("tmp") == 0o1777
+    assert mode("home/tester") == 0o700
+    notes = os.lstat(root / "home/tester/notes")
+    assert (notes.st_uid, notes.st_gid) == (1000, 1001)
+    assert os.lstat(root / "usr/bin/wall").st_gid == 5
+    assert (root / "usr/bin/bash").read_bytes() == b"\x7fELF bash " * 500
+    assert os.readlink(root / "usr/bin/sh") == "/bin/bash"
+    assert os.readlink(root / "usr/bin/rel") == "../bin/bash"
+    assert os.readlink(root / "bin") == "usr/bin"
+    bash, bash_hl = os.lstat(root / "usr/bin/bash"), os.lstat(root / "usr/bin/bash-hl")
+    assert bash.st_ino == bash_hl.st_ino and bash.st_nlink == 2
+    assert os.getxattr(root / "usr/bin/bash", "user.lfs.note") == b"chapter 6"
+    assert (root / "empty").is_dir() and list((root / "empty").iterdir()) == []
+    null, console = os.lstat(root / "dev/null"), os.lstat(root / "dev/console")
+    assert (
+        stat.S_ISCHR(null.st_mode) and os.major(null.st_rdev) == 1 and os.minor(null.st_rdev) == 3
+    )
+    assert stat.S_ISCHR(console.st_mode) and os.minor(console.st_rdev) == 1
+    assert stat.S_ISFIFO(os.lstat(root / "dev/initctl").st_mode)
+
+
+def tree_state(root: Path) -> dict[str, tuple[object, ...]]:
+    """Everything about a tree a refused restore must not change (lfsorch's own identity
+    marker aside: it is made on first use and never part of a snapshot)."""
+    state: dict[str, tuple[object, ...]] = {}
+    for path in [root, *sorted(root.rglob("*"))]:
+        if path.relative_to(root).parts[:1] == (PARTITION_MARKER,):
+            continue
+        info = os.lstat(path)
+        content = (
+            hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(info.st_mode) else None
+        )
+        state[str(path.relative_to(root))] = (
+            info.st_mode, info.st_uid, info.st_gid, info.st_mtime_ns, info.st_ino, content
+        )  # fmt: skip
+    return state
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "lfs"
+    root.mkdir()
+    make_tree(root)
+    return root
+
+
+@pytest.fixture(params=["host-tar", "container-tar"])
+def store(tmp_path: Path, request: pytest.FixtureRequest) -> SnapshotStore:
+    return SnapshotStore(tmp_path / "snapshots", isolate=request.param == "container-tar")
+
+
+def test_round_trip_keeps_every_kind_of_entry(
+    tree: Path, store: SnapshotStore, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    info = store.create(tree, "k-ch5", stage="ch5", metadata={"image": "sha256:abc"})
+    assert store.verify("k-ch5") == []
+    target = tmp_path / "restored"
+    store.restore("ch5", target, docker_client)
+    assert verify_tree(store.manifest(info.key), target) == []
+    assert_tree_kinds(target)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".restored")]
+
+
+def test_restore_over_an_existing_tree_removes_what_the_snapshot_lacks(
+    tree: Path, store: SnapshotStore, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    store.create(tree, "k1", stage="ch5")
+    (tree / "stray-file").write_text("built later")
+    (tree / "usr/bin/bash").write_bytes(b"changed")
+    store.restore("k1", tree, docker_client)
+    assert not (tree / "stray-file").exists()
+    assert_tree_kinds(tree)
+    assert verify_tree(store.manifest("k1"), tree) == []
+
+
+def test_same_tree_gives_the_same_archive(tree: Path, store: SnapshotStore) -> None:
+    first = store.create(tree, "a", stage="ch5", full=True)
+    second = store.create(tree, "b", stage="ch5", full=True)
+    digest = lambda key: store.manifest(key).archive_sha256  # noqa: E731
+    assert digest("a") == digest("b")
+    assert (first.path / ARCHIVE).read_bytes() == (second.path / ARCHIVE).read_bytes()
+
+
+def test_snapshot_key_depends_on_every_input() -> None:
+    sources = {"gcc.tar.xz": "aa", "bash.tar.gz": "bb"}
+    base = snapshot_key("stage: ch5", "sha256:1", sources, None)
+    assert base == snapshot_key("stage: ch5", "sha256:1", dict(reversed(sources.items())), None)
+    assert len(base) == 64
+    assert base != snapshot_key("stage: ch6", "sha256:1", sources, None)
+    assert base != snapshot_key("stage: ch5", "sha256:2", sources, None)
+    assert base != snapshot_key("stage: ch5", "sha256:1", {**sources, "gcc.tar.xz": "ab"}, None)
+    assert base != snapshot_key("stage: ch5", "sha256:1", sources, "parent")
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def _crafted(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        root = tarfile.TarInfo(".")
+        root.type, root.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(root)
+        for info, data in members:
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data else None)
+    return buffer.getvalue()
+
+
+def _member(name: str, kind: bytes = tarfile.REGTYPE, **attrs: object) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.type, info.mode = kind, 0o644
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    return info
+
+
+_KINDS = {tarfile.REGTYPE: "file", tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink",
+          tarfile.LNKTYPE: "file", tarfile.BLKTYPE: "blockdev"}  # fmt: skip
+
+
+def _plant(store: SnapshotStore, key: str, raw_tar: bytes) -> None:
+    """Swap a snapshot's archive for a hostile one with a manifest forged to match it, as an
+    attacker with write access to the store would: only the member rules stand in the way."""
+    compressed = zstandard.ZstdCompressor(level=3).compress(raw_tar)
+    directory = store.root / key
+    (directory / ARCHIVE).write_bytes(compressed)
+    manifest = json.loads((directory / MANIFEST).read_text())
+    manifest["archive"].update(
+        sha256=hashlib.sha256(compressed).hexdigest(), size=len(compressed), raw_size=len(raw_tar)
+    )
+    entries = []
+    with tarfile.open(fileobj=io.BytesIO(raw_tar)) as tar:
+        for info in tar:
+            data = tar.extractfile(info).read() if info.isreg() else b""  # type: ignore[union-attr]
+            entries.append(
+                {"path": info.name.removeprefix("./") or ".", "type": _KINDS[info.type],
+                 "mode": info.mode, "uid": info.uid, "gid": info.gid, "size": len(data),
+                 "sha256": hashlib.sha256(data).hexdigest() if info.isreg() else None,
+                 "link": info.linkname or None, "layer": key}
+            )  # fmt: skip
+    manifest["entries"] = entries
+    (directory / MANIFEST).write_text(json.dumps(manifest))
+
+
+def _attacks(outside: Path) -> Iterator[tuple[str, bytes, str]]:
+    sentinel = outside / "sentinel"
+    yield (
+        "traversal",
+        _crafted((_member("usr/../../outside/sentinel"), b"pwned")),
+        "member 'usr/../../outside/sentinel' escapes the tree ('..' component)",
+    )
+    yield (
+        "absolute",
+        _crafted((_member(str(sentinel)), b"pwned")),
+        f"member '{sentinel}' escapes the tree (absolute path)",
+    )
+    yield (
+        "symlink-then-write",
+        _crafted(
+            (_member("escape", tarfile.SYMTYPE, linkname=str(outside)), b""),
+            (_member("escape/sentinel"), b"pwned"),
+        ),
+        "member 'escape/sentinel' lies below symlink 'escape' (would write through it)",
+    )
+    yield (
+        "hard-link-outside",
+        _crafted((_member("hl", tarfile.LNKTYPE, linkname=str(sentinel)), b"")),
+        f"member 'hl' is a hard link to '{sentinel}', "
+        "which is not an earlier regular file of the archive",
+    )
+    yield (
+        "block-device",
+        _crafted((_member("dev/sda", tarfile.BLKTYPE, devmajor=8, devminor=0), b"")),
+        "member 'dev/sda' is a block device (8:0), never allowed",
+    )
+
+
+def test_hostile_archives_are_refused_and_touch_nothing(
+    tree: Path, store: SnapshotStore, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "sentinel").write_text("original")
+    store.create(tree, "victim", stage="ch5")
+    label = f"snapshot ch5 ({'victim'[:12]})"
+    for name, raw, reason in _attacks(outside):
+        _plant(store, "victim", raw)
+        before_tree, before_outside = tree_state(tree), tree_state(outside)
+        with pytest.raises(UnsafeArchiveError) as caught:
+            store.restore("victim", tree, docker_client)
+        assert caught.value.message == f"{label}: {reason}", name
+        assert tree_state(tree) == before_tree, name
+        assert tree_state(outside) == before_outside, name
+        assert (outside / "sentinel").read_text() == "original"
+        leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".lfs")]
+        assert leftovers == [], name
+
+
+def test_tampered_archive_digest_is_refused(
+    tree: Path, store: SnapshotStore, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    store.create(tree, "k1", stage="ch5")
+    archive_path = store.root / "k1" / ARCHIVE
+    data = bytearray(archive_path.read_bytes())
+    data[-1] ^= 0xFF  # inside the zstd frame checksum: still decodes, digest differs
+    archive_path.write_bytes(bytes(data))
+    target = tmp_path / "target"
+    with pytest.raises(Exception, match=r"corrupt|sha256"):
+        store.restore("k1", target, docker_client)
+    assert not target.exists()
+    assert store.verify("k1") != []
+
+
+# --------------------------------------------------------------------------- deltas
+
+
+def test_incremental_snapshot_restores_exactly_including_deletions(
+    tree: Path, store: SnapshotStore, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    (tree / "usr/lib").mkdir()
+    for index in range(50):
+        (tree / "usr/lib" / f"lib{index}.so").write_bytes(os.urandom(20_000))
+    base = store.create(tree, "base", stage="ch5")
+    (tree / "usr/bin/su").write_bytes(b"new su")  # content change, mode kept
+    os.chmod(tree / "usr/bin/su", 0o4755)
+    shutil.rmtree(tree / "home")  # deleted directory with contents
+    (tree / "usr/lib/lib7.so").unlink()  # deleted file
+    os.unlink(tree / "bin")  # symlink replaced by a directory
+    (tree / "bin").mkdir()
+    (tree / "bin/ls").write_text("ls")
+    (tree / "etc").mkdir()
+    (tree / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/bash\n")
+    os.chmod(tree / "usr/lib/lib3.so", 0o600)  # metadata-only change
+    os.link(tree / "usr/bin/wall", tree / "etc/wall-link")  # new hard link to an old file
+
+    delta = store.create(tree, "delta", stage="ch6", parent="base")
+    manifest = store.manifest("delta")
+    assert delta.delta_of == "base"
+    assert manifest.deleted == ["home", "usr/lib/lib7.so"]
+    assert "bin" in manifest.replaced
+    carried = {p for p, e in manifest.entries.items() if e.layer == "delta"}
+    assert "usr/lib/lib10.so" not in carried and "usr/lib/lib3.so" in carried
+    assert delta.archive_size < base.archive_size / 4
+    assert store.verify("delta") == []
+
+    for target in (tmp_path / "fresh", tree.parent / "lfs-copy"):
+        if target.name == "lfs-copy":
+            store.restore("base", target, docker_client)  # restore the delta over its base
+        store.restore("delta", target, docker_client)
+        assert verify_tree(manifest, target) == []
+        assert verify_tree(manifest, tree) == []
+        assert not (target / "home").exists() and not (target / "usr/lib/lib7.so").exists()
+        assert (target / "bin").is_dir() and not (target / "bin").is_symlink()
+        assert (target / "usr/bin/su").read_bytes() == b"new su"
+        assert stat.S_IMODE(os.lstat(target / "usr/bin/su").st_mode) == 0o4755
+        wall, link = os.lstat(target / "usr/bin/wall"), os.lstat(target / "etc/wall-link")
+        assert wall.st_ino == link.st_ino
+
+
+def test_first_snapshot_after_a_restore_stays_small(
+    tree: Path, store: SnapshotStore, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    store.create(tree, "base", stage="ch5")
+    target = tmp_path / "resumed"
+    store.restore("base", target, docker_client)
+    (target / "new-file").write_text("built after resume")
+    store.create(target, "next", stage="ch6", parent="base")
+    carried = {p for p, e in store.manifest("next").entries.items() if e.layer == "next"}
+    assert carried == {".", "new-file"}
+
+
+def test_drift_check_reports_changes(tree: Path, store: SnapshotStore) -> None:
+    store.create(tree, "k1", stage="ch5")
+    (tree / "home/tester/notes").write_text("HELLO\n")
+    os.chmod(tree / "usr/bin/su", 0o755)
+    os.unlink(tree / "usr/bin/rel")
+    differences = verify_tree(store.manifest("k1"), tree)
+    assert "missing: usr/bin/rel" in differences
+    assert "content differs: home/tester/notes" in differences
+    assert "mode differs: usr/bin/su (expected '0o4755', found '0o755')" in differences
+
+
+def test_prune_keeps_delta_bases(tree: Path, store: SnapshotStore) -> None:
+    store.create(tree, "s1", stage="ch5")
+    (tree / "f2").write_text("2")
+    store.create(tree, "s2", stage="ch6", parent="s1")
+    (tree / "f3").write_text("3")
+    store.create(tree, "s3", stage="ch7", full=True)
+    (tree / "f4").write_text("4")
+    store.create(tree, "s4", stage="ch8", parent="s2")
+    removed = store.prune(keep_last=1)
+    assert removed == ["s3"]  # s4 needs s2 and s1
+    assert [info.key for info in store.list()] == ["s1", "s2", "s4"]
+
+
+# --------------------------------------------------------------------------- image form
+
+
+def test_image_round_trip(
+    tree: Path, store: SnapshotStore, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    store.create(tree, "img-base", stage="ch5")
+    (tree / "added").write_text("delta content")
+    store.create(tree, "img-delta", stage="ch6", parent="img-base")
+    image_id = store.to_image(docker_client, "img-delta")
+    try:
+        image = docker_client.images.get(image_id)
+        assert image.labels[KEY_LABEL] == "img-delta"
+        assert len(image.attrs["RootFS"]["Layers"]) == 1
+        target = tmp_path / "from-image"
+        store.restore_image(docker_client, image_id, target)
+        assert verify_tree(store.manifest("img-delta"), target) == []
+        assert_tree_kinds(target)
+        assert (target / "added").read_text() == "delta content"
+        assert not (target / MANIFEST_MEMBER).exists()
+
+        # Another machine: only the image, an empty store. The restore is checked against the
+        # manifest the image carries, and the store then holds the checkpoint for later runs.
+        elsewhere = SnapshotStore(tmp_path / "other-machine")
+        other_target = tmp_path / "other-lfs"
+        info = elsewhere.restore_image(docker_client, image_id, other_target)
+        assert (info.key, info.stage, info.parent) == ("img-delta", "ch6", "img-base")
+        assert verify_tree(elsewhere.manifest("img-delta"), other_target) == []
+        assert_tree_kinds(other_target)
+        assert not (other_target / MANIFEST_MEMBER).exists()
+        again = tmp_path / "other-lfs-again"
+        elsewhere.restore("ch6", again)
+        assert verify_tree(store.manifest("img-delta"), again) == []
+    finally:
+        docker_client.images.remove(image_id, force=True)
+
+
+def test_image_without_a_manifest_is_refused(
+    tree: Path, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    store = SnapshotStore(tmp_path / "snapshots")
+    raw = _crafted((_member("etc/passwd"), b"root::0:0::/:/bin/sh"))
+    answer = docker_client.api.import_image_from_stream(
+        iter([raw]), repository="lfsorch/snapshot", tag="forged",
+        changes=[f"LABEL {KEY_LABEL}=forged"],
+    )  # fmt: skip
+    image_id = next(json.loads(line)["status"] for line in answer.splitlines() if "sha256:" in line)
+    try:
+        target = tmp_path / "target"
+        with pytest.raises(SnapshotError) as caught:
+            store.restore_image(docker_client, image_id, target)
+        assert caught.value.message == (
+            f"image {image_id[:19]}: the layer does not start with a snapshot manifest (found '.')"
+        )
+        assert not target.exists() and store.list() == []
+    finally:
+        docker_client.images.remove(image_id, force=True)
+
+
+# --------------------------------------------------------------------------- streaming walk
+
+
+def test_walk_order_is_archive_order_and_tar_gets_the_same(
+    tree: Path, store: SnapshotStore
+) -> None:
+    """The walk feeds tar while it runs, so it must itself produce `sort_key` order."""
+    for name in ("a", "a-b", "a.b", "a/b", "a/b-c", "a/b/c", "ab", "B", "a0"):
+        path = tree / "order" / name
+        if name in ("a", "a/b"):
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(name)
+    found = list(scan_tree(tree))
+    assert found == sorted(found, key=sort_key)
+    store.create(tree, "k", stage="ch5", full=True)
+    manifest = store.manifest("k")
+    members = [m.name for m in _archive_members(store.root / "k" / ARCHIVE)]
+    assert members == list(manifest.entries) == found
+
+
+def _archive_members(path: Path) -> list[tarfile.TarInfo]:
+    raw = zstandard.ZstdDecompressor().stream_reader(path.open("rb")).read()
+    with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
+        members = tar.getmembers()
+    for member in members:
+        member.name = member.name.removeprefix("./") or "."
+    return members
+
+
+def test_block_device_is_refused_before_anything_is_stored(
+    tree: Path, store: SnapshotStore
+) -> None:
+    os.mknod(tree / "dev/sda", 0o600 | stat.S_IFBLK, os.makedev(8, 0))
+    with pytest.raises(SnapshotError, match="block device"):
+        store.create(tree, "k", stage="ch5")
+    assert store.get("k") is None
+    assert not store.root.exists() or list(store.root.iterdir()) == []
+
+
+def test_delta_notices_xattr_and_link_changes_on_unchanged_files(
+    tree: Path, store: SnapshotStore, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    """Unchanged inodes reuse the parent's xattrs: a changed xattr must show in ctime."""
+    store.create(tree, "base", stage="ch5")
+    os.setxattr(tree / "usr/bin/bash", "user.lfs.note", b"chapter 8")
+    os.setxattr(tree / "usr/bin/su", "user.lfs.extra", b"new")
+    os.unlink(tree / "usr/bin/rel")
+    os.symlink("../bin/other", tree / "usr/bin/rel")
+    store.create(tree, "delta", stage="ch6", parent="base")
+    manifest = store.manifest("delta")
+    assert manifest.entries["usr/bin/bash"].xattrs == {"user.lfs.note": b"chapter 8".hex()}
+    assert manifest.entries["usr/bin/su"].xattrs == {"user.lfs.extra": b"new".hex()}
+    assert manifest.entries["usr/bin/rel"].link == "../bin/other"
+    assert verify_tree(manifest, tree) == []
+    store.restore("delta", tmp_path / "out", docker_client)
+    assert os.getxattr(tmp_path / "out/usr/bin/bash", "user.lfs.note") == b"chapter 8"
+    assert verify_tree(manifest, tmp_path / "out") == []
+
+
+def test_missing_image_is_a_readable_error(
+    tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    store = SnapshotStore(tmp_path / "snapshots")
+    with pytest.raises(SnapshotError) as caught:
+        store.restore_image(docker_client, "lfsorch/snapshot:absent", tmp_path / "lfs")
+    assert caught.value.message == "no image lfsorch/snapshot:absent in the engine"
+    assert not (tmp_path / "lfs").exists()

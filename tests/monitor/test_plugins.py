@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+
+from orchestrator.errors import ConfigError
+from orchestrator.monitor.events import EventBus
+from orchestrator.monitor.plugins import PluginBridge, hookimpl, plugin_manager
+
+
+def test_plugin_hooks_see_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, object]] = []
+    module = types.ModuleType("lfsorch_test_plugin")
+
+    @hookimpl
+    def lfsorch_run_start(run_id: str, stages: list[str]) -> None:
+        calls.append(("start", stages))
+
+    @hookimpl
+    def lfsorch_package_done(run_id: str, stage: str, package: str, ok: bool) -> None:
+        calls.append(("done", (package, ok)))
+
+    @hookimpl
+    def lfsorch_run_end(run_id: str, outcome: str) -> None:
+        calls.append(("end", outcome))
+
+    module.lfsorch_run_start = lfsorch_run_start  # type: ignore[attr-defined]
+    module.lfsorch_package_done = lfsorch_package_done  # type: ignore[attr-defined]
+    module.lfsorch_run_end = lfsorch_run_end  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+
+    bus = EventBus()
+    bus.subscribe(PluginBridge(plugin_manager([module.__name__])))
+    bus.emit("run.start", run_id="r", stages=["ch5"])
+    bus.emit("build.error", run_id="r", stage="ch5", package="gcc", will_retry=True)
+    bus.emit("build.complete", run_id="r", stage="ch5", package="gcc")
+    bus.emit("build.error", run_id="r", stage="ch5", package="glibc", will_retry=False)
+    bus.emit("run.complete", run_id="r", outcome="failed")
+    assert calls == [
+        ("start", ["ch5"]),
+        ("done", ("gcc", True)),
+        ("done", ("glibc", False)),
+        ("end", "failed"),
+    ]
+
+
+def test_missing_plugin_is_a_config_error() -> None:
+    with pytest.raises(ConfigError) as caught:
+        plugin_manager(["no_such_lfsorch_plugin"])
+    assert caught.value.message.startswith("plugin module 'no_such_lfsorch_plugin' cannot be")

@@ -12,7 +12,7 @@ for both; the verdict uses each side's best, the median ratio is printed beside 
   * incremental snapshot after changing 5% vs a full    target <= 0.15
 Each line also gives the CPU seconds the side used (its threads and child processes). On a
 machine whose cores the pipeline already keeps busy, every CPU second lfsorch adds (the
-per-file sha256 of the manifest, validating each member before tar sees it, checking the
+per-file BLAKE3 digests of the manifest, validating each member before tar sees it, checking the
 restored tree against the manifest) costs wall time, so the CPU ratio bounds the
 throughput ratio there. Needs root (owners, device nodes); no Docker engine: the store's
 own archives are extracted with the host's tar after validation, in the mount-namespace
@@ -210,6 +210,7 @@ def main() -> int:
         "so the incremental half is skipped",
     )
     args = parser.parse_args()
+    load_before = os.getloadavg()
     work: Path = args.dir
     work.mkdir(parents=True, exist_ok=True)
     if args.tree is not None:
@@ -287,6 +288,8 @@ def main() -> int:
     print()
     print(f"{os.cpu_count()} cores; cpu = CPU seconds of each side's fastest round "
           "(its threads and child processes)")  # fmt: skip
+    print("load average (1, 5, 15 min) at start: {:.2f} {:.2f} {:.2f}".format(*load_before)
+          + ", at end: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))  # fmt: skip
     print(f"snapshot          tar|zstd -T0 -3 : {rate(t_pipe_c, CPU['c'][0])}")
     print(f"snapshot          lfsorch         : {rate(t_ours_c, CPU['c'][1])}"
           + verdict("c", t_pipe_c, t_ours_c))  # fmt: skip

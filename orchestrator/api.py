@@ -15,7 +15,7 @@ from orchestrator.build.scheduler import Build, RunOptions, workspace_lock
 from orchestrator.build.state import PackageState, RunState, load_state, save_state
 from orchestrator.checkpoints import leftovers
 from orchestrator.checkpoints.manifest import SnapshotError
-from orchestrator.checkpoints.store import SnapshotInfo, SnapshotStore
+from orchestrator.checkpoints.store import PruneResult, SnapshotInfo, SnapshotStore
 from orchestrator.config import Config, load_config
 from orchestrator.errors import EngineUnavailable, LfsorchError, local_file_error
 from orchestrator.execution import engine
@@ -202,6 +202,23 @@ def snapshot_image(key_or_stage: str, *, workspace: Workspace | None = None) -> 
     with workspace_lock(workspace):  # its scratch tree lives in the store
         info = store.resolve(key_or_stage)
         return info.key, store.to_image(client, info.key)
+
+
+def prune_snapshots(
+    *,
+    keep_last: int | None = None,
+    max_bytes: int | None = None,
+    workspace: Workspace | None = None,
+) -> PruneResult:
+    """Remove old snapshots under the workspace lock, so never one a running build needs.
+
+    A held lock is refused at once (`WorkspaceBusy`), never waited for: a build can hold it
+    for hours.
+    """
+    workspace = checked_workspace(workspace)
+    with workspace_lock(workspace):
+        leftovers.remove_leftovers(leftovers.workspace_leftovers(workspace))
+        return SnapshotStore(workspace.snapshots_dir).prune(keep_last, max_bytes)
 
 
 class RestoreInterrupted(LfsorchError):

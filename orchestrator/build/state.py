@@ -18,7 +18,8 @@ Status = Literal["pending", "running", "done", "failed", "skipped"]
 
 
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    """Milliseconds: runs started within one second still sort in the order they began."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 class Attempt(BaseModel):

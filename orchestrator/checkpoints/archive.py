@@ -28,6 +28,7 @@ from typing import IO, Any, BinaryIO
 
 import zstandard
 
+from orchestrator.checkpoints import digests
 from orchestrator.checkpoints.tarstream import (
     BLOCK,
     CHUNK,
@@ -73,12 +74,12 @@ class Archived:
     kind: str
     size: int
     linkname: str
-    sha256: str | None  # regular files only
+    digest: str | None  # of a regular file's data, in the algorithm the writer was given
 
 
 @dataclass(frozen=True)
 class WriteResult:
-    sha256: str  # of the compressed archive
+    digest: str  # of the compressed archive, in the algorithm the writer was given
     size: int  # compressed bytes
     raw_size: int  # uncompressed tar bytes
     members: list[Archived]
@@ -87,9 +88,9 @@ class WriteResult:
 class _HashingFile:
     """Write-through wrapper that hashes and counts what the compressor writes."""
 
-    def __init__(self, out: BinaryIO) -> None:
+    def __init__(self, out: BinaryIO, new_hasher: Callable[[], Any]) -> None:
         self._out = out
-        self.hash = hashlib.sha256()
+        self.hash = new_hasher()
         self.size = 0
 
     def write(self, data: bytes) -> int:
@@ -108,7 +109,8 @@ class _TarIndexer:
     hashed straight from memoryview slices of the chunk and never copied.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, new_hasher: Callable[[], Any] = hashlib.sha256) -> None:
+        self._new_hasher = new_hasher
         self.members: list[Archived] = []
         self.raw_size = 0
         self.ended = False
@@ -189,7 +191,7 @@ class _TarIndexer:
             name = f"{prefix}/{field_text(block[0:100])}" if prefix else field_text(block[0:100])
         link = decode_text(pax[b"linkpath"]) if b"linkpath" in pax else field_text(block[157:257])
         self._pending = (canonical_name(name), kind, size, link)
-        self._hasher = hashlib.sha256() if kind == "file" else None
+        self._hasher = self._new_hasher() if kind == "file" else None
         self._data_left = size
         self._skip = padded_size(size) - size
         if not size:
@@ -222,8 +224,11 @@ def sort_key(path: str) -> tuple[int, list[str]]:
     return (0, []) if path == "." else (1, path.split("/"))
 
 
-def write_archive(tree: Path, paths: Iterable[str], out: BinaryIO) -> WriteResult:
-    """Write a zstd-compressed PAX archive of `paths` (relative to `tree`, "." is the root).
+def write_archive(
+    tree: Path, paths: Iterable[str], out: BinaryIO, *, digest: str = digests.DEFAULT
+) -> WriteResult:
+    """Write a zstd-compressed PAX archive of `paths` (relative to `tree`, "." is the root);
+    the archive and each regular file's data are hashed with `digest` on the way.
 
     `paths` are archived in the order given; pass them sorted with `sort_key`. They may come
     from a lazy iterable (a tree walk): tar gets each name as soon as it is produced, so the
@@ -231,12 +236,14 @@ def write_archive(tree: Path, paths: Iterable[str], out: BinaryIO) -> WriteResul
     raised by the iterable is re-raised here once tar has stopped.
     """
     command = ["tar", "-C", str(tree), *TAR_CREATE_ARGS, "--files-from=-"]
-    return _compress_from(command, paths, out)
+    return _compress_from(command, paths, out, digests.hasher_factory(digest))
 
 
-def _compress_from(command: list[str], names: Iterable[str], out: BinaryIO) -> WriteResult:
-    indexer = _TarIndexer()
-    sink = _HashingFile(out)
+def _compress_from(
+    command: list[str], names: Iterable[str], out: BinaryIO, new_hasher: Callable[[], Any]
+) -> WriteResult:
+    indexer = _TarIndexer(new_hasher)
+    sink = _HashingFile(out, new_hasher)
     compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, threads=-1)
     # stderr goes to a file: a pipe could fill with warnings and stall tar mid-archive.
     with (
@@ -380,7 +387,7 @@ def prefetch(chunks: Iterable[bytes], depth: int = 4) -> Iterator[bytes]:
 # --------------------------------------------------------------------------- reading
 
 
-def decompressed_chunks(path: Path, expected_sha256: str, source: str) -> Iterator[bytes]:
+def decompressed_chunks(path: Path, expected: str, source: str, algorithm: str) -> Iterator[bytes]:
     """Yield the decompressed archive; raise at the end if its compressed digest differs.
 
     The digest covers the whole file, so it is only known after the last chunk: callers
@@ -389,7 +396,7 @@ def decompressed_chunks(path: Path, expected_sha256: str, source: str) -> Iterat
     releases the GIL for all of it: with 1 MiB steps, a decompressing thread spent more time
     waiting for the GIL between steps than decompressing.
     """
-    digest = hashlib.sha256()
+    digest = digests.hasher_factory(algorithm)()
     decompressor = zstandard.ZstdDecompressor().decompressobj(
         write_size=CHUNK, read_across_frames=True
     )
@@ -402,10 +409,11 @@ def decompressed_chunks(path: Path, expected_sha256: str, source: str) -> Iterat
                 raise ArchiveError(f"{source}: archive {path} is corrupt ({exc})") from None
             if out:
                 yield out
-    if digest.hexdigest() != expected_sha256:
+    found = digest.hexdigest()
+    if found != expected:
         raise ArchiveError(
-            f"{source}: archive {path} has sha256 {digest.hexdigest()[:16]}…, "
-            f"the manifest says {expected_sha256[:16]}…",
+            f"{source}: archive {path} has {algorithm} {found[:16]}…, "
+            f"the manifest says {expected[:16]}…",
             hint="the archive was altered or damaged; delete the snapshot and recreate it",
         )
 

@@ -22,6 +22,7 @@ import contextlib
 import errno
 import fcntl
 import functools
+import hashlib
 import os
 import shlex
 import shutil
@@ -112,6 +113,8 @@ class Layer:
     policy: MemberPolicy
     delete_before: list[str] = field(default_factory=list)
     on_member: Callable[[Member], None] | None = None
+    # How its manifest hashes file contents (`snapshots verify` compares every file's).
+    new_hasher: Callable[[], Any] = hashlib.sha256
 
 
 class Extractor(Protocol):
@@ -148,7 +151,8 @@ def check_layer(layer: Layer) -> None:
     """Everything extraction checks, without extracting: what `snapshots verify` runs."""
     deletion_list(layer)
     scanner = TarScanner(layer.policy.source, on_member=layer.policy.check,
-                         on_done=layer.on_member, emit=None)  # fmt: skip
+                         on_done=layer.on_member, emit=None,
+                         new_hasher=layer.new_hasher)  # fmt: skip
     for chunk in layer.chunks:
         scanner.feed(chunk)
     scanner.close()

@@ -14,12 +14,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.checkpoints import archive, tarstream
+from orchestrator.checkpoints import archive, digests, tarstream
 from orchestrator.checkpoints.tarstream import Member, UnsafeArchiveError
 from orchestrator.errors import LfsorchError
 
-MANIFEST_VERSION = 1
+# 1: the archive's and the files' digests are sha256. 2: the manifest names the algorithm.
+MANIFEST_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+# Part of every checkpoint key: bumping it would turn every stored checkpoint into a miss.
+KEY_VERSION = 1
 ARCHIVE = "archive.tar.zst"
+# The archive a delta is rebased into (`SnapshotStore.prune`): a new name, so the switch from
+# the delta to it is one atomic rename of the manifest.
+REBASED_ARCHIVE = "archive-full.tar.zst"
+ARCHIVE_FILES = (ARCHIVE, REBASED_ARCHIVE)
 
 
 class SnapshotError(LfsorchError):
@@ -35,7 +43,7 @@ def snapshot_key(
     """Content address of a stage's inputs: same inputs, same key, across machines."""
     payload = json.dumps(
         {
-            "v": MANIFEST_VERSION,
+            "v": KEY_VERSION,
             "stage": stage_definition,
             "image": image_digest,
             "sources": dict(sorted(source_checksums.items())),
@@ -61,7 +69,7 @@ class Entry:
     gid: int
     size: int = 0
     mtime_ns: int = 0
-    sha256: str | None = None
+    digest: str | None = None  # of a regular file's content, in the manifest's algorithm
     link: str | None = None
     dev: tuple[int, int] | None = None
     xattrs: dict[str, str] = field(default_factory=dict)
@@ -80,7 +88,7 @@ class Entry:
             "gid": self.gid,
             "size": self.size,
             "mtime_ns": self.mtime_ns,
-            "sha256": self.sha256,
+            "digest": self.digest,
             "layer": self.layer,
             "ino": self.ino,
             "ctime_ns": self.ctime_ns,
@@ -108,7 +116,7 @@ class Entry:
             data["gid"],
             data.get("size", 0),
             data.get("mtime_ns", 0),
-            data.get("sha256"),
+            data["digest"] if "digest" in data else data.get("sha256"),  # version 1: sha256
             data.get("link"),
             (dev[0], dev[1]) if dev is not None else None,
             data.get("xattrs") or {},
@@ -141,26 +149,29 @@ class Manifest:
     delta_of: str | None
     created: float
     metadata: dict[str, Any]
-    archive_sha256: str
+    archive_digest: str  # of the compressed archive, in `digest` like the files
     archive_size: int
     raw_size: int
     deleted: list[str]
     replaced: list[str]
     entries: dict[str, Entry]
-    version: int = MANIFEST_VERSION
+    version: int = MANIFEST_VERSION  # as read
+    digest: str = digests.DEFAULT  # the algorithm of the entries' content digests
+    archive_file: str = ARCHIVE
 
     def to_json(self) -> dict[str, Any]:
         return {
-            "version": self.version,
+            "version": MANIFEST_VERSION,  # the format written, whatever `version` was read
             "key": self.key,
             "stage": self.stage,
             "parent": self.parent,
             "delta_of": self.delta_of,
             "created": self.created,
             "metadata": self.metadata,
+            "digest": self.digest,
             "archive": {
-                "file": ARCHIVE,
-                "sha256": self.archive_sha256,
+                "file": self.archive_file,
+                "digest": self.archive_digest,
                 "size": self.archive_size,
                 "raw_size": self.raw_size,
             },
@@ -171,8 +182,17 @@ class Manifest:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
-        if data.get("version") != MANIFEST_VERSION:
-            raise SnapshotError(f"snapshot {data.get('key')}: unknown manifest version")
+        version = data.get("version")
+        if version not in READABLE_VERSIONS:
+            raise SnapshotError(
+                f"snapshot {data.get('key')}: unknown manifest version {version!r}",
+                hint="a newer lfsorch wrote it; upgrade to read it",
+            )
+        digest = data["digest"] if version >= 2 else digests.LEGACY
+        digests.hasher_factory(digest)  # refuses an unknown algorithm before any use
+        archive_file = data["archive"].get("file", ARCHIVE)
+        if archive_file not in ARCHIVE_FILES:
+            raise SnapshotError(f"snapshot {data.get('key')}: unknown archive {archive_file!r}")
         from_json = Entry.from_json
         entries = [from_json(item) for item in data["entries"]]
         return cls(
@@ -182,12 +202,15 @@ class Manifest:
             delta_of=data["delta_of"],
             created=data["created"],
             metadata=data["metadata"],
-            archive_sha256=data["archive"]["sha256"],
+            archive_digest=data["archive"]["digest" if version >= 2 else "sha256"],
             archive_size=data["archive"]["size"],
             raw_size=data["archive"]["raw_size"],
             deleted=data["deleted"],
             replaced=data["replaced"],
             entries={entry.path: entry for entry in entries},
+            version=version,
+            digest=digest,
+            archive_file=archive_file,
         )
 
     @property
@@ -252,10 +275,10 @@ def attach_digests(
             )
         entry.layer = key
         if member.kind == "file":
-            entry.sha256 = member.sha256
+            entry.digest = member.digest
     for entry in current.values():
         if entry.layer == key and entry.hardlink is not None:
-            entry.sha256 = current[entry.hardlink].sha256
+            entry.digest = current[entry.hardlink].digest
 
 
 def _size_differs(entry: Entry, member: archive.Archived) -> bool:
@@ -286,7 +309,9 @@ def check_member(manifest: Manifest, expect: dict[str, Entry], member: Member) -
     kind = "file" if member.kind == "hardlink" else member.kind
     if (kind, member.uid, member.gid) != (entry.type, entry.uid, entry.gid):
         raise UnsafeArchiveError(manifest.label, member.name, "does not match the manifest")
-    digest = member.sha256 or entry.sha256  # extraction skips hashing: the archive digest covers it
-    if member.kind == "file" and (member.size, digest) != (entry.size, entry.sha256):
+    # Extraction skips hashing (the archive digest covers it); `verify` hashes in the
+    # manifest's algorithm.
+    digest = member.sha256 or entry.digest
+    if member.kind == "file" and (member.size, digest) != (entry.size, entry.digest):
         # Only seen after the data streamed; the staging tree is discarded on this error.
         raise UnsafeArchiveError(manifest.label, member.name, "has content the manifest lacks")

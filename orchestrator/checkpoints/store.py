@@ -29,16 +29,19 @@ from typing import Any
 import docker.errors
 import orjson
 
-from orchestrator.checkpoints import archive, extract, tarstream
+from orchestrator.checkpoints import archive, digests, extract, tarstream
 from orchestrator.checkpoints.extract import Layer
 from orchestrator.checkpoints.manifest import (
     ARCHIVE,
+    ARCHIVE_FILES,
+    REBASED_ARCHIVE,
     Entry,
     Manifest,
     SnapshotError,
     attach_digests,
     changed_paths,
     check_member,
+    members_vs_manifest,
     topmost,
 )
 from orchestrator.checkpoints.mounts import mounts_below
@@ -60,6 +63,10 @@ MAX_CHAIN = 8
 STAGING_PREFIX = ".lfsorch-restore-"
 OLD_PREFIX = ".lfsorch-old-"
 RECENT_MANIFESTS = 4
+# Hidden entries of the store a prune works in; a later prune removes what a killed one left.
+REBASE_PREFIX = ".rebase-"
+PRUNE_PREFIX = ".pruned-"
+PARTIAL_SUFFIX = ".partial"
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,13 @@ class SnapshotInfo:
     tree_bytes: int
     entries: int
     path: Path
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    removed: list[str]
+    rebased: list[str]  # kept deltas now full snapshots: their bases were removed
+    freed_bytes: int
 
 
 # --------------------------------------------------------------------------- the store
@@ -267,11 +281,13 @@ class SnapshotStore:
         scan = TreeScan(tree, base.entries if base is not None else None)
         archived = scan.paths(changed_only=base is not None, refuse_block_devices=True)
         target = staging / ARCHIVE
+        # A delta hashes as its base did: its manifest lists the base's digests too.
+        algorithm = base.digest if base is not None else digests.DEFAULT
         with target.open("wb") as out:
             # The walk feeds tar as it goes (no separate scan before archiving). No fsync:
             # the rename makes an interrupted snapshot invisible, and one damaged by a power
             # cut fails its archive digest, so it is refused, never trusted.
-            result = archive.write_archive(tree, archived, out)
+            result = archive.write_archive(tree, archived, out, digest=algorithm)
         current = scan.finish()
         deleted: list[str] = []
         replaced: list[str] = []
@@ -281,7 +297,7 @@ class SnapshotStore:
                 # A hard-link group only partly changed (tar can only link to a member of
                 # the same archive): rare, so simply archive the complete list again.
                 with target.open("wb") as out:
-                    result = archive.write_archive(tree, changed, out)
+                    result = archive.write_archive(tree, changed, out, digest=algorithm)
             deleted = topmost([p for p in base.entries if p not in current])
             replaced = [
                 p for p in changed
@@ -291,7 +307,7 @@ class SnapshotStore:
         if base is not None:
             for path, entry in current.items():
                 if entry.layer == "":
-                    entry.sha256 = base.entries[path].sha256
+                    entry.digest = base.entries[path].digest
                     entry.layer = base.entries[path].layer
         return Manifest(
             key=key,
@@ -300,12 +316,13 @@ class SnapshotStore:
             delta_of=base.key if base is not None else None,
             created=time.time(),
             metadata=metadata,
-            archive_sha256=result.sha256,
+            archive_digest=result.digest,
             archive_size=result.size,
             raw_size=result.raw_size,
             deleted=deleted,
             replaced=replaced,
             entries=current,
+            digest=algorithm,
         )
 
     # ---- stat index: lets the first snapshot after a restore stay a small delta
@@ -360,11 +377,13 @@ class SnapshotStore:
         return problems
 
     def _chunks(self, manifest: Manifest) -> Iterator[bytes]:
-        path = self._dir(manifest.key) / ARCHIVE
+        path = self._dir(manifest.key) / manifest.archive_file
         if not path.is_file():
             raise SnapshotError(f"{manifest.label}: archive {path} is missing")
         return archive.prefetch(
-            archive.decompressed_chunks(path, manifest.archive_sha256, manifest.label)
+            archive.decompressed_chunks(
+                path, manifest.archive_digest, manifest.label, manifest.digest
+            )
         )
 
     # ---- restoring
@@ -409,7 +428,13 @@ class SnapshotStore:
                 raise SnapshotError(f"{manifest.label}: archive lacks {missing[0]!r}")
 
         delete = sorted({*manifest.deleted, *manifest.replaced}, key=archive.sort_key)
-        return Layer(chunks(), policy, delete_before=delete if index else [], on_member=check)
+        return Layer(
+            chunks(),
+            policy,
+            delete_before=delete if index else [],
+            on_member=check,
+            new_hasher=digests.hasher_factory(manifest.digest),
+        )
 
     def _restore_layers(
         self, layers: Layers, final: Manifest, target: Path, client: Any, *, isolate: bool
@@ -449,29 +474,119 @@ class SnapshotStore:
 
     # ---- pruning
 
-    def prune(self, keep_last: int | None = None, max_bytes: int | None = None) -> Keys:
-        """Remove old snapshots; never one that a kept snapshot's delta chain needs."""
+    def prune(self, keep_last: int | None = None, max_bytes: int | None = None) -> PruneResult:
+        """Remove old snapshots, keeping the newest `keep_last` and/or the newest whose archives
+        fit in `max_bytes`; every kept one stays restorable.
+
+        A kept delta whose base goes is first rebased: its tree is restored from its chain,
+        archived whole and checked against its manifest, and only then does its manifest
+        switch to the new archive (one rename). Deletions come last, each a rename out of
+        sight first, so a kill at any point leaves every listed snapshot complete. Run it
+        under the workspace lock (`api.prune_snapshots`): builds add and read snapshots.
+        """
+        self._remove_prune_leftovers()
         snapshots = self.list()
-        keep = {info.key for info in snapshots[-keep_last:]} if keep_last else set()
-        if keep_last is None:
-            keep = {info.key for info in snapshots}
-        if max_bytes is not None:
-            total = 0
-            keep = set()
-            for info in reversed(snapshots):
-                if keep_last is not None and len(keep) >= keep_last:
-                    break
-                if total + info.archive_size > max_bytes:
-                    break
-                keep.add(info.key)
-                total += info.archive_size
-        needed = set(keep)
+        keep = _kept(snapshots, keep_last, max_bytes, self.chain)
+        rebased = [
+            info.key
+            for info in snapshots
+            if info.key in keep and info.delta_of is not None and info.delta_of not in keep
+        ]
+        for key in rebased:
+            self._rebase(key)
         for key in keep:
-            needed.update(m.key for m in self.chain(key))
-        removed: Keys = [info.key for info in snapshots if info.key not in needed]
-        for key in removed:
-            shutil.rmtree(self._dir(key))
-        return removed
+            self._relabel_layers(key)
+        removed = [info.key for info in snapshots if info.key not in keep]
+        # Newest first: a delta goes before its base, so a kill leaves no listed orphan.
+        for key in reversed(removed):
+            doomed = self.root / f"{PRUNE_PREFIX}{key}"
+            os.rename(self._dir(key), doomed)
+            shutil.rmtree(doomed)
+        freed = sum(info.archive_size for info in snapshots) - sum(
+            info.archive_size for info in self.list()
+        )
+        return PruneResult(removed=removed, rebased=rebased, freed_bytes=freed)
+
+    def _rebase(self, key: str) -> None:
+        """Turn delta `key` into a full snapshot with the same key and the same tree."""
+        old = self._read_manifest(key)  # a private copy: it becomes the new manifest
+        directory = self._dir(key)
+        scratch = Path(tempfile.mkdtemp(prefix=REBASE_PREFIX, dir=self.root))
+        written = directory / f"{REBASED_ARCHIVE}{PARTIAL_SUFFIX}"
+        try:
+            tree = scratch / "tree"
+            self.restore(key, tree)  # checked against the manifest, metadata and archive digests
+            self._index_path(key, tree).unlink(missing_ok=True)  # the scratch tree's stat index
+            with written.open("wb") as out:
+                result = archive.write_archive(tree, list(old.entries), out, digest=old.digest)
+            for entry in old.entries.values():
+                entry.layer = key
+            old.delta_of, old.deleted, old.replaced = None, [], []
+            old.archive_file = REBASED_ARCHIVE
+            old.archive_digest, old.archive_size = result.digest, result.size
+            old.raw_size = result.raw_size
+            # Read back from disk: the digests of every file against the manifest's.
+            problems = self._archive_problems(old, written)
+            if problems:
+                raise SnapshotError(
+                    f"{old.label}: the full archive written to rebase it does not match its "
+                    f"manifest ({problems[0]}); the delta was kept",
+                    hint="`lfsorch snapshots verify` checks the stored chain",
+                )
+            os.rename(written, directory / REBASED_ARCHIVE)
+            self._commit_manifest(old)
+        finally:
+            written.unlink(missing_ok=True)
+            extract.remove_tree(scratch)
+        (directory / ARCHIVE).unlink(missing_ok=True)
+
+    def _archive_problems(self, manifest: Manifest, path: Path) -> Keys:
+        chunks = archive.decompressed_chunks(
+            path, manifest.archive_digest, manifest.label, manifest.digest
+        )
+        try:
+            members = tarstream.scan_stream(
+                archive.chunk_stream(chunks),
+                MemberPolicy(manifest.label, max_bytes=manifest.raw_size),
+                emit=None,
+                new_hasher=digests.hasher_factory(manifest.digest),
+            )
+        except LfsorchError as exc:
+            return [exc.message]
+        return members_vs_manifest(manifest, members)
+
+    def _relabel_layers(self, key: str) -> None:
+        """Entries whose layer was pruned are carried by the chain's (rebased) full base."""
+        chain = self.chain(key)
+        present = {manifest.key for manifest in chain}
+        if all(e.layer in present for e in chain[-1].entries.values()):
+            return
+        manifest = self._read_manifest(key)
+        for entry in manifest.entries.values():
+            if entry.layer not in present:
+                entry.layer = chain[0].key
+        self._commit_manifest(manifest)
+
+    def _commit_manifest(self, manifest: Manifest) -> None:
+        """Replace a stored snapshot's manifest in one rename."""
+        path = self._dir(manifest.key) / MANIFEST
+        partial = path.with_name(MANIFEST + PARTIAL_SUFFIX)
+        partial.write_bytes(orjson.dumps(manifest.to_json()))
+        os.rename(partial, path)
+
+    def _remove_prune_leftovers(self) -> None:
+        """What a killed prune left: scratch trees, half-deleted snapshots, unused archives."""
+        if not self.root.is_dir():
+            return
+        for item in self.root.iterdir():
+            if item.name.startswith((REBASE_PREFIX, PRUNE_PREFIX)):
+                extract.remove_tree(item)
+            elif not item.name.startswith(".") and (item / MANIFEST).is_file():
+                in_use = self.manifest(item.name).archive_file
+                for name in (*ARCHIVE_FILES, *(n + PARTIAL_SUFFIX for n in ARCHIVE_FILES)):
+                    if name != in_use:
+                        (item / name).unlink(missing_ok=True)
+                (item / (MANIFEST + PARTIAL_SUFFIX)).unlink(missing_ok=True)
 
     # ---- image form
 
@@ -611,6 +726,34 @@ def _tree_vs_manifest(built: dict[str, str], manifest: Manifest) -> Keys:
         if path not in manifest.entries
     ]
     return [f"{manifest.label}: manifest {difference}" for difference in differences[:5]]
+
+
+def _kept(
+    snapshots: Infos,
+    keep_last: int | None,
+    max_bytes: int | None,
+    chain: Callable[[str], Chain],
+) -> set[str]:
+    """The snapshots a prune keeps: the newest `keep_last`, and (with `max_bytes`) the newest
+    ones whose archives, with those of the chains they stand on, fit in `max_bytes`.
+
+    A chain's archives are counted whole: rebasing a delta onto a full snapshot yields an
+    archive no larger than its chain's, whose bytes then hold superseded files too.
+    """
+    newest_first = snapshots[::-1]
+    if keep_last is not None:
+        newest_first = newest_first[:keep_last]
+    if max_bytes is None:
+        return {info.key for info in newest_first}
+    keep: set[str] = set()
+    counted: dict[str, int] = {}
+    for info in newest_first:
+        needed = {m.key: m.archive_size for m in chain(info.key) if m.key not in counted}
+        if sum(counted.values()) + sum(needed.values()) > max_bytes:
+            break
+        counted.update(needed)
+        keep.add(info.key)
+    return keep
 
 
 def _check_docker_names(manifest: Manifest) -> None:
@@ -770,4 +913,4 @@ def _copy_xattrs(source: Path, target: Path) -> None:
         os.setxattr(target, name, value, follow_symlinks=False)
 
 
-__all__ = ["SnapshotInfo", "SnapshotStore"]
+__all__ = ["PruneResult", "SnapshotInfo", "SnapshotStore"]

@@ -136,8 +136,10 @@ class TarScanner:
         on_done: Callable[[Member], None] | None = None,
         emit: Callable[[bytes | bytearray | memoryview], Any] | None = None,
         hash_data: bool = True,
+        new_hasher: Callable[[], Any] = hashlib.sha256,
     ) -> None:
         self.source = source
+        self._new_hasher = new_hasher  # `Member.sha256` then holds this algorithm's digest
         self._on_member = on_member
         self._on_done = on_done
         self._emit = emit
@@ -277,7 +279,7 @@ class TarScanner:
         self._member = member
         self._data_left = member.size
         self._pad_left = padded_size(member.size) - member.size
-        self._hasher = hashlib.sha256() if self._hash_data and member.kind == "file" else None
+        self._hasher = self._new_hasher() if self._hash_data and member.kind == "file" else None
         if not member.size:
             self._finish_member()
         return True
@@ -657,10 +659,17 @@ def scan_stream(
     policy: MemberPolicy,
     *,
     emit: Callable[[bytes | bytearray | memoryview], Any] | None,
+    new_hasher: Callable[[], Any] = hashlib.sha256,
 ) -> list[Member]:
     """Validate an uncompressed tar stream, passing checked bytes to `emit`; return members."""
     members: list[Member] = []
-    scanner = TarScanner(policy.source, on_member=policy.check, on_done=members.append, emit=emit)
+    scanner = TarScanner(
+        policy.source,
+        on_member=policy.check,
+        on_done=members.append,
+        emit=emit,
+        new_hasher=new_hasher,
+    )
     while chunk := stream.read(CHUNK):
         scanner.feed(chunk)
     scanner.close()

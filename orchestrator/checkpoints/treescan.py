@@ -8,13 +8,12 @@ manifest, entry by entry and optionally by content.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
-from orchestrator.checkpoints import archive, tarstream
+from orchestrator.checkpoints import archive, digests
 from orchestrator.checkpoints.manifest import Entry, Manifest, SnapshotError, stat_changed
 
 _KINDS = {
@@ -224,10 +223,13 @@ def diff_tree(
             os.utime(target, ns=(want.mtime_ns, want.mtime_ns), follow_symlinks=False)
             have.mtime_ns = want.mtime_ns
         differences.extend(_compare(name, want, have))
-        if content and want.type == "file" and want.sha256 is not None:
-            digest = _file_sha256(path / name)
-            if digest != want.sha256:
-                differences.append(f"content differs: {name}")
+        if (
+            content
+            and want.type == "file"
+            and want.digest is not None
+            and digests.file_digest(path / name, manifest.digest) != want.digest
+        ):
+            differences.append(f"content differs: {name}")
     return differences, found
 
 
@@ -242,11 +244,3 @@ def _compare(name: str, want: Entry, have: Entry) -> list[str]:
     if want.hardlink != have.hardlink:
         out.append(f"hard link differs: {name} (expected {want.hardlink}, found {have.hardlink})")
     return out
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(tarstream.CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()

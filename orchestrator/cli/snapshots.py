@@ -91,7 +91,7 @@ def show(
     print(f"created:   {_when(info)}")
     print(f"parent:    {info.parent or '-'}")
     print(f"delta of:  {info.delta_of or '- (full)'}")
-    print(f"archive:   {_human(info.archive_size)} sha256 {manifest.archive_sha256}")
+    print(f"archive:   {_human(info.archive_size)} {manifest.digest} {manifest.archive_digest}")
     print(f"tree:      {_human(info.tree_bytes)} in {info.entries} entries")
     carried = sum(1 for entry in manifest.entries.values() if entry.layer == info.key)
     print(f"carries:   {carried} entries; deletes {len(manifest.deleted)}")
@@ -143,14 +143,18 @@ def prune(
         None, "--max-size", help="Keep the newest ones whose archives fit, e.g. 10G."
     ),
 ) -> None:
-    """Remove old snapshots (never a base that a kept delta needs)."""
+    """Remove old snapshots; a kept delta whose base goes becomes a full snapshot first.
+
+    Refused while a run holds the workspace."""
     if keep is None and max_size is None:
         raise ConfigError("prune needs --keep N and/or --max-size SIZE")
     limit = _max_size(max_size) if max_size is not None else None
-    removed = _store().prune(keep_last=keep, max_bytes=limit)
-    for key in removed:
+    result = api.prune_snapshots(keep_last=keep, max_bytes=limit)
+    for key in result.rebased:
+        print(f"rebased {key} onto a full snapshot (its base was removed)")
+    for key in result.removed:
         print(f"removed {key}")
-    print(f"{len(removed)} snapshot(s) removed")
+    print(f"{len(result.removed)} snapshot(s) removed, {_human(max(result.freed_bytes, 0))} freed")
 
 
 @snapshots_app.command()

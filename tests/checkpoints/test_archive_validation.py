@@ -329,7 +329,7 @@ def test_indexer_agrees_with_the_validating_scanner(chunk: int) -> None:
     indexer.close()
     assert indexer.raw_size == len(data)
     expected = [(m.name, m.kind, m.size, m.linkname, m.sha256) for m in members]
-    found = [(m.name, m.kind, m.size, m.linkname, m.sha256) for m in indexer.members]
+    found = [(m.name, m.kind, m.size, m.linkname, m.digest) for m in indexer.members]
     assert found == expected
     assert found[1][4] == hashlib.sha256(b"x" * 70_000).hexdigest()
 

@@ -83,7 +83,7 @@ def test_a_binary_configuration_file(tmp_path: Path) -> None:
     [
         (b"{not json", "unexpected character"),
         (b"[]", "'list' object has no attribute 'get'"),
-        (b'{"version": 1}', "'entries'"),
+        (b'{"version": 1}', "'archive'"),
         (bytes(range(256)), "not valid utf-8"),
     ],
 )

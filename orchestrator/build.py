@@ -33,6 +33,7 @@ from orchestrator.models import CheckpointPolicy, Package, Stage
 from orchestrator.partition import Partition
 from orchestrator.runner import BuildJob, BuildResult, ContainerRunner
 from orchestrator.snapshots import SnapshotStore, refuse_nested_mounts
+from orchestrator.sources import digest_in_view
 from orchestrator.stagefile import copy_stage_assets
 from orchestrator.state import Attempt, PackageState, RunState, now_iso, save_state
 from orchestrator.workspace import Workspace
@@ -115,7 +116,11 @@ class Build:
         self.sources_dir = sources_dir
         self.run_id = new_run_id()
         self.runner = ContainerRunner(client, bus)
-        self.inputs_of = InputsOf(settings, functools.partial(_image_id, client))
+        self.inputs_of = InputsOf(
+            settings,
+            functools.partial(_image_id, client),
+            digest_in_view(sources_dir) if sources_dir else None,
+        )
         self.checkpoints = Checkpointer(
             SnapshotStore(workspace.snapshots_dir),
             client,

@@ -22,6 +22,7 @@ from typing import Any
 from orchestrator.config import Settings
 from orchestrator.models import Package, Resources, Stage
 from orchestrator.runner import expand_environment
+from orchestrator.sourcesets import Source
 from orchestrator.stagefile import StageFile, asset_digest
 
 KEY_VERSION = 2
@@ -85,6 +86,9 @@ class PackageInputs:
     resources: Resources
     capabilities: tuple[str, ...] = ()  # beyond the base set: mknod can add device nodes
     neutral: Sequence[str] = field(default_factory=tuple)
+    # The digest of each source as /sources holds it; a source set may map a file name to
+    # other bytes than the stage declares (Debian's repacked tarballs).
+    source_digests: dict[str, str] | None = None
 
     def all_inputs(self) -> dict[str, Any]:
         package = self.package.model_dump(
@@ -96,7 +100,9 @@ class PackageInputs:
             **package,
             "assets": self.assets,
             "image": self.image_id,
-            "sources": {s.file: s.sha256 or s.md5 or "" for s in self.package.sources},
+            "sources": self.source_digests
+            if self.source_digests is not None
+            else {s.file: _declared_digest(s) for s in self.package.sources},
             "environment": dict(sorted(self.environment.items())),
             "user": self.user,
             "workdir": self.workdir,
@@ -128,6 +134,10 @@ class PackageInputs:
 
     def hashed(self) -> dict[str, Any]:
         return self.split()[0]
+
+
+def _declared_digest(source: Source) -> str:
+    return source.sha256 or source.md5 or ""
 
 
 def inputs_key(inputs: Sequence[PackageInputs], parent: str | None) -> str:
@@ -169,6 +179,8 @@ class InputsOf:
 
     settings: Settings
     image_id_of: Callable[[str], str]
+    # What each source hashes to in the view the builds mount; None: as the stage declares.
+    source_digest: Callable[[Source], str] | None = None
     _image_ids: dict[str, str] = field(default_factory=dict)
 
     def image_id(self, reference: str) -> str:
@@ -192,6 +204,9 @@ class InputsOf:
             resources=stage.resources,
             capabilities=tuple(stage.capabilities),
             neutral=tuple(self.settings.output_neutral),
+            source_digests={
+                s.file: (self.source_digest or _declared_digest)(s) for s in package.sources
+            },
         )
 
     def key(self, stage_file: StageFile, packages: Sequence[Package], parent: str | None) -> str:

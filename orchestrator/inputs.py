@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,19 +31,21 @@ _JOBS_FLAG = re.compile(r"^(-j|--jobs)$")
 
 
 def without_job_count(makeflags: str) -> str:
-    """MAKEFLAGS minus `-jN`, `-j N`, `--jobs=N` and `--jobs N`: the rest can change output."""
-    try:
-        tokens = shlex.split(makeflags)
-    except ValueError:
-        return makeflags  # unbalanced quotes: make would read it as it is, so hash it so
-    kept: list[str] = []
+    """MAKEFLAGS minus `-jN`, `-j N`, `--jobs=N` and `--jobs N`: the rest can change output.
+
+    Words are split at whitespace as make splits them (make knows no shell quotes), and the
+    rest keeps its bytes: `V="1 2"` and `V=1 2` are different flags and stay different."""
+    parts = re.split(r"(\s+)", makeflags)
+    words, separators = parts[0::2], ["", *parts[1::2]]
+    kept = ""
     previous = ""
-    for token in tokens:
-        count_of_bare_flag = bool(_JOBS_FLAG.match(previous)) and token.isdigit()
-        if not _JOBS_TOKEN.match(token) and not count_of_bare_flag:
-            kept.append(token)
-        previous = token
-    return " ".join(kept)
+    for word, separator in zip(words, separators, strict=True):
+        count_of_bare_flag = bool(_JOBS_FLAG.match(previous)) and word.isdigit()
+        previous = word
+        if _JOBS_TOKEN.match(word) or count_of_bare_flag or not word:
+            continue
+        kept += (separator if kept else "") + word
+    return kept
 
 
 def merged_environment(

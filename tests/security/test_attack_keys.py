@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from orchestrator.config import load_config
-from orchestrator.inputs import InputsOf
+from orchestrator.inputs import InputsOf, without_job_count
 from orchestrator.models import Stage
 from orchestrator.sources import SET_MARKER, digest_in_view
 from orchestrator.stagefile import StageFile
@@ -53,3 +53,12 @@ def test_a_set_that_maps_a_source_to_other_bytes_changes_the_key(tmp_path: Path)
     assert _key(tmp_path, upstream) != _key(tmp_path, debian)
     # Where a set gives the very bytes the stage declares, runners still share checkpoints.
     assert _key(tmp_path, upstream) == _key(tmp_path, same_bytes) == _key(tmp_path, None)
+
+
+def test_quotes_in_makeflags_are_not_lost_from_the_key(tmp_path: Path) -> None:
+    # make splits MAKEFLAGS at blanks and knows no quotes: these are two different flag sets.
+    assert without_job_count('-j4 V="1 2"') == 'V="1 2"'
+    quoted = _key(tmp_path, None, ['makeflags=-j4 V="1 2"'])
+    bare = _key(tmp_path, None, ["makeflags=-j4 V=1 2"])
+    assert quoted != bare
+    assert quoted == _key(tmp_path, None, ['makeflags=-j16 V="1 2"'])

@@ -18,6 +18,7 @@ import hashlib
 import os
 import re
 import secrets
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -187,9 +188,7 @@ class Partition:
         marker = self._open_marker(create=True)
         assert marker is not None
         try:
-            handle = os.open(
-                LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600, dir_fd=marker
-            )
+            handle = _open_lock_file(marker)
         except OSError as exc:
             raise local_file_error(
                 exc, "the partition lock", self.path / PARTITION_MARKER
@@ -246,17 +245,34 @@ def _make_marker(top: int) -> None:
     os.utime(top, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
+def _open_lock_file(marker: int) -> int:
+    """The lock file, made anew when a build replaced it: by a FIFO (truncating it fails) or
+    by a hard link to a file of the partition (the pid would overwrite that file)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+    handle = os.open(LOCK_FILE, flags, 0o600, dir_fd=marker)
+    status = os.fstat(handle)
+    if stat.S_ISREG(status.st_mode) and status.st_nlink == 1:
+        return handle
+    os.close(handle)
+    os.unlink(LOCK_FILE, dir_fd=marker)
+    return os.open(LOCK_FILE, flags | os.O_EXCL, 0o600, dir_fd=marker)
+
+
 def _overlaps(source: str, partition: str) -> bool:
     source = source.rstrip("/") or "/"
     return _inside(source, partition) or _inside(partition, source)
 
 
 def _read_id(marker: int) -> str | None:
+    """The id, or None when it is missing or not a regular file (a build may have put a FIFO
+    there: opened without O_NONBLOCK it would hang every command on the partition)."""
     try:
-        handle = os.open(ID_FILE, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=marker)
+        handle = os.open(ID_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=marker)
     except FileNotFoundError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(handle).st_mode):
+            return None
         text = os.read(handle, 256).decode(errors="replace").strip()
     finally:
         os.close(handle)

@@ -58,12 +58,32 @@ class PartitionBusy(LfsorchError):
 
 
 def _system_reason(path: str) -> str | None:
+    home = os.path.realpath(os.path.expanduser("~"))
     if path == "/":
         return "it is the root directory"
     if path in SYSTEM_DIRS:
         return "it is a system directory"
-    if path == os.path.realpath(os.path.expanduser("~")):
+    if path == home:
         return "it is your home directory"
+    # A bind mount of one of them has another path but the same directory.
+    same = _same_directory(path, sorted(SYSTEM_DIRS | {home}))
+    if same is not None:
+        return f"it is {same} mounted at another path"
+    return None
+
+
+def _same_directory(path: str, candidates: list[str]) -> str | None:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    for candidate in candidates:
+        try:
+            other = os.stat(candidate)
+        except OSError:
+            continue
+        if (found.st_dev, found.st_ino) == (other.st_dev, other.st_ino):
+            return candidate
     return None
 
 

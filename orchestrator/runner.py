@@ -140,15 +140,52 @@ class BuildResult:
         return f"exit status {self.exit_code}"
 
 
+class EnvironmentTooLarge(LfsorchError):
+    """A variable longer than one exec() argument may be, once its references are expanded."""
+
+    exit_code = 2
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"environment variable {name} expands to more than {MAX_VARIABLE_BYTES >> 10} KiB, "
+            "the most one variable can hold in a build",
+            hint="shorten it, or keep large data in a file under /stage",
+        )
+        self.name = name
+
+
+# Linux's MAX_ARG_STRLEN: each NAME=VALUE travels as one argument (see container_command).
+MAX_VARIABLE_BYTES = 128 << 10
+_REFERENCE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def _expanded(name: str, value: str, merged: dict[str, str]) -> str:
+    """`value` with $NAME/${NAME} replaced from `merged`, refused as soon as it grows past the
+    limit: references nest, so a few lines could otherwise expand to gigabytes."""
+    pieces: list[str] = []
+    size = len(name) + 2  # NAME=...\0
+    last = 0
+    for match in _REFERENCE.finditer(value):
+        replacement = merged.get(match.group(1) or match.group(2), match.group(0))
+        for piece in (value[last : match.start()], replacement):
+            size += len(piece.encode())
+            if size > MAX_VARIABLE_BYTES:
+                raise EnvironmentTooLarge(name)
+            pieces.append(piece)
+        last = match.end()
+    pieces.append(value[last:])
+    size += len(pieces[-1].encode())
+    if size > MAX_VARIABLE_BYTES:
+        raise EnvironmentTooLarge(name)
+    return "".join(pieces)
+
+
 def expand_environment(layers: Sequence[dict[str, str]]) -> dict[str, str]:
     """Merge variable layers in order, expanding $NAME/${NAME} from variables set before."""
     merged: dict[str, str] = {}
-    pattern = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
     for layer in layers:
         for name, value in layer.items():
-            merged[name] = pattern.sub(
-                lambda m: merged.get(m.group(1) or m.group(2), m.group(0)), value
-            )
+            merged[name] = _expanded(name, value, merged)
     merged.setdefault("PATH", DEFAULT_PATH)
     return merged
 

@@ -143,6 +143,7 @@ class Build:
         """This run's record, carrying on from the partition's own record (never another
         partition's: a run elsewhere must not change how this partition resumes)."""
         previous = records.load_record(self.partition)
+        self._has_record = previous is not None
         lfs = str(self.partition.path)
         files = [str(p.file.path) for p in self.plan.stages]
         carried: dict[tuple[str, str], PackageState] = {}
@@ -233,6 +234,8 @@ class Build:
             removed += leftovers.remove_leftovers(staging)
             if removed:
                 self.bus.emit(events.CLEANUP, run_id=self.run_id, removed=removed)
+            if not self._has_record:
+                self.partition.refuse_if_half_built()
             self._check_images()
             self.workspace.ensure(self.workspace.run_dir(self.run_id))
             files = [stage_plan.file for stage_plan in self.plan.stages]
@@ -243,6 +246,7 @@ class Build:
             try:
                 self._save()
                 save_state(self.state, self.workspace.run_dir(self.run_id) / "state.json")
+                self.partition.note_last_run(self.run_id, "running")
             except BaseException:
                 self.state.outcome, self.state.finished = "failed", now_iso()
                 reserve.release()
@@ -280,6 +284,8 @@ class Build:
                 self.state.finished = now_iso()
                 reserve.release()
                 self._save_final()
+                with contextlib.suppress(LfsorchError):  # an error may be on its way out
+                    self.partition.note_last_run(self.run_id, self.state.outcome)
                 self.runner.close()
                 self.bus.emit(events.RUN_COMPLETE, run_id=self.run_id, outcome=self.state.outcome)
         return self.state

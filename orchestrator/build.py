@@ -702,6 +702,7 @@ class Build:
             package=package.name,
             attempt=attempt,
             image=inputs.image,
+            image_id=inputs.image_id,
             script=package.script,
             environment=inputs.environment,
             lfs_dir=self.options.lfs_dir.resolve(),

@@ -88,6 +88,9 @@ class BuildJob:
     network: bool = False
     capabilities: Sequence[str] = ()  # names from OPTIONAL_CAPABILITIES, lowercase
     build_space: int | None = None  # bytes the container may write outside its mounts
+    # The id `image` named when the run's keys were made: the container is made from it, so
+    # a tag moved to another image during the run cannot change what the keys describe.
+    image_id: str | None = None
 
     @property
     def container_name(self) -> str:
@@ -487,9 +490,10 @@ class ContainerRunner:
         labels = engine.owner_labels(
             "build", run=job.run_id, stage=job.stage, package=job.package, attempt=str(job.attempt)
         )
+        pinned = job.image_id if job.image_id and job.image_id.startswith("sha256:") else None
         try:
             container = self._client.containers.create(
-                job.image,
+                pinned or job.image,
                 command=container_command(job),
                 name=job.container_name,
                 user="0:0",
@@ -508,7 +512,13 @@ class ContainerRunner:
             )
         except docker.errors.ImageNotFound:
             self.check_image(job.image)
-            raise
+            if pinned is None:
+                raise
+            raise LfsorchError(
+                f"image {job.image} is no longer the image {pinned} the run started with, "
+                "and that one is gone from the engine",
+                hint="run again: the next run uses the image the name points to now",
+            ) from None
         except docker.errors.APIError as exc:
             raise LfsorchError(
                 f"{job.stage}/{job.package}: the engine refused the container: "

@@ -470,7 +470,11 @@ class SnapshotStore:
             needed.update(m.key for m in self.chain(key))
         removed: Keys = [info.key for info in snapshots if info.key not in needed]
         for key in removed:
-            shutil.rmtree(self._dir(key))
+            entry = self._dir(key)
+            if entry.is_symlink():  # the link is the store's; where it leads is not
+                entry.unlink()
+            else:
+                shutil.rmtree(entry)
         return removed
 
     # ---- image form

@@ -104,6 +104,8 @@ class PackageInputs:
             "sources": self.source_digests
             if self.source_digests is not None
             else {s.file: _declared_digest(s) for s in self.package.sources},
+            # The first source is the one unpacked and entered: order changes the build.
+            "source_order": [s.file for s in self.package.sources],
             "environment": dict(sorted(self.environment.items())),
             "user": self.user,
             "workdir": self.workdir,

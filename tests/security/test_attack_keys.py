@@ -62,3 +62,23 @@ def test_quotes_in_makeflags_are_not_lost_from_the_key(tmp_path: Path) -> None:
     bare = _key(tmp_path, None, ["makeflags=-j4 V=1 2"])
     assert quoted != bare
     assert quoted == _key(tmp_path, None, ['makeflags=-j16 V="1 2"'])
+
+
+def test_the_order_of_sources_is_in_the_key(tmp_path: Path) -> None:
+    # The first source is unpacked and the script starts in it: swapping two is another build.
+    def stage_with(*files: str) -> StageFile:
+        sources = [{"file": f, "sha256": DECLARED} for f in files]
+        package = {"name": "gcc", "script": "make", "sources": sources}
+        stage = Stage.model_validate({"stage": "s", "packages": [package]})
+        return StageFile(Path("s.yaml"), stage, {})
+
+    (tmp_path / "none.yaml").write_text("")
+    settings = load_config(
+        [], system_file=tmp_path / "none.yaml", user_config=tmp_path / "none.yaml", environ={}
+    ).settings
+    of = InputsOf(settings, lambda _: "sha256:img")
+    gcc_first = stage_with("gcc-12.2.0.tar.xz", "gmp-6.2.1.tar.xz")
+    gmp_first = stage_with("gmp-6.2.1.tar.xz", "gcc-12.2.0.tar.xz")
+    assert of.key(gcc_first, gcc_first.stage.packages, "p") != of.key(
+        gmp_first, gmp_first.stage.packages, "p"
+    )

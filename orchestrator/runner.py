@@ -14,6 +14,7 @@ order it was written, as a terminal shows it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import re
@@ -49,6 +50,11 @@ _PROGRESS_INTERVAL_S = 0.5
 _CONTAINER_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]")
 # A progress line is for a glance at the console: longer lines are cut, never held whole.
 PROGRESS_LINE_MAX_BYTES = 1024
+# What one attempt's log keeps on the workspace's disk: the first LOG_MAX_BYTES and the last
+# LOG_TAIL_BYTES, with a note between. A build printing without end (`yes`) must not fill the
+# host's disk; the book's test suites print far less.
+LOG_MAX_BYTES = 1 << 30
+LOG_TAIL_BYTES = 1 << 20
 # After the container exits, its stream is waited for as long as bytes still arrive; this long
 # a silence means the engine lost the stream, and the log says so.
 _STREAM_SILENCE_S = 30.0
@@ -316,6 +322,10 @@ class _LogPump:
         self.lines = LineTracker()
         self.last_activity = time.monotonic()
         self.failure: str | None = None
+        self._kept = 0  # bytes of this attempt written to the log
+        self._left_out = 0
+        self._tail: collections.deque[bytes] = collections.deque()
+        self._tail_bytes = 0
         self.thread = threading.Thread(target=self._run, name=f"logs-{name}", daemon=True)
 
     def start(self) -> None:
@@ -346,6 +356,7 @@ class _LogPump:
             self.lines.finish()
             if log_file is not None:
                 with contextlib.suppress(OSError):
+                    self._write_tail(log_file)
                     log_file.close()
 
     def _open(self) -> BinaryIO | None:
@@ -357,14 +368,38 @@ class _LogPump:
             return None
 
     def _write(self, log_file: BinaryIO, chunk: bytes) -> BinaryIO | None:
+        room = max(0, LOG_MAX_BYTES - self._kept)
+        if len(chunk) > room:
+            self._keep_tail(chunk[room:])
+            chunk = chunk[:room]
         try:
             log_file.write(chunk)
+            self._kept += len(chunk)
         except OSError as exc:
             self.failure = f"lfsorch: the log could not be written: {exc}"
             with contextlib.suppress(OSError):
                 log_file.close()
             return None
         return log_file
+
+    def _keep_tail(self, chunk: bytes) -> None:
+        """Output past the log's limit: only its last LOG_TAIL_BYTES are kept, in memory."""
+        self._left_out += len(chunk)
+        self._tail.append(chunk)
+        self._tail_bytes += len(chunk)
+        while self._tail and self._tail_bytes - len(self._tail[0]) >= LOG_TAIL_BYTES:
+            self._tail_bytes -= len(self._tail.popleft())
+
+    def _write_tail(self, log_file: BinaryIO) -> None:
+        if not self._left_out:
+            return
+        tail = b"".join(self._tail)[-LOG_TAIL_BYTES:]
+        log_file.write(
+            f"\nlfsorch: {self._left_out - len(tail)} bytes of output left out here (the log "
+            f"keeps the first {LOG_MAX_BYTES} bytes of an attempt and its last "
+            f"{len(tail)})\n".encode()
+        )
+        log_file.write(tail)
 
     def finish(self) -> None:
         """Called once the container exited: wait until the stream ends; give up only after a

@@ -264,6 +264,7 @@ def restore(
                     hint="run the same `lfsorch restore` again; it removes what this one left",
                 ) from None
             _record_restore(partition, store, info)
+            partition.note_last_run(info.key, "restored")
     return info
 
 

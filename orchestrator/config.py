@@ -6,8 +6,10 @@ LFSORCH_* environment variables, and `-o key=value` on the command line.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,9 +122,35 @@ def user_file() -> Path:
     return Path(platformdirs.user_config_dir("lfsorch")) / "config.yaml"
 
 
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read_text(path: Path) -> str:
+    """The file's text, read only if it is a regular file of at most 1 MiB: a FIFO would
+    block every command, and /dev/zero would fill memory."""
+    # O_NONBLOCK: opening a FIFO must not wait for a writer; it is refused just after.
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(descriptor, "rb", closefd=True) as handle:
+        info = os.fstat(handle.fileno())
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(
+                f"{path}: not a regular file (a configuration file is UTF-8 YAML)",
+                hint="point LFSORCH_CONFIG at the YAML file, or remove it",
+            )
+        data = handle.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB (a configuration file is short)",
+            hint="point LFSORCH_CONFIG at the YAML file, or remove it",
+        )
+    return data.decode("utf-8")
+
+
 def _read_file(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.safe_load(_read_text(path))
     except FileNotFoundError:
         return {}
     except UnicodeDecodeError:

@@ -15,9 +15,11 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import json
 import os
 import re
 import secrets
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +32,11 @@ from orchestrator.workspace import Workspace
 
 ID_FILE = "id"
 LOCK_FILE = "lock"
+# Which workspace holds the partition's record and how its last run there ended. Another
+# workspace has no record of the partition and would otherwise take a half-built tree for
+# a fresh one.
+LAST_RUN_FILE = "last-run"
+CLEAN_OUTCOMES = ("succeeded", "restored")
 _ID = re.compile(r"[0-9a-f]{32}")
 
 # Directories whose contents belong to the system: a build writes into its partition as
@@ -56,13 +63,39 @@ class PartitionBusy(LfsorchError):
     exit_code = 3
 
 
+class PartitionHalfBuilt(LfsorchError):
+    """The partition was left half-built by a run whose record this workspace lacks."""
+
+    exit_code = 2
+
+
 def _system_reason(path: str) -> str | None:
+    home = os.path.realpath(os.path.expanduser("~"))
     if path == "/":
         return "it is the root directory"
     if path in SYSTEM_DIRS:
         return "it is a system directory"
-    if path == os.path.realpath(os.path.expanduser("~")):
+    if path == home:
         return "it is your home directory"
+    # A bind mount of one of them has another path but the same directory.
+    same = _same_directory(path, sorted(SYSTEM_DIRS | {home}))
+    if same is not None:
+        return f"it is {same} mounted at another path"
+    return None
+
+
+def _same_directory(path: str, candidates: list[str]) -> str | None:
+    try:
+        found = os.stat(path)
+    except OSError:
+        return None
+    for candidate in candidates:
+        try:
+            other = os.stat(candidate)
+        except OSError:
+            continue
+        if (found.st_dev, found.st_ino) == (other.st_dev, other.st_ino):
+            return candidate
     return None
 
 
@@ -187,9 +220,7 @@ class Partition:
         marker = self._open_marker(create=True)
         assert marker is not None
         try:
-            handle = os.open(
-                LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600, dir_fd=marker
-            )
+            handle = _open_lock_file(marker)
         except OSError as exc:
             raise local_file_error(
                 exc, "the partition lock", self.path / PARTITION_MARKER
@@ -211,6 +242,69 @@ class Partition:
             yield
         finally:
             os.close(handle)  # releases the flock
+
+    # ---- the last run, for workspaces without the partition's record
+
+    def note_last_run(self, run_id: str, outcome: str) -> None:
+        """Say in the partition which workspace's run last changed it and how it ended."""
+        note = json.dumps(
+            {"workspace": str(self.workspace.root.resolve()), "run": run_id, "outcome": outcome}
+        )
+        marker = self._open_marker(create=True)
+        assert marker is not None
+        scratch = f".{LAST_RUN_FILE}-{secrets.token_hex(8)}"
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+            handle = os.open(scratch, flags, 0o600, dir_fd=marker)
+            try:
+                os.write(handle, note.encode())
+            finally:
+                os.close(handle)
+            os.replace(scratch, LAST_RUN_FILE, src_dir_fd=marker, dst_dir_fd=marker)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(scratch, dir_fd=marker)
+            raise local_file_error(
+                exc, "the partition marker", self.path / PARTITION_MARKER
+            ) from None
+        finally:
+            os.close(marker)
+
+    def refuse_if_half_built(self) -> None:
+        """For a workspace with no record of this partition: refuse a partition that a run
+        from elsewhere (or a record since lost) left neither finished nor restored."""
+        note = self._last_run()
+        if note is None or note.get("outcome") in CLEAN_OUTCOMES:
+            return
+        where = note.get("workspace", "?")
+        raise PartitionHalfBuilt(
+            f"the partition {self.path} was left {note.get('outcome', '?')} by run "
+            f"{note.get('run', '?')} of the workspace {where}, which holds its record and "
+            "checkpoints: building here would build on half-installed files",
+            hint=f"resume it from there (LFSORCH_HOME={where} lfsorch run ...), or empty the "
+            "partition to start over",
+        )
+
+    def _last_run(self) -> dict[str, Any] | None:
+        marker = self._open_marker(create=False)
+        if marker is None:
+            return None
+        try:
+            flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+            handle = os.open(LAST_RUN_FILE, flags, dir_fd=marker)
+        except OSError:
+            return None
+        finally:
+            os.close(marker)
+        try:
+            if not stat.S_ISREG(os.fstat(handle).st_mode):
+                return None
+            note = json.loads(os.read(handle, 64 << 10))
+        except (OSError, ValueError):
+            return None
+        finally:
+            os.close(handle)
+        return note if isinstance(note, dict) else None
 
     # ---- containers
 
@@ -246,17 +340,34 @@ def _make_marker(top: int) -> None:
     os.utime(top, ns=(before.st_atime_ns, before.st_mtime_ns))
 
 
+def _open_lock_file(marker: int) -> int:
+    """The lock file, made anew when a build replaced it: by a FIFO (truncating it fails) or
+    by a hard link to a file of the partition (the pid would overwrite that file)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
+    handle = os.open(LOCK_FILE, flags, 0o600, dir_fd=marker)
+    status = os.fstat(handle)
+    if stat.S_ISREG(status.st_mode) and status.st_nlink == 1:
+        return handle
+    os.close(handle)
+    os.unlink(LOCK_FILE, dir_fd=marker)
+    return os.open(LOCK_FILE, flags | os.O_EXCL, 0o600, dir_fd=marker)
+
+
 def _overlaps(source: str, partition: str) -> bool:
     source = source.rstrip("/") or "/"
     return _inside(source, partition) or _inside(partition, source)
 
 
 def _read_id(marker: int) -> str | None:
+    """The id, or None when it is missing or not a regular file (a build may have put a FIFO
+    there: opened without O_NONBLOCK it would hang every command on the partition)."""
     try:
-        handle = os.open(ID_FILE, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=marker)
+        handle = os.open(ID_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=marker)
     except FileNotFoundError:
         return None
     try:
+        if not stat.S_ISREG(os.fstat(handle).st_mode):
+            return None
         text = os.read(handle, 256).decode(errors="replace").strip()
     finally:
         os.close(handle)

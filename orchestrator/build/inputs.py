@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +22,7 @@ from orchestrator.config import Settings
 from orchestrator.spec.models import Package, Resources, Stage
 from orchestrator.execution.container import expand_environment
 from orchestrator.spec.stagefile import StageFile, asset_digest
+from orchestrator.sources.sets import Source
 
 KEY_VERSION = 2
 MAKEFLAGS_JOBS = "makeflags.jobs"
@@ -31,19 +31,21 @@ _JOBS_FLAG = re.compile(r"^(-j|--jobs)$")
 
 
 def without_job_count(makeflags: str) -> str:
-    """MAKEFLAGS minus `-jN`, `-j N`, `--jobs=N` and `--jobs N`: the rest can change output."""
-    try:
-        tokens = shlex.split(makeflags)
-    except ValueError:
-        return makeflags  # unbalanced quotes: make would read it as it is, so hash it so
-    kept: list[str] = []
+    """MAKEFLAGS minus `-jN`, `-j N`, `--jobs=N` and `--jobs N`: the rest can change output.
+
+    Words are split at whitespace as make splits them (make knows no shell quotes), and the
+    rest keeps its bytes: `V="1 2"` and `V=1 2` are different flags and stay different."""
+    parts = re.split(r"(\s+)", makeflags)
+    words, separators = parts[0::2], ["", *parts[1::2]]
+    kept = ""
     previous = ""
-    for token in tokens:
-        count_of_bare_flag = bool(_JOBS_FLAG.match(previous)) and token.isdigit()
-        if not _JOBS_TOKEN.match(token) and not count_of_bare_flag:
-            kept.append(token)
-        previous = token
-    return " ".join(kept)
+    for word, separator in zip(words, separators, strict=True):
+        count_of_bare_flag = bool(_JOBS_FLAG.match(previous)) and word.isdigit()
+        previous = word
+        if _JOBS_TOKEN.match(word) or count_of_bare_flag or not word:
+            continue
+        kept += (separator if kept else "") + word
+    return kept
 
 
 def merged_environment(
@@ -85,6 +87,9 @@ class PackageInputs:
     resources: Resources
     capabilities: tuple[str, ...] = ()  # beyond the base set: mknod can add device nodes
     neutral: Sequence[str] = field(default_factory=tuple)
+    # The digest of each source as /sources holds it; a source set may map a file name to
+    # other bytes than the stage declares (Debian's repacked tarballs).
+    source_digests: dict[str, str] | None = None
 
     def all_inputs(self) -> dict[str, Any]:
         package = self.package.model_dump(
@@ -96,7 +101,11 @@ class PackageInputs:
             **package,
             "assets": self.assets,
             "image": self.image_id,
-            "sources": {s.file: s.sha256 or s.md5 or "" for s in self.package.sources},
+            "sources": self.source_digests
+            if self.source_digests is not None
+            else {s.file: _declared_digest(s) for s in self.package.sources},
+            # The first source is the one unpacked and entered: order changes the build.
+            "source_order": [s.file for s in self.package.sources],
             "environment": dict(sorted(self.environment.items())),
             "user": self.user,
             "workdir": self.workdir,
@@ -128,6 +137,10 @@ class PackageInputs:
 
     def hashed(self) -> dict[str, Any]:
         return self.split()[0]
+
+
+def _declared_digest(source: Source) -> str:
+    return source.sha256 or source.md5 or ""
 
 
 def inputs_key(inputs: Sequence[PackageInputs], parent: str | None) -> str:
@@ -169,6 +182,8 @@ class InputsOf:
 
     settings: Settings
     image_id_of: Callable[[str], str]
+    # What each source hashes to in the view the builds mount; None: as the stage declares.
+    source_digest: Callable[[Source], str] | None = None
     _image_ids: dict[str, str] = field(default_factory=dict)
 
     def image_id(self, reference: str) -> str:
@@ -192,6 +207,9 @@ class InputsOf:
             resources=stage.resources,
             capabilities=tuple(stage.capabilities),
             neutral=tuple(self.settings.output_neutral),
+            source_digests={
+                s.file: (self.source_digest or _declared_digest)(s) for s in package.sources
+            },
         )
 
     def key(self, stage_file: StageFile, packages: Sequence[Package], parent: str | None) -> str:

@@ -39,6 +39,7 @@ from orchestrator.execution.container import BuildJob, BuildResult, ContainerRun
 from orchestrator.checkpoints.store import SnapshotStore, refuse_nested_mounts
 from orchestrator.spec.stagefile import copy_stage_assets
 from orchestrator.build.state import Attempt, PackageState, RunState, now_iso, save_state
+from orchestrator.sources.cache import digest_in_view
 from orchestrator.workspace import Workspace
 
 
@@ -119,7 +120,11 @@ class Build:
         self.sources_dir = sources_dir
         self.run_id = new_run_id()
         self.runner = ContainerRunner(client, bus)
-        self.inputs_of = InputsOf(settings, functools.partial(_image_id, client))
+        self.inputs_of = InputsOf(
+            settings,
+            functools.partial(_image_id, client),
+            digest_in_view(sources_dir) if sources_dir else None,
+        )
         self.checkpoints = Checkpointer(
             SnapshotStore(workspace.snapshots_dir),
             client,
@@ -142,6 +147,7 @@ class Build:
         """This run's record, carrying on from the partition's own record (never another
         partition's: a run elsewhere must not change how this partition resumes)."""
         previous = records.load_record(self.partition)
+        self._has_record = previous is not None
         lfs = str(self.partition.path)
         files = [str(p.file.path) for p in self.plan.stages]
         carried: dict[tuple[str, str], PackageState] = {}
@@ -232,6 +238,8 @@ class Build:
             removed += leftovers.remove_leftovers(staging)
             if removed:
                 self.bus.emit(events.CLEANUP, run_id=self.run_id, removed=removed)
+            if not self._has_record:
+                self.partition.refuse_if_half_built()
             self._check_images()
             self.workspace.ensure(self.workspace.run_dir(self.run_id))
             files = [stage_plan.file for stage_plan in self.plan.stages]
@@ -242,6 +250,7 @@ class Build:
             try:
                 self._save()
                 save_state(self.state, self.workspace.run_dir(self.run_id) / "state.json")
+                self.partition.note_last_run(self.run_id, "running")
             except BaseException:
                 self.state.outcome, self.state.finished = "failed", now_iso()
                 reserve.release()
@@ -279,6 +288,8 @@ class Build:
                 self.state.finished = now_iso()
                 reserve.release()
                 self._save_final()
+                with contextlib.suppress(LfsorchError):  # an error may be on its way out
+                    self.partition.note_last_run(self.run_id, self.state.outcome)
                 self.runner.close()
                 self.bus.emit(events.RUN_COMPLETE, run_id=self.run_id, outcome=self.state.outcome)
         return self.state
@@ -695,6 +706,7 @@ class Build:
             package=package.name,
             attempt=attempt,
             image=inputs.image,
+            image_id=inputs.image_id,
             script=package.script,
             environment=inputs.environment,
             lfs_dir=self.options.lfs_dir.resolve(),

@@ -501,7 +501,10 @@ class SnapshotStore:
         for key in reversed(removed):
             doomed = self.root / f"{PRUNE_PREFIX}{key}"
             os.rename(self._dir(key), doomed)
-            shutil.rmtree(doomed)
+            if doomed.is_symlink():  # the link is the store's; where it leads is not
+                doomed.unlink()
+            else:
+                shutil.rmtree(doomed)
         freed = sum(info.archive_size for info in snapshots) - sum(
             info.archive_size for info in self.list()
         )

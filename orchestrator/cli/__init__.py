@@ -38,7 +38,9 @@ app.add_typer(snapshots_cli.snapshots_app, name="snapshots")
 app.add_typer(sources_cli.app, name="sources")
 app.command("restore")(snapshots_cli.restore)
 
-out = Console(highlight=False, soft_wrap=True)
+# Paths, names and values printed here are text, never rich markup: `[/x]` in a path or a
+# configuration value would be a traceback, `[b]` would vanish.
+out = Console(highlight=False, soft_wrap=True, markup=False)
 
 StageFiles = Annotated[list[Path], typer.Argument(help="stage files (YAML)", show_default=False)]
 Overrides = Annotated[
@@ -316,7 +318,7 @@ def main() -> None:
     except LfsorchError as exc:
         err = Console(stderr=True, highlight=False, soft_wrap=True)
         prefix = "" if getattr(exc, "problems", None) else "error: "
-        err.print(f"{prefix}{exc}", markup=False)
+        err.print(printable(f"{prefix}{exc}"), markup=False)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")

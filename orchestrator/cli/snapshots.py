@@ -17,6 +17,7 @@ from rich.table import Table
 from orchestrator import api
 from orchestrator.checkpoints.store import IMAGE_REPOSITORY, SnapshotInfo, SnapshotStore
 from orchestrator.errors import ConfigError, LfsorchError
+from orchestrator.monitor.console import printable
 from orchestrator.spec.models import parse_size
 
 snapshots_app = typer.Typer(
@@ -50,13 +51,18 @@ def _when(info: SnapshotInfo) -> str:
     return datetime.fromtimestamp(info.created).strftime("%Y-%m-%d %H:%M:%S")
 
 
+def _say(text: str) -> None:
+    """A line made of what a manifest says: the store is not trusted, so no raw escapes."""
+    print(printable(text))
+
+
 @snapshots_app.command("list")
 def list_() -> None:
     """Show snapshots, oldest first: key, stage, kind, sizes."""
     broken: list[str] = []
     found = _store().list(broken)
     for problem in broken:
-        print(f"broken: {problem}")
+        _say(f"broken: {problem}")
     if not found:
         print("no snapshots")
         return
@@ -65,14 +71,14 @@ def list_() -> None:
         kind = f"delta of {info.delta_of[:12]}" if info.delta_of else "full"
         table.add_row(
             info.key[:16],
-            info.stage,
+            printable(info.stage),
             _when(info),
             kind,
             _human(info.archive_size),
             _human(info.tree_bytes),
             str(info.entries),
         )
-    Console().print(table)
+    Console(highlight=False, markup=False).print(table)
 
 
 @snapshots_app.command()
@@ -86,35 +92,35 @@ def show(
     store = _store()
     info = store.resolve(key_or_stage)
     manifest = store.manifest(info.key)
-    print(f"key:       {info.key}")
-    print(f"stage:     {info.stage}")
-    print(f"created:   {_when(info)}")
-    print(f"parent:    {info.parent or '-'}")
-    print(f"delta of:  {info.delta_of or '- (full)'}")
-    print(f"archive:   {_human(info.archive_size)} {manifest.digest} {manifest.archive_digest}")
-    print(f"tree:      {_human(info.tree_bytes)} in {info.entries} entries")
+    _say(f"key:       {info.key}")
+    _say(f"stage:     {info.stage}")
+    _say(f"created:   {_when(info)}")
+    _say(f"parent:    {info.parent or '-'}")
+    _say(f"delta of:  {info.delta_of or '- (full)'}")
+    _say(f"archive:   {_human(info.archive_size)} {manifest.digest} {manifest.archive_digest}")
+    _say(f"tree:      {_human(info.tree_bytes)} in {info.entries} entries")
     carried = sum(1 for entry in manifest.entries.values() if entry.layer == info.key)
-    print(f"carries:   {carried} entries; deletes {len(manifest.deleted)}")
+    _say(f"carries:   {carried} entries; deletes {len(manifest.deleted)}")
     meta = dict(manifest.metadata)
     if "image" in meta:
-        print(f"image:     {meta.pop('image')}")
+        _say(f"image:     {meta.pop('image')}")
     if "sources" in meta:
         sources = meta.pop("sources")
-        print(f"sources:   {len(sources)} file(s)")
+        _say(f"sources:   {len(sources)} file(s)")
         for file, checksum in sorted(sources.items()):
-            print(f"  {file}  {checksum or '(no checksum)'}")
+            _say(f"  {file}  {checksum or '(no checksum)'}")
     definition = meta.pop("definition", None)
     if definition is not None:
         packages = definition.get("packages") or [definition.get("package", {})]
         names = ", ".join(str(p.get("name")) for p in packages if p)
-        print(f"built by:  {names or '-'}" + ("" if show_definition else "  (--definition)"))
+        _say(f"built by:  {names or '-'}" + ("" if show_definition else "  (--definition)"))
     hashed, neutral = meta.pop("inputs", None), meta.pop("neutral", None)
     for name, value in sorted(meta.items()):
-        print(f"meta {name}: {value}")
+        _say(f"meta {name}: {value}")
     if show_definition and hashed is not None:
-        print(f"hashed:    {', '.join(hashed)}")
+        _say(f"hashed:    {', '.join(hashed)}")
         left_out = [f"{name} ({value})" for name, value in sorted((neutral or {}).items())]
-        print(f"neutral:   {', '.join(left_out) or '-'}")
+        _say(f"neutral:   {', '.join(left_out) or '-'}")
     if show_definition and definition is not None:
         print(json.dumps(definition, indent=2, sort_keys=True))
 
@@ -127,13 +133,13 @@ def verify(key_or_stage: str = typer.Argument(..., metavar="KEY|STAGE")) -> None
     problems = store.verify(info.key)
     if problems:
         for problem in problems:
-            print(problem)
+            _say(problem)
         raise LfsorchError(
             f"snapshot {info.stage} ({info.key[:12]}) failed verification "
             f"({len(problems)} problem(s))",
             hint="delete it and snapshot the stage again",
         )
-    print(f"snapshot {info.stage} ({info.key[:12]}): ok")
+    _say(f"snapshot {info.stage} ({info.key[:12]}): ok")
 
 
 @snapshots_app.command()
@@ -168,7 +174,7 @@ def image(key_or_stage: str = typer.Argument(..., metavar="KEY|STAGE")) -> None:
 def pull(image_ref: str = typer.Argument(..., metavar="IMAGE")) -> None:
     """Add the snapshot a snapshot image holds to this workspace (pulling it if absent)."""
     info = api.pull_snapshot(image_ref)
-    print(f"snapshot {info.stage} ({info.key[:12]}) added: runs whose stages lead to it "
+    _say(f"snapshot {info.stage} ({info.key[:12]}) added: runs whose stages lead to it "
           "start after it")  # fmt: skip
 
 
@@ -188,4 +194,4 @@ def restore(
     """Make the LFS directory equal a snapshot (by stage or key); refuses unsafe archives."""
     signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill stops it as Ctrl-C does
     info = api.restore(target, lfs, image=image, notify=lambda line: print(line, file=sys.stderr))
-    print(f"restored {info.stage} ({info.key[:12]}) into {lfs}")
+    _say(f"restored {info.stage} ({info.key[:12]}) into {lfs}")

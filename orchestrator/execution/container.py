@@ -14,6 +14,7 @@ order it was written, as a terminal shows it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import re
@@ -50,6 +51,11 @@ _PROGRESS_INTERVAL_S = 0.5
 _CONTAINER_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]")
 # A progress line is for a glance at the console: longer lines are cut, never held whole.
 PROGRESS_LINE_MAX_BYTES = 1024
+# What one attempt's log keeps on the workspace's disk: the first LOG_MAX_BYTES and the last
+# LOG_TAIL_BYTES, with a note between. A build printing without end (`yes`) must not fill the
+# host's disk; the book's test suites print far less.
+LOG_MAX_BYTES = 1 << 30
+LOG_TAIL_BYTES = 1 << 20
 # After the container exits, its stream is waited for as long as bytes still arrive; this long
 # a silence means the engine lost the stream, and the log says so.
 _STREAM_SILENCE_S = 30.0
@@ -89,6 +95,9 @@ class BuildJob:
     network: bool = False
     capabilities: Sequence[str] = ()  # names from OPTIONAL_CAPABILITIES, lowercase
     build_space: int | None = None  # bytes the container may write outside its mounts
+    # The id `image` named when the run's keys were made: the container is made from it, so
+    # a tag moved to another image during the run cannot change what the keys describe.
+    image_id: str | None = None
 
     @property
     def container_name(self) -> str:
@@ -141,15 +150,52 @@ class BuildResult:
         return f"exit status {self.exit_code}"
 
 
+class EnvironmentTooLarge(LfsorchError):
+    """A variable longer than one exec() argument may be, once its references are expanded."""
+
+    exit_code = 2
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"environment variable {name} expands to more than {MAX_VARIABLE_BYTES >> 10} KiB, "
+            "the most one variable can hold in a build",
+            hint="shorten it, or keep large data in a file under /stage",
+        )
+        self.name = name
+
+
+# Linux's MAX_ARG_STRLEN: each NAME=VALUE travels as one argument (see container_command).
+MAX_VARIABLE_BYTES = 128 << 10
+_REFERENCE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+def _expanded(name: str, value: str, merged: dict[str, str]) -> str:
+    """`value` with $NAME/${NAME} replaced from `merged`, refused as soon as it grows past the
+    limit: references nest, so a few lines could otherwise expand to gigabytes."""
+    pieces: list[str] = []
+    size = len(name) + 2  # NAME=...\0
+    last = 0
+    for match in _REFERENCE.finditer(value):
+        replacement = merged.get(match.group(1) or match.group(2), match.group(0))
+        for piece in (value[last : match.start()], replacement):
+            size += len(piece.encode())
+            if size > MAX_VARIABLE_BYTES:
+                raise EnvironmentTooLarge(name)
+            pieces.append(piece)
+        last = match.end()
+    pieces.append(value[last:])
+    size += len(pieces[-1].encode())
+    if size > MAX_VARIABLE_BYTES:
+        raise EnvironmentTooLarge(name)
+    return "".join(pieces)
+
+
 def expand_environment(layers: Sequence[dict[str, str]]) -> dict[str, str]:
     """Merge variable layers in order, expanding $NAME/${NAME} from variables set before."""
     merged: dict[str, str] = {}
-    pattern = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
     for layer in layers:
         for name, value in layer.items():
-            merged[name] = pattern.sub(
-                lambda m: merged.get(m.group(1) or m.group(2), m.group(0)), value
-            )
+            merged[name] = _expanded(name, value, merged)
     merged.setdefault("PATH", DEFAULT_PATH)
     return merged
 
@@ -277,6 +323,10 @@ class _LogPump:
         self.lines = LineTracker()
         self.last_activity = time.monotonic()
         self.failure: str | None = None
+        self._kept = 0  # bytes of this attempt written to the log
+        self._left_out = 0
+        self._tail: collections.deque[bytes] = collections.deque()
+        self._tail_bytes = 0
         self.thread = threading.Thread(target=self._run, name=f"logs-{name}", daemon=True)
 
     def start(self) -> None:
@@ -307,6 +357,7 @@ class _LogPump:
             self.lines.finish()
             if log_file is not None:
                 with contextlib.suppress(OSError):
+                    self._write_tail(log_file)
                     log_file.close()
 
     def _open(self) -> BinaryIO | None:
@@ -318,14 +369,38 @@ class _LogPump:
             return None
 
     def _write(self, log_file: BinaryIO, chunk: bytes) -> BinaryIO | None:
+        room = max(0, LOG_MAX_BYTES - self._kept)
+        if len(chunk) > room:
+            self._keep_tail(chunk[room:])
+            chunk = chunk[:room]
         try:
             log_file.write(chunk)
+            self._kept += len(chunk)
         except OSError as exc:
             self.failure = f"lfsorch: the log could not be written: {exc}"
             with contextlib.suppress(OSError):
                 log_file.close()
             return None
         return log_file
+
+    def _keep_tail(self, chunk: bytes) -> None:
+        """Output past the log's limit: only its last LOG_TAIL_BYTES are kept, in memory."""
+        self._left_out += len(chunk)
+        self._tail.append(chunk)
+        self._tail_bytes += len(chunk)
+        while self._tail and self._tail_bytes - len(self._tail[0]) >= LOG_TAIL_BYTES:
+            self._tail_bytes -= len(self._tail.popleft())
+
+    def _write_tail(self, log_file: BinaryIO) -> None:
+        if not self._left_out:
+            return
+        tail = b"".join(self._tail)[-LOG_TAIL_BYTES:]
+        log_file.write(
+            f"\nlfsorch: {self._left_out - len(tail)} bytes of output left out here (the log "
+            f"keeps the first {LOG_MAX_BYTES} bytes of an attempt and its last "
+            f"{len(tail)})\n".encode()
+        )
+        log_file.write(tail)
 
     def finish(self) -> None:
         """Called once the container exited: wait until the stream ends; give up only after a
@@ -451,9 +526,10 @@ class ContainerRunner:
         labels = engine.owner_labels(
             "build", run=job.run_id, stage=job.stage, package=job.package, attempt=str(job.attempt)
         )
+        pinned = job.image_id if job.image_id and job.image_id.startswith("sha256:") else None
         try:
             container = self._client.containers.create(
-                job.image,
+                pinned or job.image,
                 command=container_command(job),
                 name=job.container_name,
                 user="0:0",
@@ -472,7 +548,13 @@ class ContainerRunner:
             )
         except docker.errors.ImageNotFound:
             self.check_image(job.image)
-            raise
+            if pinned is None:
+                raise
+            raise LfsorchError(
+                f"image {job.image} is no longer the image {pinned} the run started with, "
+                "and that one is gone from the engine",
+                hint="run again: the next run uses the image the name points to now",
+            ) from None
         except docker.errors.APIError as exc:
             raise LfsorchError(
                 f"{job.stage}/{job.package}: the engine refused the container: "

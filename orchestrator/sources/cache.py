@@ -26,7 +26,7 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -183,6 +183,18 @@ def _read_marker(cache_dir: Path) -> _Marker:
         )
     except (ValueError, KeyError, OSError, AttributeError):
         return _Marker()
+
+
+def digest_in_view(cache_dir: Path) -> Callable[[Source], str]:
+    """The digest each source is verified against in this view (the set's, else the stage's,
+    else one trusted on first use): what the build's /sources holds, so what its key hashes."""
+    marker = _read_marker(cache_dir)
+
+    def digest(src: Source) -> str:
+        expect = _expected(src, marker.mapped, marker.trusted)
+        return expect.sha256 or expect.md5 or ""
+
+    return digest
 
 
 def _expected(src: Source, mapped: Mapping[str, str], trusted: Mapping[str, str]) -> _Expect:

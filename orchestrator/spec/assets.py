@@ -10,6 +10,7 @@ checkpoint key names.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import shutil
@@ -51,9 +52,13 @@ class Asset:
     """One file or directory of /stage: where it goes, and the real path it is read from."""
 
     relative: str
-    source: Path
+    source: Path  # resolved: no symlink in it below `base`
     is_dir: bool
     executable: bool = False
+    # The stage file's directory (resolved) and its (st_dev, st_ino) when it was checked:
+    # the file is opened from there one component at a time, never through a symlink.
+    base: Path | None = None
+    base_identity: tuple[int, int] = (0, 0)
 
 
 def _kind(mode: int) -> str:
@@ -65,6 +70,8 @@ class _Collector:
 
     def __init__(self, base: Path) -> None:
         self.base = base
+        info = base.stat()
+        self.base_identity = (info.st_dev, info.st_ino)
         self.assets: dict[str, Asset] = {}
         self.total_bytes = 0
 
@@ -105,7 +112,8 @@ class _Collector:
         real, info = self._resolve(index, self.base / relative, relative)
         if stat.S_ISREG(info.st_mode):
             executable = bool(info.st_mode & 0o111)
-            self._add(index, Asset(relative, real, False, executable), info.st_size)
+            asset = Asset(relative, real, False, executable, self.base, self.base_identity)
+            self._add(index, asset, info.st_size)
             return
         identity = (info.st_dev, info.st_ino)
         if identity in ancestors or real == self.base:
@@ -127,12 +135,39 @@ def collect_assets(base: Path, declared: Sequence[str]) -> list[Asset]:
     return [collector.assets[key] for key in sorted(collector.assets)]
 
 
+def _open_beneath(asset: Asset) -> int:
+    """Open the asset's file from the stage file's directory down, one component at a time
+    and never through a symlink: a directory on the way that was swapped for a symlink since
+    it was checked (the stage file's directory may be another user's) leads nowhere."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    if asset.base is None:
+        return os.open(asset.source, flags)
+    directory = os.open(asset.base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        info = os.fstat(directory)
+        if (info.st_dev, info.st_ino) != asset.base_identity:
+            raise OSError(errno.ELOOP, "the stage file's directory was replaced")
+        *parents, name = asset.source.relative_to(asset.base).parts
+        for part in parents:
+            below = os.open(part, flags | os.O_DIRECTORY, dir_fd=directory)
+            os.close(directory)
+            directory = below
+        return os.open(name, flags, dir_fd=directory)
+    finally:
+        os.close(directory)
+
+
 def _open_regular(asset: Asset) -> int:
     """A descriptor on the asset's file, refusing anything swapped in since it was checked."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
-        descriptor = os.open(asset.source, flags)
+        descriptor = _open_beneath(asset)
     except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise AssetsChanged(
+                f"stage asset {asset.relative}: its path no longer leads to the file checked "
+                "(a directory on it was replaced by a symlink)",
+                hint="make sure nobody else can write to the stage file's directory",
+            ) from None
         raise AssetsChanged(f"stage asset {asset.relative}: cannot read: {exc.strerror}") from None
     if not stat.S_ISREG(os.fstat(descriptor).st_mode):
         os.close(descriptor)

@@ -13,6 +13,7 @@ import yaml
 from pydantic import ValidationError
 
 from orchestrator.errors import LfsorchError
+from orchestrator.execution.container import EnvironmentTooLarge, expand_environment
 from orchestrator.spec.assets import (
     Asset,
     AssetProblem,
@@ -190,9 +191,30 @@ def parse_stage_text(text: str, path: Path) -> StageFile:
                 )
             )
         raise StageFileError(problems) from None
+    problems.extend(_environment_problems(stage, path, lines))
     if problems:
         raise StageFileError(problems)
     return StageFile(path, stage, lines)
+
+
+def _environment_problems(stage: Stage, path: Path, lines: dict[Location, int]) -> list[Problem]:
+    """Variables that expand past what a build can receive, with the line that names them."""
+    problems: list[Problem] = []
+    for index, package in enumerate(stage.packages):
+        try:
+            expand_environment([stage.environment, package.environment])
+        except EnvironmentTooLarge as exc:
+            location: Location = (
+                ("packages", index, "environment", exc.name)
+                if exc.name in package.environment
+                else ("environment", exc.name)
+            )
+            problem = Problem(
+                path, _nearest_line(lines, location), field_path(location), exc.message
+            )
+            if problem not in problems:
+                problems.append(problem)
+    return problems
 
 
 def _refuse(path: Path, message: str) -> StageFileError:

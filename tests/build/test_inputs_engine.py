@@ -3,7 +3,6 @@ checkpoints, and the scheduler's names and errors: on the real engine."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 import sys
@@ -23,6 +22,8 @@ from orchestrator.monitor.events import Event, EventBus
 from orchestrator.spec.graph import load_plan
 from orchestrator.checkpoints.store import SnapshotStore
 from orchestrator.build.state import RunState
+from orchestrator.errors import LfsorchError
+from orchestrator.execution.container import BuildJob
 from orchestrator.workspace import Workspace
 from tests.conftest import BASE_IMAGE, REPO
 from tests.checkpoints.test_checkpointer import restores, started, tree
@@ -293,15 +294,14 @@ def test_a_real_error_beside_a_running_build_is_reported(
     stage_file: WriteStage,
     docker_client: docker.DockerClient,
 ) -> None:
-    """Another user removes the stage's image while a build runs: the next container cannot
-    be created, and that, not the interrupt of the build beside it, is what the run says."""
-    image = f"lfsorch-test/vanishing:{os.getpid()}"
-    docker_client.images.get(BASE_IMAGE).tag(image)
+    """Another user takes the next container's name while a build runs: that container
+    cannot be created, and that, not the interrupt of the build beside it, is what the run
+    says. (Removing the image's tag no longer does it: containers are made from the id.)"""
     path = stage_file(
         "vanish.yaml",
         f"""
         stage: vanish
-        image: {image}
+        image: {BASE_IMAGE}
         checkpoint: none
         packages:
           - {{name: slow, script: "sleep 30"}}
@@ -310,18 +310,23 @@ def test_a_real_error_beside_a_running_build_is_reported(
         """,
     )
     bus = EventBus()
+    squatters: list[str] = []
 
-    def remove_image(event: Event) -> None:
+    def take_the_name(event: Event) -> None:
         if event.name == "build.complete" and event.package == "quick":
-            docker_client.images.remove(image)
+            job = BuildJob(event.run_id or "", "vanish", "next", 1, BASE_IMAGE, "", {},
+                           lfs_dir, lfs_dir, 1.0)  # fmt: skip
+            squatters.append(
+                docker_client.containers.create(BASE_IMAGE, name=job.container_name).id
+            )
 
-    bus.subscribe(remove_image)
+    bus.subscribe(take_the_name)
     try:
-        with pytest.raises(ImageMissing) as caught:
+        with pytest.raises(LfsorchError) as caught:
             build([path], lfs_dir, workspace, bus=bus, parallel=2)
     finally:
-        with contextlib.suppress(docker.errors.ImageNotFound):
-            docker_client.images.remove(image)
-    assert caught.value.message == f"image '{image}' is not in the Docker engine"
+        for squatter in squatters:
+            docker_client.api.remove_container(squatter, force=True)
+    assert caught.value.message.startswith("vanish/next: the engine refused the container: ")
     record = api.last_run(workspace)
     assert record is not None and record.outcome == "failed"

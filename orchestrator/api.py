@@ -17,7 +17,7 @@ from orchestrator.checkpoints import leftovers
 from orchestrator.checkpoints.manifest import SnapshotError
 from orchestrator.checkpoints.store import PruneResult, SnapshotInfo, SnapshotStore
 from orchestrator.config import Config, load_config
-from orchestrator.errors import EngineUnavailable, LfsorchError, local_file_error
+from orchestrator.errors import EngineUnavailable, ExitCode, LfsorchError, local_file_error
 from orchestrator.execution import engine
 from orchestrator.monitor.console import ConsoleView
 from orchestrator.monitor.eventlog import JsonEventLog
@@ -222,7 +222,7 @@ def prune_snapshots(
 
 
 class RestoreInterrupted(LfsorchError):
-    exit_code = 130
+    exit_code = ExitCode.INTERRUPTED
 
 
 def restore(

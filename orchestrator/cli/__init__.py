@@ -19,7 +19,7 @@ from orchestrator.cli import images as images_cli
 from orchestrator.cli import snapshots as snapshots_cli
 from orchestrator.cli import sources as sources_cli
 from orchestrator.config import load_config
-from orchestrator.errors import LfsorchError, local_file_error
+from orchestrator.errors import ExitCode, LfsorchError, local_file_error
 from orchestrator.monitor.console import ConsoleView, printable
 from orchestrator.monitor.report import SBU_REFERENCE, build_report
 from orchestrator.spec.models import stage_json_schema
@@ -126,7 +126,7 @@ def run(
     )
     _print_summary(state, config.settings.log_tail_lines)
     if state.outcome != "succeeded":
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 def _print_summary(state: RunState, tail_lines: int) -> None:
@@ -320,7 +320,7 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
     except OSError as exc:  # a local file lfsorch cannot use: one line, with what to do
         if exc.errno is None:  # not the system's (an HTTP library's error): not ours to word
             raise

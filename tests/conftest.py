@@ -1,5 +1,6 @@
-"""Shared fixtures. Tests marked `docker` use the real engine; without one they are skipped,
-except in CI (CI=true), where a missing engine is a failure, never a silent skip."""
+"""Shared fixtures (plain helpers and constants are in tests/helpers.py). Tests marked
+`docker` use the real engine; without one they are skipped, except in CI (CI=true), where a
+missing engine is a failure, never a silent skip."""
 
 from __future__ import annotations
 

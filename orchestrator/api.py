@@ -7,6 +7,7 @@ import dataclasses
 import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import docker
 
@@ -14,18 +15,21 @@ from orchestrator.build import records
 from orchestrator.build.scheduler import Build, RunOptions, workspace_lock
 from orchestrator.build.state import PackageState, RunState, load_state, save_state
 from orchestrator.checkpoints import leftovers
-from orchestrator.checkpoints.manifest import SnapshotError
+from orchestrator.checkpoints.manifest import Manifest, SnapshotError
 from orchestrator.checkpoints.store import PruneResult, SnapshotInfo, SnapshotStore
 from orchestrator.config import Config, load_config
-from orchestrator.errors import EngineUnavailable, LfsorchError, local_file_error
-from orchestrator.execution import engine
+from orchestrator.errors import EngineUnavailable, ExitCode, LfsorchError, local_file_error
+from orchestrator.execution import engine, images
 from orchestrator.monitor.console import ConsoleView
 from orchestrator.monitor.eventlog import JsonEventLog
 from orchestrator.monitor.events import EventBus
 from orchestrator.monitor.plugins import PluginBridge, plugin_manager
+from orchestrator.monitor.report import SBU_REFERENCE, Report, build_report
 from orchestrator.partition import Partition, PartitionBusy, refuse_unsafe_workspace
 from orchestrator.sources import cache as sources
+from orchestrator.sources.sets import Source, SourceSet, default_set_dirs, load_source_set
 from orchestrator.spec.graph import Plan, load_plan
+from orchestrator.spec.models import stage_json_schema
 from orchestrator.workspace import Workspace
 
 
@@ -222,7 +226,7 @@ def prune_snapshots(
 
 
 class RestoreInterrupted(LfsorchError):
-    exit_code = 130
+    exit_code = ExitCode.INTERRUPTED
 
 
 def restore(
@@ -327,6 +331,170 @@ def _save_record(partition: Partition, record: RunState) -> None:
     last = load_state(partition.workspace.state_file)
     if last is not None and last.run_id == record.run_id:
         save_state(record, partition.workspace.state_file)
+
+
+# ------------------------------------------------------------- settings, schema, report
+
+
+def configuration(overrides: Sequence[str] = ()) -> Config:
+    """The settings of every layer with where each came from; `overrides` (KEY=VALUE) last."""
+    return load_config(overrides)
+
+
+def stage_schema() -> dict[str, Any]:
+    """The JSON Schema of stage files, for editors."""
+    return stage_json_schema()
+
+
+def last_report(
+    reference: str = SBU_REFERENCE, workspace: Workspace | None = None
+) -> Report | None:
+    """Per-package figures of the last run, with SBUs relative to `reference`; None before
+    the first run."""
+    state = last_run(workspace)
+    return None if state is None else build_report(state, reference)
+
+
+# --------------------------------------------------------------------------- snapshots
+
+
+def list_snapshots(
+    broken: list[str] | None = None, *, workspace: Workspace | None = None
+) -> list[SnapshotInfo]:
+    """The workspace's snapshots, oldest first; one line per unreadable one goes to `broken`."""
+    return _snapshot_store(workspace).list(broken)
+
+
+def snapshot_details(
+    key_or_stage: str, *, workspace: Workspace | None = None
+) -> tuple[SnapshotInfo, Manifest]:
+    """One snapshot (by key, key prefix or stage) and its manifest."""
+    store = _snapshot_store(workspace)
+    info = store.resolve(key_or_stage)
+    return info, store.manifest(info.key)
+
+
+def verify_snapshot(
+    key_or_stage: str, *, workspace: Workspace | None = None
+) -> tuple[SnapshotInfo, list[str]]:
+    """The snapshot and every problem its archives have against their manifests (none: ok)."""
+    store = _snapshot_store(workspace)
+    info = store.resolve(key_or_stage)
+    return info, store.verify(info.key)
+
+
+def _snapshot_store(workspace: Workspace | None) -> SnapshotStore:
+    return SnapshotStore(checked_workspace(workspace).snapshots_dir)
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def fetch_sources(
+    stage_files: Sequence[Path],
+    source_set: str | None = None,
+    *,
+    allow_unverified: bool = False,
+    workspace: Workspace | None = None,
+) -> sources.FetchResult:
+    """Download every source the stage files (and the stages they require) declare into the
+    verified cache of `source_set` (default: the configuration's)."""
+    the_set = _source_set(source_set, stage_files)
+    return sources.fetch(
+        _declared_sources(stage_files),
+        workspace or Workspace.from_env(),
+        the_set,
+        allow_unverified=allow_unverified,
+    )
+
+
+def add_sources(
+    local_files: Sequence[Path],
+    stage_files: Sequence[Path],
+    source_set: str | None = None,
+    *,
+    workspace: Workspace | None = None,
+) -> sources.AddResult:
+    """Put local files into the verified cache where they match a checksum the stage files
+    declare; the result lists each refusal with its reason."""
+    the_set = _source_set(source_set, stage_files)
+    return sources.add(
+        local_files, _declared_sources(stage_files), workspace or Workspace.from_env(), the_set
+    )
+
+
+def source_status(
+    stage_files: Sequence[Path],
+    source_set: str | None = None,
+    *,
+    workspace: Workspace | None = None,
+) -> tuple[list[sources.SourceStatus], Path]:
+    """Each declared source's state in the cache (ok, missing, bad, unverified), and the
+    cache directory of the set."""
+    the_set = _source_set(source_set, stage_files)
+    cache_dir = sources.cache_dir_for(workspace or Workspace.from_env(), the_set)
+    return sources.status(_declared_sources(stage_files), cache_dir, the_set), cache_dir
+
+
+def _declared_sources(stage_files: Sequence[Path]) -> dict[str, list[Source]]:
+    """`stage/package` -> sources, for the given stages and every stage they require."""
+    plan = load_plan(stage_files)
+    return {
+        f"{stage_plan.name}/{package.name}": list(package.sources)
+        for stage_plan in plan.stages
+        for package in stage_plan.file.stage.packages
+        if package.sources
+    }
+
+
+def _source_set(name: str | None, stage_files: Sequence[Path]) -> SourceSet:
+    """The named set (default: the configuration's), read from set files beside the stage
+    files first (stages/sourcesets), then from the built-in ones."""
+    dirs = [path.resolve().parent / "sourcesets" for path in stage_files]
+    search = list(dict.fromkeys([*dirs, *default_set_dirs()]))
+    return load_source_set(name or load_config().settings.source_set, search)
+
+
+# --------------------------------------------------------------------------- images
+
+
+def bootstrap_base_image(
+    suite: str = images.DEFAULT_SUITE,
+    mirror: str | None = None,
+    *,
+    progress: images.Progress | None = None,
+    workspace: Workspace | None = None,
+) -> str:
+    """Make the base image from scratch with debootstrap; return its id."""
+    return images.bootstrap_base(
+        engine.connect(),
+        workspace or Workspace.from_env(),
+        suite=suite,
+        mirror=mirror,
+        progress=progress or (lambda _: None),
+    )
+
+
+def build_host_image(
+    tag: str = images.HOST_IMAGE,
+    *,
+    rebuild: bool = False,
+    progress: images.Progress | None = None,
+    workspace: Workspace | None = None,
+) -> str:
+    """Build the LFS build host (making the base first when it is missing); return its id."""
+    return images.build_host(
+        engine.connect(),
+        workspace or Workspace.from_env(),
+        tag=tag,
+        rebuild=rebuild,
+        progress=progress or (lambda _: None),
+    )
+
+
+def list_images() -> list[images.ImageInfo]:
+    """lfsorch's images in the engine."""
+    return images.list_images(engine.connect())
 
 
 __all__ = ["PartitionBusy"]

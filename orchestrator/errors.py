@@ -1,14 +1,27 @@
-"""Error types. Every error a user can cause carries a message that says what to do."""
+"""Error types, and the one table of the exit statuses lfsorch ends with. Every error a user
+can cause carries a message that says what to do. Imports nothing of lfsorch."""
 
 from __future__ import annotations
 
+import enum
 import errno
+
+
+class ExitCode(enum.IntEnum):
+    """What `lfsorch` exits with; every error class names its status from here."""
+
+    OK = 0  # the command did what it was asked
+    FAILED = 1  # a package or a check failed, or a local file cannot be used
+    USER_ERROR = 2  # wrong input: stage file, configuration, option, refused path; nothing built
+    UNAVAILABLE = 3  # not now: no engine, an image missing, workspace or partition in use
+    SOURCES = 4  # a source file is missing, does not match its checksum, or was refused
+    INTERRUPTED = 130  # Ctrl-C or SIGTERM; running containers were stopped and removed
 
 
 class LfsorchError(Exception):
     """Base of all errors the CLI reports as one readable message instead of a traceback."""
 
-    exit_code = 1
+    exit_code: ExitCode = ExitCode.FAILED
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -22,19 +35,19 @@ class LfsorchError(Exception):
 class ConfigError(LfsorchError):
     """A configuration value or file is wrong."""
 
-    exit_code = 2
+    exit_code = ExitCode.USER_ERROR
 
 
 class EngineUnavailable(LfsorchError):
     """No Docker engine answers."""
 
-    exit_code = 3
+    exit_code = ExitCode.UNAVAILABLE
 
 
 class ImageMissing(LfsorchError):
     """A stage's image is not present in the engine."""
 
-    exit_code = 3
+    exit_code = ExitCode.UNAVAILABLE
 
 
 class LocalFileError(LfsorchError):

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.checkpoints.treescan import PARTITION_MARKER
-from orchestrator.errors import LfsorchError, local_file_error
+from orchestrator.errors import ExitCode, LfsorchError, local_file_error
 from orchestrator.execution import engine
 from orchestrator.workspace import Workspace
 
@@ -56,17 +56,17 @@ _WORKSPACE_HINT = "set LFSORCH_HOME to a directory of its own, e.g. ~/.local/sha
 class UnsafePath(LfsorchError):
     """A partition or workspace that lfsorch refuses to build into, restore or write."""
 
-    exit_code = 2
+    exit_code = ExitCode.USER_ERROR
 
 
 class PartitionBusy(LfsorchError):
-    exit_code = 3
+    exit_code = ExitCode.UNAVAILABLE
 
 
 class PartitionHalfBuilt(LfsorchError):
     """The partition was left half-built by a run whose record this workspace lacks."""
 
-    exit_code = 2
+    exit_code = ExitCode.USER_ERROR
 
 
 def _system_reason(path: str) -> str | None:

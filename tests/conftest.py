@@ -1,12 +1,11 @@
-"""Shared fixtures. Tests marked `docker` use the real engine; without one they are skipped,
-except in CI (CI=true), where a missing engine is a failure, never a silent skip."""
+"""Shared fixtures (plain helpers and constants are in tests/helpers.py). Tests marked
+`docker` use the real engine; without one they are skipped, except in CI (CI=true), where a
+missing engine is a failure, never a silent skip."""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,10 +16,6 @@ import pytest
 from orchestrator.errors import EngineUnavailable
 from orchestrator.execution import engine
 from orchestrator.workspace import Workspace
-
-BASE_IMAGE = "lfsorch/base:bookworm"
-HOST_IMAGE = "lfsorch/host:bookworm"
-REPO = Path(__file__).resolve().parent.parent
 
 
 def _engine() -> docker.DockerClient | None:
@@ -120,18 +115,3 @@ def canary(tmp_path: Path) -> Callable[[], dict[str, tuple[bytes | None, int]]]:
         }
 
     return state
-
-
-def run_cli(
-    *args: str, env: dict[str, str] | None = None, timeout: float = 300
-) -> subprocess.CompletedProcess[str]:
-    """`lfsorch ARGS` in a subprocess, as a user runs it; output captured as text."""
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
-        capture_output=True,
-        text=True,
-        env={**os.environ, **(env or {})},
-        cwd=REPO,
-        timeout=timeout,
-        check=False,
-    )

@@ -24,7 +24,7 @@ from orchestrator.checkpoints.manifest import snapshot_key
 from orchestrator.checkpoints.store import SnapshotStore
 from orchestrator.checkpoints.treescan import scan_tree, verify_tree
 from orchestrator.config import Settings
-from orchestrator.errors import LfsorchError, local_file_error
+from orchestrator.errors import ExitCode, LfsorchError, local_file_error
 from orchestrator.execution import images
 from orchestrator.monitor import events
 from orchestrator.monitor.events import EventBus
@@ -37,7 +37,7 @@ DRIFT_SHOWN = 10
 
 
 class PartitionDrift(LfsorchError):
-    exit_code = 2
+    exit_code = ExitCode.USER_ERROR
 
 
 def policy_of(stage: Stage, settings: Settings) -> CheckpointPolicy:

@@ -28,7 +28,7 @@ from orchestrator.checkpoints import leftovers
 from orchestrator.build import records
 from orchestrator.build.checkpointing import Checkpointer, policy_of
 from orchestrator.config import Settings
-from orchestrator.errors import LfsorchError
+from orchestrator.errors import ExitCode, LfsorchError
 from orchestrator.monitor.events import EventBus
 from orchestrator.spec.graph import Plan, StagePlan, package_graph
 from orchestrator.build.inputs import InputsOf
@@ -44,11 +44,11 @@ from orchestrator.workspace import Workspace
 
 
 class BuildInterrupted(LfsorchError):
-    exit_code = 130
+    exit_code = ExitCode.INTERRUPTED
 
 
 class WorkspaceBusy(LfsorchError):
-    exit_code = 3
+    exit_code = ExitCode.UNAVAILABLE
 
 
 @dataclass(frozen=True)

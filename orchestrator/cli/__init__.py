@@ -1,4 +1,5 @@
-"""Command line: a thin layer over `orchestrator.api`."""
+"""Command line: a thin layer over `orchestrator.api`. Every command goes through api; other
+modules are imported here only for constants, types and the console view."""
 
 from __future__ import annotations
 
@@ -7,22 +8,22 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from orchestrator import api
-from orchestrator.build.state import RunState
 from orchestrator.cli import images as images_cli
 from orchestrator.cli import snapshots as snapshots_cli
 from orchestrator.cli import sources as sources_cli
-from orchestrator.config import load_config
-from orchestrator.errors import LfsorchError, local_file_error
+from orchestrator.errors import ExitCode, LfsorchError, local_file_error
 from orchestrator.monitor.console import ConsoleView, printable
-from orchestrator.monitor.report import SBU_REFERENCE, build_report
-from orchestrator.spec.models import stage_json_schema
+from orchestrator.monitor.report import SBU_REFERENCE
+
+if TYPE_CHECKING:
+    from orchestrator.build.state import RunState
 
 app = typer.Typer(
     name="lfsorch",
@@ -77,7 +78,7 @@ def plan(
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of the stage file format (for editors)."""
-    print(json.dumps(stage_json_schema(), indent=2))
+    print(json.dumps(api.stage_schema(), indent=2))
 
 
 def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
@@ -115,7 +116,7 @@ def run(
     signal.signal(signal.SIGTERM, _raise_interrupt)
     # -j is checked as the configuration's parallel_builds is, with the same cap.
     jobs = [f"parallel_builds={parallel}"] if parallel is not None else []
-    config = load_config([*(option or []), *jobs])
+    config = api.configuration([*(option or []), *jobs])
     state = api.run(
         files,
         lfs,
@@ -128,7 +129,7 @@ def run(
     )
     _print_summary(state, config.settings.log_tail_lines)
     if state.outcome != "succeeded":
-        raise typer.Exit(1)
+        raise typer.Exit(ExitCode.FAILED)
 
 
 def _print_summary(state: RunState, tail_lines: int) -> None:
@@ -210,12 +211,11 @@ def report(
     ] = SBU_REFERENCE,
 ) -> None:
     """Per-package wall time, SBU, CPU seconds, memory peak and disk space added (last run)."""
-    state = api.last_run()
-    if state is None:
+    result = api.last_report(reference)
+    if result is None:
         raise LfsorchError(
             "no run recorded yet", hint="start one with `lfsorch run FILE --lfs DIR`"
         )
-    result = build_report(state, reference)
     if as_json:
         print(json.dumps(result.as_json(), indent=2))
         return
@@ -296,8 +296,7 @@ def config_show(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Print every configuration value and the layer it came from."""
-    config = load_config(option or [])
-    rows = config.show()
+    rows = api.configuration(option or []).show()
     if as_json:
         data: dict[str, Any] = {
             key: {"value": value, "from": origin} for key, value, origin in rows
@@ -322,7 +321,7 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")
-        sys.exit(130)
+        sys.exit(ExitCode.INTERRUPTED)
     except OSError as exc:  # a local file lfsorch cannot use: one line, with what to do
         if exc.errno is None:  # not the system's (an HTTP library's error): not ours to word
             raise

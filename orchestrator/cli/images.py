@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from orchestrator.execution import engine, images
-from orchestrator.workspace import Workspace
+from orchestrator import api
+from orchestrator.execution.images import BASE_IMAGE, DEFAULT_SUITE, HOST_IMAGE, Progress
 
 app = typer.Typer(
     help="Build the images LFS is built in (base via pull or debootstrap, then the host).",
@@ -18,7 +18,7 @@ app = typer.Typer(
 )
 
 
-def _progress() -> images.Progress:
+def _progress() -> Progress:
     """Plain lines for logs and pipes; a single dim status line would hide failures in CI."""
     if sys.stdout.isatty():
         console = Console(highlight=False)
@@ -28,36 +28,30 @@ def _progress() -> images.Progress:
 
 @app.command()
 def bootstrap(
-    suite: str = typer.Option(images.DEFAULT_SUITE, help="Debian suite to bootstrap."),
+    suite: str = typer.Option(DEFAULT_SUITE, help="Debian suite to bootstrap."),
     mirror: str | None = typer.Option(
         None, help="Debian mirror URL; default: the one this machine's apt uses."
     ),
 ) -> None:
     """Make lfsorch/base from scratch with debootstrap (no registry needed; runs as root)."""
-    client = engine.connect()
-    image_id = images.bootstrap_base(
-        client, Workspace.from_env(), suite=suite, mirror=mirror, progress=_progress()
-    )
-    print(f"{images.BASE_IMAGE} {image_id}")
+    image_id = api.bootstrap_base_image(suite, mirror, progress=_progress())
+    print(f"{BASE_IMAGE} {image_id}")
 
 
 @app.command()
 def build(
     rebuild: bool = typer.Option(False, "--rebuild", help="Ignore the layer cache."),
-    tag: str = typer.Option(images.HOST_IMAGE, help="Tag for the host image."),
+    tag: str = typer.Option(HOST_IMAGE, help="Tag for the host image."),
 ) -> None:
     """Build the LFS build host (pulls or bootstraps the base first when it is missing)."""
-    client = engine.connect()
-    image_id = images.build_host(
-        client, Workspace.from_env(), tag=tag, rebuild=rebuild, progress=_progress()
-    )
+    image_id = api.build_host_image(tag, rebuild=rebuild, progress=_progress())
     print(f"{tag} {image_id}")
 
 
 @app.command("list")
 def list_() -> None:
     """Show lfsorch's images in the engine with their ids and sizes."""
-    found = images.list_images(engine.connect())
+    found = api.list_images()
     if not found:
         print("no lfsorch images; run `lfsorch images build`")
         return

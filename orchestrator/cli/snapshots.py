@@ -1,5 +1,5 @@
 """`lfsorch snapshots` (list, show, verify, prune, image, pull) and `lfsorch restore`: thin
-over the store."""
+over the api."""
 
 from __future__ import annotations
 
@@ -9,24 +9,24 @@ import sys
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from orchestrator import api
-from orchestrator.checkpoints.store import IMAGE_REPOSITORY, SnapshotInfo, SnapshotStore
+from orchestrator.checkpoints.store import IMAGE_REPOSITORY
 from orchestrator.errors import ConfigError, LfsorchError
 from orchestrator.monitor.console import printable
 from orchestrator.spec.models import parse_size
 
+if TYPE_CHECKING:
+    from orchestrator.checkpoints.store import SnapshotInfo
+
 snapshots_app = typer.Typer(
     help="Checkpoints of the LFS partition taken after each stage.", no_args_is_help=True
 )
-
-
-def _store() -> SnapshotStore:
-    return SnapshotStore(api.checked_workspace().snapshots_dir)
 
 
 def _max_size(text: str) -> int:
@@ -60,7 +60,7 @@ def _say(text: str) -> None:
 def list_() -> None:
     """Show snapshots, oldest first: key, stage, kind, sizes."""
     broken: list[str] = []
-    found = _store().list(broken)
+    found = api.list_snapshots(broken)
     for problem in broken:
         _say(f"broken: {problem}")
     if not found:
@@ -89,9 +89,7 @@ def show(
     ),
 ) -> None:
     """Show one snapshot: manifest summary, and the inputs its key was made of."""
-    store = _store()
-    info = store.resolve(key_or_stage)
-    manifest = store.manifest(info.key)
+    info, manifest = api.snapshot_details(key_or_stage)
     _say(f"key:       {info.key}")
     _say(f"stage:     {info.stage}")
     _say(f"created:   {_when(info)}")
@@ -128,9 +126,7 @@ def show(
 @snapshots_app.command()
 def verify(key_or_stage: str = typer.Argument(..., metavar="KEY|STAGE")) -> None:
     """Check archive digests and that every archive matches its manifest."""
-    store = _store()
-    info = store.resolve(key_or_stage)
-    problems = store.verify(info.key)
+    info, problems = api.verify_snapshot(key_or_stage)
     if problems:
         for problem in problems:
             _say(problem)

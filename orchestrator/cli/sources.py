@@ -6,12 +6,9 @@ from pathlib import Path
 
 import typer
 
-from orchestrator.config import load_config
-from orchestrator.sources.cache import add, cache_dir_for, fetch, status
+from orchestrator import api
+from orchestrator.errors import ExitCode
 from orchestrator.sources.errors import SourceError
-from orchestrator.sources.sets import Source, default_set_dirs, load_source_set
-from orchestrator.spec.graph import load_plan
-from orchestrator.workspace import Workspace
 
 app = typer.Typer(help="Fetch, verify and list the packages' source files.", no_args_is_help=True)
 
@@ -19,27 +16,6 @@ FilesArg = typer.Argument(..., exists=True, dir_okay=False, help="stage file(s)"
 SetOpt = typer.Option(
     None, "--set", "-s", help="source set: upstream, debian12, ... (default: config source_set)"
 )
-
-
-def _collect(files: list[Path]) -> dict[str, list[Source]]:
-    """`stage/package` -> sources, for the given stages and every stage they require."""
-    plan = load_plan(files)
-    return {
-        f"{stage_plan.name}/{package.name}": list(package.sources)
-        for stage_plan in plan.stages
-        for package in stage_plan.file.stage.packages
-        if package.sources
-    }
-
-
-def _set_name(given: str | None) -> str:
-    return given or load_config().settings.source_set
-
-
-def _set_dirs(files: list[Path]) -> list[Path]:
-    """Set files beside the stage files first (stages/sourcesets), then the built-in ones."""
-    dirs = [p.resolve().parent / "sourcesets" for p in files]
-    return list(dict.fromkeys([*dirs, *default_set_dirs()]))
 
 
 @app.command("fetch")
@@ -51,10 +27,7 @@ def fetch_cmd(
     ),
 ) -> None:
     """Download every source the stage files declare into the verified cache."""
-    the_set = load_source_set(_set_name(source_set), _set_dirs(files))
-    result = fetch(
-        _collect(files), Workspace.from_env(), the_set, allow_unverified=allow_unverified
-    )
+    result = api.fetch_sources(files, source_set, allow_unverified=allow_unverified)
     mib = result.bytes_downloaded / 2**20
     for file, uri in sorted(result.fell_back.items()):
         typer.echo(f"{file}: the URI apt named failed; taken from {uri}")
@@ -77,8 +50,7 @@ def add_cmd(
     Without a network: copy the tarballs (or, for a Debian set, the Debian orig tarballs)
     onto the machine and add them. The content decides which declared file each one is.
     """
-    the_set = load_source_set(_set_name(source_set), _set_dirs(stage_files))
-    result = add(local_files, _collect(stage_files), Workspace.from_env(), the_set)
+    result = api.add_sources(local_files, stage_files, source_set)
     for path, names in result.added:
         typer.echo(f"added {path} as {', '.join(names)}")
     if len(result.refused) == 1 and not result.added:
@@ -95,13 +67,11 @@ def add_cmd(
 @app.command("list")
 def list_cmd(files: list[Path] = FilesArg, source_set: str | None = SetOpt) -> None:
     """Show which sources are cached, missing or bad for a set."""
-    the_set = load_source_set(_set_name(source_set), _set_dirs(files))
-    cache_dir = cache_dir_for(Workspace.from_env(), the_set)
-    rows = status(_collect(files), cache_dir, the_set)
+    rows, cache_dir = api.source_status(files, source_set)
     colors = {"ok": "green", "missing": "yellow", "bad": "red", "unverified": "yellow"}
     for row in rows:
         state = typer.style(f"{row.state:<10}", fg=colors[row.state])
         typer.echo(f"{state} {row.file}  {row.detail}".rstrip())
     typer.echo(f"cache: {cache_dir}")
     if any(r.state != "ok" for r in rows):
-        raise typer.Exit(SourceError.exit_code)
+        raise typer.Exit(ExitCode.SOURCES)

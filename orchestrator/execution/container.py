@@ -33,7 +33,7 @@ from docker.models.containers import Container
 from docker.types import LogConfig, Mount
 from docker.types.daemon import CancellableStream
 
-from orchestrator.errors import ImageMissing, LfsorchError
+from orchestrator.errors import ExitCode, ImageMissing, LfsorchError
 from orchestrator.execution import engine
 from orchestrator.monitor import events
 from orchestrator.monitor.events import EventBus
@@ -153,7 +153,7 @@ class BuildResult:
 class EnvironmentTooLarge(LfsorchError):
     """A variable longer than one exec() argument may be, once its references are expanded."""
 
-    exit_code = 2
+    exit_code = ExitCode.USER_ERROR
 
     def __init__(self, name: str) -> None:
         super().__init__(

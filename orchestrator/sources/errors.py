@@ -5,13 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from orchestrator.errors import LfsorchError
+from orchestrator.errors import ExitCode, LfsorchError
 
 
 class SourceError(LfsorchError):
     """Base of the errors about source files."""
 
-    exit_code = 4
+    exit_code = ExitCode.SOURCES
 
 
 class ChecksumMismatch(SourceError):
@@ -78,4 +78,4 @@ class SourcesNotReady(SourceError):
 class SourceSetError(SourceError):
     """A source-set file is missing or malformed, or apt cannot resolve it."""
 
-    exit_code = 2
+    exit_code = ExitCode.USER_ERROR

@@ -19,7 +19,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from orchestrator.errors import LfsorchError
+from orchestrator.errors import ExitCode, LfsorchError
 
 MAX_ASSET_FILES = 10_000
 MAX_ASSET_BYTES = 256 << 20
@@ -44,7 +44,7 @@ class AssetProblem(Exception):
 class AssetsChanged(LfsorchError):
     """The assets on disk no longer match what was read with the stage file."""
 
-    exit_code = 2
+    exit_code = ExitCode.USER_ERROR
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from orchestrator.errors import LfsorchError
+from orchestrator.errors import ExitCode, LfsorchError
 from orchestrator.execution.container import EnvironmentTooLarge, expand_environment
 from orchestrator.spec.assets import (
     Asset,
@@ -51,7 +51,7 @@ class Problem:
 class StageFileError(LfsorchError):
     """One or more stage files are invalid; carries every problem found."""
 
-    exit_code = 2
+    exit_code = ExitCode.USER_ERROR
 
     def __init__(self, problems: Sequence[Problem]) -> None:
         self.problems = list(problems)

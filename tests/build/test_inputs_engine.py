@@ -25,35 +25,11 @@ from orchestrator.build.state import RunState
 from orchestrator.errors import LfsorchError
 from orchestrator.execution.container import BuildJob
 from orchestrator.workspace import Workspace
-from tests.conftest import BASE_IMAGE, REPO
-from tests.checkpoints.test_checkpointer import restores, started, tree
+from tests.helpers import BASE_IMAGE, partition_text, restores, run_build, run_cli, started
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]
 
 WriteStage = Callable[[str, str], Path]
-
-
-def build(
-    files: list[Path],
-    lfs: Path,
-    workspace: Workspace,
-    overrides: list[str] | None = None,
-    bus: EventBus | None = None,
-    **options: object,
-) -> tuple[RunState, list[Event]]:
-    """A run as `lfsorch run FILE --lfs DIR -o ...` makes it, with its events."""
-    recorded: list[Event] = []
-    bus = bus or EventBus()
-    bus.subscribe(recorded.append)
-    run = Build(
-        load_plan(files),
-        load_config(overrides or []).settings,
-        workspace,
-        engine.connect(timeout=None),
-        bus,
-        RunOptions(lfs_dir=lfs, **options),  # type: ignore[arg-type]
-    )
-    return run.run(), recorded
 
 
 def partition(tmp_path: Path, name: str) -> Path:
@@ -88,7 +64,7 @@ def test_every_configuration_layer_reaches_the_key(
     workspace: Workspace, tmp_path: Path, env_stage: Path
 ) -> None:
     first = partition(tmp_path, "a")
-    state, recorded = build([env_stage], first, workspace, ["environment.FOO=a"])
+    state, recorded = run_build([env_stage], first, workspace, ["environment.FOO=a"])
     assert state.outcome == "succeeded"
     assert (first / "out").read_text() == "a 0\n"
 
@@ -101,7 +77,7 @@ def test_every_configuration_layer_reaches_the_key(
     }
     for name, (overrides, expected, hit) in runs.items():
         lfs = partition(tmp_path, name)
-        state, recorded = build([env_stage], lfs, workspace, overrides)
+        state, recorded = run_build([env_stage], lfs, workspace, overrides)
         assert state.outcome == "succeeded", name
         assert (lfs / "out").read_text() == expected, name
         assert (cached(recorded) == ["env"]) is hit, name
@@ -112,10 +88,7 @@ def test_every_configuration_layer_reaches_the_key(
     assert "environment.LFSORCH_ATTEMPT" not in manifest.metadata["inputs"]
     assert manifest.metadata["neutral"]["makeflags.jobs"] == "-j2 V=1"
     assert manifest.metadata["definition"]["packages"][0]["environment"]["MAKEFLAGS"] == "V=1"
-    shown = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "snapshots", "show", "env", "--definition"],
-        capture_output=True, text=True, cwd=REPO, check=True,
-    ).stdout  # fmt: skip
+    shown = run_cli("snapshots", "show", "env", "--definition", check=True).stdout
     hashed_line = next(line for line in shown.splitlines() if line.startswith("hashed:"))
     assert "environment.FOO" in hashed_line and "image" in hashed_line
     neutral = (
@@ -142,7 +115,7 @@ def test_command_line_beats_the_stage_file(
     store = SnapshotStore(workspace.snapshots_dir)
     lfs = partition(tmp_path, "cli")
     overrides = ["checkpoint=none", "environment.X=cli", "environment.Y=cli"]
-    state, recorded = build([path], lfs, workspace, overrides)
+    state, recorded = run_build([path], lfs, workspace, overrides)
     assert state.outcome == "succeeded"
     assert (lfs / "out").read_text() == "cli cli\n"
     assert checkpoints_taken(recorded) == [] and store.list() == []
@@ -153,7 +126,7 @@ def test_command_line_beats_the_stage_file(
     user_file.write_text("environment: {X: user}\n")
     monkeypatch.setenv("LFSORCH_CONFIG", str(user_file))
     lfs = partition(tmp_path, "profile")
-    state, recorded = build([path], lfs, workspace, ["profile=minimal"])
+    state, recorded = run_build([path], lfs, workspace, ["profile=minimal"])
     assert state.outcome == "succeeded"
     assert (lfs / "out").read_text() == "stage package\n"
     # One package: the stage's checkpoint and the package's are one.
@@ -178,29 +151,25 @@ def two_stages(stage_file: WriteStage) -> Path:
 def test_rebuild_builds_on_a_partition_already_at_the_checkpoint(
     workspace: Workspace, lfs_dir: Path, two_stages: Path
 ) -> None:
-    state, recorded = build([two_stages], lfs_dir, workspace)
+    state, recorded = run_build([two_stages], lfs_dir, workspace)
     assert started(recorded) == ["one/base", "two/top"]
 
-    state, recorded = build([two_stages], lfs_dir, workspace, rebuild=True)
+    state, recorded = run_build([two_stages], lfs_dir, workspace, rebuild=True)
     assert state.outcome == "succeeded"
     assert started(recorded) == ["one/base", "two/top"]
     # Stage two builds on what this run built, not on the older checkpoint of stage one.
     assert restores(recorded) == [("one", "--rebuild: back to the checkpoint before it")]
     # Built again from the partition before each stage, never on top of the old build.
-    assert tree(lfs_dir) == {"one": "one\n", "two": "two\n"}
+    assert partition_text(lfs_dir) == {"one": "one\n", "two": "two\n"}
 
-    state, recorded = build([two_stages], lfs_dir, workspace, rebuild_stages=("two",))
+    state, recorded = run_build([two_stages], lfs_dir, workspace, rebuild_stages=("two",))
     assert state.outcome == "succeeded"
     assert started(recorded) == ["two/top"]
     assert restores(recorded) == [("two", "--rebuild: back to the checkpoint before it")]
-    assert tree(lfs_dir) == {"one": "one\n", "two": "two\n"}
+    assert partition_text(lfs_dir) == {"one": "one\n", "two": "two\n"}
 
     def lfsorch(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "orchestrator", "run", str(two_stages), "--lfs", str(lfs_dir),
-             *args],
-            capture_output=True, text=True, cwd=REPO, env=dict(os.environ), timeout=120,
-        )  # fmt: skip
+        return run_cli("run", str(two_stages), "--lfs", str(lfs_dir), *args, timeout=120)
 
     done = lfsorch("--rebuild-stage", "one")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -211,7 +180,7 @@ def test_rebuild_builds_on_a_partition_already_at_the_checkpoint(
     assert refused.stderr.strip().splitlines()[0] == (
         "error: --rebuild-stage three: no such stage in this plan"
     )
-    assert tree(lfs_dir) == {"one": "one\n", "two": "two\n"}
+    assert partition_text(lfs_dir) == {"one": "one\n", "two": "two\n"}
 
 
 @pytest.fixture
@@ -242,7 +211,7 @@ def test_a_level_builds_side_by_side_and_is_one_checkpoint(
     workspace: Workspace, tmp_path: Path, levels: Path
 ) -> None:
     lfs = partition(tmp_path, "j2")
-    state, recorded = build([levels], lfs, workspace, parallel=2)
+    state, recorded = run_build([levels], lfs, workspace, parallel=2)
     assert state.outcome == "failed"
 
     def stamp(name: str) -> float:
@@ -252,7 +221,7 @@ def test_a_level_builds_side_by_side_and_is_one_checkpoint(
     assert checkpoints_taken(recorded) == [None, "a, b"]
     assert (lfs / "c").read_text() == "c\n" and (lfs / "half").exists()
 
-    state, recorded = build([levels], lfs, workspace, parallel=2)
+    state, recorded = run_build([levels], lfs, workspace, parallel=2)
     assert state.outcome == "succeeded", [p.model_dump() for p in state.packages]
     assert restores(recorded) == [("levels", "resume: back to the last checkpoint")]
     assert sorted(started(recorded)) == ["levels/c", "levels/d"]
@@ -261,7 +230,7 @@ def test_a_level_builds_side_by_side_and_is_one_checkpoint(
     assert not (lfs / "half").exists()
 
     # At -j 1, a checkpoint after every package, as before.
-    _, recorded = build([levels], partition(tmp_path, "j1"), Workspace(tmp_path / "w1"))
+    _, recorded = run_build([levels], partition(tmp_path, "j1"), Workspace(tmp_path / "w1"))
     assert started(recorded) == ["levels/a", "levels/b", "levels/c", "levels/d"]
     assert checkpoints_taken(recorded) == [None, "a", "b", "c"]  # d failed its first attempt
 
@@ -280,7 +249,7 @@ def test_names_docker_refuses_stay_apart_and_keep_their_progress(
           - {{name: gtk_, script: "sleep 1; echo > /mnt/lfs/underscore"}}
         """,
     )
-    state, recorded = build([path], lfs_dir, workspace, parallel=2)
+    state, recorded = run_build([path], lfs_dir, workspace, parallel=2)
     assert state.outcome == "succeeded", [p.model_dump() for p in state.packages]
     assert sorted(p.name for p in state.packages if p.status == "done") == ["gtk+", "gtk_"]
     assert (lfs_dir / "plus").is_file() and (lfs_dir / "underscore").is_file()
@@ -323,7 +292,7 @@ def test_a_real_error_beside_a_running_build_is_reported(
     bus.subscribe(take_the_name)
     try:
         with pytest.raises(LfsorchError) as caught:
-            build([path], lfs_dir, workspace, bus=bus, parallel=2)
+            run_build([path], lfs_dir, workspace, bus=bus, parallel=2)
     finally:
         for squatter in squatters:
             docker_client.api.remove_container(squatter, force=True)

@@ -16,7 +16,7 @@ from orchestrator import api
 from orchestrator.sources import cache as sources
 from orchestrator.spec.graph import load_plan
 from orchestrator.workspace import Workspace
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 

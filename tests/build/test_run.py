@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,54 +20,15 @@ from orchestrator.config import load_config
 from orchestrator.monitor.events import Event, EventBus
 from orchestrator.spec.graph import load_plan
 from orchestrator.workspace import Workspace
-from tests.conftest import BASE_IMAGE, REPO
+from tests.helpers import BASE_IMAGE, REPO, run_build, start_cli, wait_for_container
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]
 
 WriteStage = Callable[[str, str], Path]
 
 
-def run_build(
-    files: list[Path], lfs: Path, workspace: Workspace, parallel: int = 1
-) -> tuple[object, list[Event]]:
-    recorded: list[Event] = []
-    bus = EventBus()
-    bus.subscribe(recorded.append)
-    settings = load_config().settings
-    build = Build(
-        load_plan(files),
-        settings,
-        workspace,
-        engine.connect(timeout=None),
-        bus,
-        RunOptions(lfs_dir=lfs, parallel=parallel),
-    )
-    return build.run(), recorded
-
-
 def names(events: list[Event], kind: str) -> list[str]:
     return [str(e.package) for e in events if e.name == kind]
-
-
-def lfsorch(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, **(env or {})},
-        cwd=REPO,
-    )
-
-
-def wait_for_container(client: docker.DockerClient, package: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = client.containers.list(filters={"label": f"{engine.PACKAGE}={package}"})
-        if found:
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"no running container for {package}")
 
 
 def of_stage(client: docker.DockerClient, stage: str) -> list[docker.models.containers.Container]:
@@ -78,7 +37,7 @@ def of_stage(client: docker.DockerClient, stage: str) -> list[docker.models.cont
 
 def test_demo_stage_builds_into_the_partition(workspace: Workspace, lfs_dir: Path) -> None:
     state, recorded = run_build([REPO / "stages/demo.yaml"], lfs_dir, workspace, parallel=2)
-    assert state.outcome == "succeeded"  # type: ignore[attr-defined]
+    assert state.outcome == "succeeded"
     release = (lfs_dir / "etc/demo-release").read_text().splitlines()
     assert [line.split()[1] for line in release] == [
         "/mnt/lfs/usr/bin/hello",
@@ -88,7 +47,7 @@ def test_demo_stage_builds_into_the_partition(workspace: Workspace, lfs_dir: Pat
     assert completed.index("layout") < completed.index("libgreet") < completed.index("hello")
     assert completed[-1] == "release"
     assert (lfs_dir / "usr/lib/libgreet.a").stat().st_size > 0
-    log = Path(state.find("demo", "hello").log)  # type: ignore[attr-defined]
+    log = Path(state.find("demo", "hello").log)
     assert log.read_text().startswith("=== lfsorch: demo/hello attempt 1 ===")
 
 
@@ -118,7 +77,7 @@ def test_container_contract(
     seen_labels: dict[str, str] = {}
 
     def watch() -> None:
-        wait_for_container(docker_client, "look")
+        wait_for_container(docker_client, "look", owner=os.getpid())
         found = docker_client.containers.list(filters={"label": f"{engine.PACKAGE}=look"})
         seen_labels.update(found[0].labels)
 
@@ -177,7 +136,7 @@ def test_failure_stops_dependents_and_reports_exit_status(
         """,
     )
     state, recorded = run_build([path], lfs_dir, workspace)
-    statuses = {p.name: (p.status, p.exit_code) for p in state.packages}  # type: ignore[attr-defined]
+    statuses = {p.name: (p.status, p.exit_code) for p in state.packages}
     assert statuses == {
         "base": ("done", 0),
         "broken": ("failed", 3),
@@ -186,10 +145,10 @@ def test_failure_stops_dependents_and_reports_exit_status(
     }
     assert not (lfs_dir / "after").exists()
     assert names(recorded, "build.skipped") == ["after-broken"]
-    assert state.outcome == "failed"  # type: ignore[attr-defined]
+    assert state.outcome == "failed"
 
     # The CLI's summary names the failure, its exit status, its log's last lines and the log.
-    rerun = lfsorch("run", str(path), "--lfs", str(lfs_dir))
+    rerun = start_cli("run", str(path), "--lfs", str(lfs_dir))
     output, _ = rerun.communicate(timeout=120)
     assert rerun.returncode == 1
     assert "FAILED fail/broken: exit status 3" in output
@@ -222,7 +181,7 @@ def test_retries_until_success(workspace: Workspace, lfs_dir: Path, stage_file: 
         """,
     )
     state, recorded = run_build([path], lfs_dir, workspace)
-    package = state.packages[0]  # type: ignore[attr-defined]
+    package = state.packages[0]
     assert package.status == "done"
     assert [(a.number, a.exit_code) for a in package.attempts] == [(1, 1), (2, 1), (3, 0)]
     assert [e.data["attempt"] for e in recorded if e.name == "build.retry"] == [2, 3]
@@ -246,7 +205,7 @@ def test_memory_limit_kill_is_recorded(
         """,
     )
     state, _ = run_build([path], lfs_dir, workspace)
-    package = state.packages[0]  # type: ignore[attr-defined]
+    package = state.packages[0]
     assert package.oom_killed is True
     assert package.status == "failed"
     assert package.attempts[-1].error.startswith("killed by the kernel's OOM killer")
@@ -266,7 +225,7 @@ def test_timeout_kills_the_container(
     )
     started = time.monotonic()
     state, _ = run_build([path], lfs_dir, workspace)
-    package = state.packages[0]  # type: ignore[attr-defined]
+    package = state.packages[0]
     assert time.monotonic() - started < 30
     assert (package.status, package.timed_out) == ("failed", True)
     assert package.attempts[-1].error.startswith("timed out after 2s")
@@ -288,7 +247,7 @@ def test_independent_packages_run_side_by_side(
         """,
     )
     state, _ = run_build([path], lfs_dir, workspace, parallel=2)
-    assert state.outcome == "succeeded"  # type: ignore[attr-defined]
+    assert state.outcome == "succeeded"
 
     def read(name: str) -> float:
         return float((lfs_dir / name).read_text())
@@ -309,8 +268,8 @@ def test_interrupt_stops_and_removes_containers(
           - {{name: endless, depends: [first], script: "sleep 300"}}
         """,
     )
-    process = lfsorch("run", str(path), "--lfs", str(lfs_dir))
-    wait_for_container(docker_client, "endless")
+    process = start_cli("run", str(path), "--lfs", str(lfs_dir))
+    wait_for_container(docker_client, "endless", owner=process.pid)
     process.send_signal(signal.SIGINT)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 130, output
@@ -329,8 +288,8 @@ def test_sigterm_behaves_like_ctrl_c(
         f"stage: term\nimage: {BASE_IMAGE}\n"
         "packages:\n  - {name: endless, script: 'sleep 300'}\n",
     )
-    process = lfsorch("run", str(path), "--lfs", str(lfs_dir))
-    wait_for_container(docker_client, "endless")
+    process = start_cli("run", str(path), "--lfs", str(lfs_dir))
+    wait_for_container(docker_client, "endless", owner=process.pid)
     process.send_signal(signal.SIGTERM)
     process.communicate(timeout=60)
     assert process.returncode == 130
@@ -355,8 +314,8 @@ def test_killed_tool_leftovers_are_removed_and_done_work_is_kept(
               touch /mnt/lfs/second
         """,
     )
-    process = lfsorch("run", str(path), "--lfs", str(lfs_dir))
-    wait_for_container(docker_client, "second")
+    process = start_cli("run", str(path), "--lfs", str(lfs_dir))
+    wait_for_container(docker_client, "second", owner=process.pid)
     process.kill()
     process.communicate(timeout=30)
     leftovers = of_stage(docker_client, "crash")
@@ -366,7 +325,7 @@ def test_killed_tool_leftovers_are_removed_and_done_work_is_kept(
     state, recorded = run_build([path], lfs_dir, workspace)
     cleanup = [e for e in recorded if e.name == "engine.cleanup"]
     assert cleanup and cleanup[0].data["removed"] == [leftovers[0].name]
-    assert state.outcome == "succeeded"  # type: ignore[attr-defined]
+    assert state.outcome == "succeeded"
     assert (lfs_dir / "first").read_text() == "built\n"  # not built twice
     assert names(recorded, "build.start") == ["second"]
 
@@ -388,7 +347,7 @@ def test_status_json_reports_each_package(
         """,
     )
     run_build([path], lfs_dir, workspace)
-    process = lfsorch("status", "--json")
+    process = start_cli("status", "--json")
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 0
     status = json.loads(output)
@@ -412,7 +371,7 @@ def test_no_engine_is_one_line_and_offline_commands_still_work(
     workspace: Workspace, lfs_dir: Path
 ) -> None:
     env = {"DOCKER_HOST": "unix:///nonexistent/docker.sock"}
-    process = lfsorch("run", str(REPO / "stages/demo.yaml"), "--lfs", str(lfs_dir), env=env)
+    process = start_cli("run", str(REPO / "stages/demo.yaml"), "--lfs", str(lfs_dir), env=env)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 3
     (line,) = output.strip().splitlines()
@@ -422,6 +381,6 @@ def test_no_engine_is_one_line_and_offline_commands_still_work(
         "`lfsorch validate`, `plan` and `schema` work without it"
     )
     for command in (["validate"], ["plan", "--json"]):
-        check = lfsorch(*command, str(REPO / "stages/demo.yaml"), env=env)
+        check = start_cli(*command, str(REPO / "stages/demo.yaml"), env=env)
         check.communicate(timeout=60)
         assert check.returncode == 0

@@ -3,9 +3,7 @@ the drift check, and per-package checkpoints."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,55 +13,22 @@ import pytest
 
 from orchestrator import api
 from orchestrator.build.checkpointing import PartitionDrift
-from orchestrator.build.scheduler import Build, RunOptions
-from orchestrator.build.state import RunState
 from orchestrator.checkpoints.store import SnapshotStore
-from orchestrator.checkpoints.treescan import PARTITION_MARKER
-from orchestrator.config import load_config
-from orchestrator.execution import engine
-from orchestrator.monitor.events import Event, EventBus
-from orchestrator.spec.graph import load_plan
 from orchestrator.workspace import Workspace
-from tests.build.test_run import wait_for_container
-from tests.conftest import BASE_IMAGE, REPO
+from tests.helpers import (
+    BASE_IMAGE,
+    partition_text,
+    restores,
+    run_build,
+    run_cli,
+    start_cli,
+    started,
+    wait_for_container,
+)
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]
 
 WriteStage = Callable[[str, str], Path]
-
-
-def build(
-    files: list[Path], lfs: Path, workspace: Workspace, **options: object
-) -> tuple[RunState, list[Event]]:
-    recorded: list[Event] = []
-    bus = EventBus()
-    bus.subscribe(recorded.append)
-    run = Build(
-        load_plan(files),
-        load_config().settings,
-        workspace,
-        engine.connect(timeout=None),
-        bus,
-        RunOptions(lfs_dir=lfs, **options),  # type: ignore[arg-type]
-    )
-    return run.run(), recorded
-
-
-def started(events: list[Event]) -> list[str]:
-    return [f"{e.stage}/{e.package}" for e in events if e.name == "build.start"]
-
-
-def restores(events: list[Event]) -> list[tuple[str | None, str]]:
-    return [(e.stage, e.data["reason"]) for e in events if e.name == "snapshot.restore"]
-
-
-def tree(root: Path) -> dict[str, str]:
-    """The partition's own files (lfsorch's marker directory is not part of it)."""
-    return {
-        str(path.relative_to(root)): path.read_text() if path.is_file() else "<dir>"
-        for path in sorted(root.rglob("*"))
-        if path.relative_to(root).parts[0] != PARTITION_MARKER
-    }
 
 
 @pytest.fixture
@@ -106,7 +71,7 @@ def test_cache_hit_restores_instead_of_building(
 ) -> None:
     first = tmp_path / "first"
     first.mkdir()
-    state, recorded = build(two_stages, first, workspace)
+    state, recorded = run_build(two_stages, first, workspace)
     assert state.outcome == "succeeded"
     assert started(recorded) == ["one/base", "two/a", "two/b"]
     assert [e.stage for e in recorded if e.name == "snapshot.create"] == ["(initial)", "one", "two"]
@@ -117,22 +82,19 @@ def test_cache_hit_restores_instead_of_building(
     assert manifest.metadata["sources"] == {}
     assert manifest.metadata["definition"]["stage"] == "two"
     assert [p["name"] for p in manifest.metadata["definition"]["packages"]] == ["a", "b"]
-    shown = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "snapshots", "show", "two"],
-        capture_output=True, text=True, cwd=REPO, check=True,
-    ).stdout  # fmt: skip
+    shown = run_cli("snapshots", "show", "two", check=True).stdout
     assert f"image:     {manifest.metadata['image']}" in shown
     assert "built by:  a, b  (--definition)" in shown
 
     second = tmp_path / "second"
     second.mkdir()
-    state, recorded = build(two_stages, second, workspace)
+    state, recorded = run_build(two_stages, second, workspace)
     assert state.outcome == "succeeded"
     assert started(recorded) == []
     assert [e.stage for e in recorded if e.name == "stage.cached"] == ["one", "two"]
     assert (
-        tree(second)
-        == tree(first)
+        partition_text(second)
+        == partition_text(first)
         == {
             "usr": "<dir>",
             "usr/a": "a\n",
@@ -143,7 +105,7 @@ def test_cache_hit_restores_instead_of_building(
 
     third = tmp_path / "third"
     third.mkdir()
-    _, recorded = build(two_stages, third, workspace, rebuild=True)
+    _, recorded = run_build(two_stages, third, workspace, rebuild=True)
     assert started(recorded) == ["one/base", "two/a", "two/b"]
 
 
@@ -152,16 +114,21 @@ def test_failed_build_resumes_on_the_restored_checkpoint(
 ) -> None:
     fail = two_stages[0].parent / "control/fail"
     fail.touch()
-    state, _ = build(two_stages, lfs_dir, workspace)
+    state, _ = run_build(two_stages, lfs_dir, workspace)
     assert state.outcome == "failed"
     assert (lfs_dir / "usr/half").read_text() == "partial\n"  # half-installed, as it failed
 
     fail.unlink()
-    state, recorded = build(two_stages, lfs_dir, workspace)
+    state, recorded = run_build(two_stages, lfs_dir, workspace)
     assert state.outcome == "succeeded", [p.model_dump() for p in state.packages]
     assert restores(recorded) == [("two", "resume: back to the last checkpoint")]
     assert started(recorded) == ["two/a", "two/b"]
-    assert tree(lfs_dir) == {"usr": "<dir>", "usr/a": "a\n", "usr/b": "b\n", "usr/one": "one\n"}
+    assert partition_text(lfs_dir) == {
+        "usr": "<dir>",
+        "usr/a": "a\n",
+        "usr/b": "b\n",
+        "usr/one": "one\n",
+    }
 
 
 def test_killed_run_resumes_on_the_restored_checkpoint(
@@ -172,14 +139,8 @@ def test_killed_run_resumes_on_the_restored_checkpoint(
 ) -> None:
     hold = two_stages[0].parent / "control/hold"
     hold.touch()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", str(two_stages[0]), "--lfs", str(lfs_dir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        cwd=REPO,
-        env=dict(os.environ),
-    )
-    wait_for_container(docker_client, "b")
+    process = start_cli("run", str(two_stages[0]), "--lfs", str(lfs_dir), stdout=subprocess.DEVNULL)
+    wait_for_container(docker_client, "b", owner=process.pid)
     # The container runs before its script has written anything: kill once b is half done.
     deadline = time.monotonic() + 60
     while not (lfs_dir / "usr/half").exists() and time.monotonic() < deadline:
@@ -189,7 +150,7 @@ def test_killed_run_resumes_on_the_restored_checkpoint(
     assert (lfs_dir / "usr/half").exists()
 
     hold.unlink()
-    state, recorded = build(two_stages, lfs_dir, workspace)
+    state, recorded = run_build(two_stages, lfs_dir, workspace)
     assert [e.name for e in recorded][:2] == ["engine.cleanup", "run.start"]
     assert restores(recorded) == [("two", "resume: back to the last checkpoint")]
     assert started(recorded) == ["two/a", "two/b"]
@@ -201,9 +162,9 @@ def test_killed_run_resumes_on_the_restored_checkpoint(
 def test_from_stage_restores_the_checkpoint_before_it(
     workspace: Workspace, lfs_dir: Path, two_stages: list[Path]
 ) -> None:
-    build(two_stages, lfs_dir, workspace)
+    run_build(two_stages, lfs_dir, workspace)
     (lfs_dir / "usr/stray").write_text("made by hand\n")
-    state, recorded = build(two_stages, lfs_dir, workspace, from_stage="two")
+    state, recorded = run_build(two_stages, lfs_dir, workspace, from_stage="two")
     assert state.outcome == "succeeded"
     assert restores(recorded) == [("two", "--from")]
     assert started(recorded) == ["two/a", "two/b"]
@@ -214,7 +175,7 @@ def test_from_stage_restores_the_checkpoint_before_it(
 def test_drift_is_refused_with_what_differs(
     workspace: Workspace, lfs_dir: Path, two_stages: list[Path], stage_file: WriteStage
 ) -> None:
-    build(two_stages, lfs_dir, workspace)
+    run_build(two_stages, lfs_dir, workspace)
     three = stage_file(
         "three.yaml",
         f"stage: three\nrequires: [two]\nimage: {BASE_IMAGE}\n"
@@ -223,7 +184,7 @@ def test_drift_is_refused_with_what_differs(
     (lfs_dir / "usr/stray").write_text("made by hand\n")
     (lfs_dir / "usr/one").write_text("edited\n")
     with pytest.raises(PartitionDrift) as caught:
-        build([three], lfs_dir, workspace)
+        run_build([three], lfs_dir, workspace)
     message = caught.value.message
     assert message.startswith(f"the partition {lfs_dir.resolve()} changed since checkpoint ")
     lines = message.splitlines()[1:]
@@ -252,11 +213,11 @@ def test_package_checkpoints_resume_after_the_last_good_package(
               echo 3 >> /mnt/lfs/log
         """,
     )
-    state, recorded = build([path], lfs_dir, workspace)
+    state, recorded = run_build([path], lfs_dir, workspace)
     assert state.outcome == "failed"
     assert [e.package for e in recorded if e.name == "snapshot.create"] == [None, "p1", "p2"]
 
-    state, recorded = build([path], lfs_dir, workspace)
+    state, recorded = run_build([path], lfs_dir, workspace)
     assert state.outcome == "succeeded"
     assert restores(recorded) == [("steps", "resume: back to the last checkpoint")]
     assert started(recorded) == ["steps/p3"]
@@ -285,12 +246,12 @@ def test_retry_starts_from_the_checkpoint_before_the_package(
               echo 2 > /mnt/lfs/p2
         """,
     )
-    state, recorded = build([path], lfs_dir, workspace)
+    state, recorded = run_build([path], lfs_dir, workspace)
     assert state.outcome == "succeeded"
     p2 = state.find("flaky", "p2")
     assert p2 is not None and [a.exit_code for a in p2.attempts] == [4, 0]
     assert restores(recorded) == [("flaky", "retry p2: back to the checkpoint before it")]
-    assert tree(lfs_dir) == {"p1": "1\n", "p2": "2\n"}
+    assert partition_text(lfs_dir) == {"p1": "1\n", "p2": "2\n"}
     # The stage's checkpoint is the tree of its last package's: an empty delta over that one,
     # while its key still chains from the checkpoint before the stage.
     store = SnapshotStore(workspace.snapshots_dir)
@@ -304,11 +265,7 @@ def test_command_line_from_and_rebuild(
     workspace: Workspace, lfs_dir: Path, two_stages: list[Path]
 ) -> None:
     def lfsorch(*args: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "orchestrator", "run", str(two_stages[0]), "--lfs", str(lfs_dir),
-             *args],
-            capture_output=True, text=True, cwd=REPO, env=dict(os.environ), timeout=120,
-        )  # fmt: skip
+        done = run_cli("run", str(two_stages[0]), "--lfs", str(lfs_dir), *args, timeout=120)
         assert done.returncode == 0, done.stdout + done.stderr
         return done.stdout
 
@@ -327,7 +284,7 @@ def test_another_machine_continues_after_a_snapshot_image(
 ) -> None:
     first = tmp_path / "first"
     first.mkdir()
-    state, _ = build(two_stages, first, workspace)
+    state, _ = run_build(two_stages, first, workspace)
     assert state.outcome == "succeeded"
     store = SnapshotStore(workspace.snapshots_dir)
     key = store.resolve("two").key
@@ -348,11 +305,11 @@ def test_another_machine_continues_after_a_snapshot_image(
         else:
             info = api.restore(image_id, partition, image=True, workspace=elsewhere)
             assert info.key == key
-        state, recorded = build(two_stages, partition, elsewhere)
+        state, recorded = run_build(two_stages, partition, elsewhere)
     finally:
         docker_client.images.remove(image_id, force=True)
     assert state.outcome == "succeeded"
     assert started(recorded) == []
     cached = [(e.stage, e.data.get("covered", False)) for e in recorded if e.name == "stage.cached"]
     assert cached == [("one", True), ("two", False)]
-    assert tree(partition) == tree(first)
+    assert partition_text(partition) == partition_text(first)

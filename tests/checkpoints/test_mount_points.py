@@ -17,8 +17,7 @@ from orchestrator.checkpoints.manifest import SnapshotError
 from orchestrator.checkpoints.store import SnapshotStore
 from orchestrator.checkpoints.treescan import verify_tree
 from orchestrator.workspace import Workspace
-from tests.checkpoints.test_store import assert_tree_kinds, make_tree, tree_state
-from tests.conftest import BASE_IMAGE
+from tests.helpers import BASE_IMAGE, assert_tree_kinds, make_tree, run_build, tree_state
 
 
 class Mounts:
@@ -117,8 +116,6 @@ def test_restore_refuses_a_partition_with_mounts_inside(tmp_path: Path, mounts: 
 def test_run_refuses_a_partition_with_mounts_inside_before_building(
     tmp_path: Path, mounts: Mounts, workspace: Workspace, stage_file: Callable[[str, str], Path]
 ) -> None:
-    from tests.checkpoints.test_checkpointer import build
-
     lfs = tmp_path / "lfs"
     (lfs / "proc").mkdir(parents=True)
     mounts.tmpfs(lfs / "proc")
@@ -132,7 +129,7 @@ def test_run_refuses_a_partition_with_mounts_inside_before_building(
         """,
     )
     with pytest.raises(SnapshotError) as caught:
-        build([stage], lfs, workspace)
+        run_build([stage], lfs, workspace)
     assert caught.value.message == (
         f"cannot checkpoint {lfs}: filesystems are mounted inside it ({lfs / 'proc'})"
     )

@@ -21,9 +21,7 @@ from orchestrator.checkpoints.manifest import REBASED_ARCHIVE
 from orchestrator.checkpoints.store import MANIFEST, SnapshotStore
 from orchestrator.checkpoints.treescan import verify_tree
 from orchestrator.workspace import Workspace
-from tests.build.test_run import lfsorch, wait_for_container
-from tests.checkpoints.test_store import make_tree
-from tests.conftest import BASE_IMAGE, REPO
+from tests.helpers import BASE_IMAGE, REPO, make_tree, run_cli, start_cli, wait_for_container
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]
 
@@ -279,16 +277,10 @@ def test_prune_refuses_while_a_run_holds_the_workspace(
         f"stage: hold\nimage: {BASE_IMAGE}\ncheckpoint: none\n"
         "packages:\n  - {name: holder, script: 'sleep 300'}\n"
     )
-    run = lfsorch("run", str(stage), "--lfs", str(lfs_dir))
+    run = start_cli("run", str(stage), "--lfs", str(lfs_dir))
     try:
-        wait_for_container(docker_client, "holder")
-        prune = subprocess.run(
-            [sys.executable, "-m", "orchestrator", "snapshots", "prune", "--keep", "1"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        wait_for_container(docker_client, "holder", owner=run.pid)
+        prune = run_cli("snapshots", "prune", "--keep", "1", timeout=60)
         assert prune.returncode == WorkspaceBusy.exit_code != 0
         assert prune.stdout == ""
         assert prune.stderr == (
@@ -303,13 +295,7 @@ def test_prune_refuses_while_a_run_holds_the_workspace(
     finally:
         run.send_signal(signal.SIGINT)
         run.communicate(timeout=60)
-    prune = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "snapshots", "prune", "--keep", "1"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    prune = run_cli("snapshots", "prune", "--keep", "1", timeout=120)
     assert prune.returncode == 0, prune.stderr
     lines = prune.stdout.splitlines()
     assert lines[:4] == [

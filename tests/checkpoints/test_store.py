@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -21,82 +20,10 @@ from orchestrator.checkpoints.digests import data_digest
 from orchestrator.checkpoints.manifest import ARCHIVE, SnapshotError, snapshot_key
 from orchestrator.checkpoints.store import KEY_LABEL, MANIFEST, MANIFEST_MEMBER, SnapshotStore
 from orchestrator.checkpoints.tarstream import UnsafeArchiveError
-from orchestrator.checkpoints.treescan import PARTITION_MARKER, scan_tree, verify_tree
+from orchestrator.checkpoints.treescan import scan_tree, verify_tree
+from tests.helpers import assert_tree_kinds, make_tree, tree_state
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]
-
-
-def make_tree(root: Path) -> None:
-    """A small LFS-like tree with one of every kind of entry a snapshot must keep."""
-    (root / "usr/bin").mkdir(parents=True)
-    (root / "usr/bin/bash").write_bytes(b"\x7fELF bash " * 500)
-    os.chmod(root / "usr/bin/bash", 0o755)
-    (root / "usr/bin/su").write_bytes(b"su binary")
-    os.chmod(root / "usr/bin/su", 0o4755)
-    (root / "usr/bin/wall").write_bytes(b"wall binary")
-    os.chown(root / "usr/bin/wall", 0, 5)
-    os.chmod(root / "usr/bin/wall", 0o2755)
-    os.link(root / "usr/bin/bash", root / "usr/bin/bash-hl")
-    os.setxattr(root / "usr/bin/bash", "user.lfs.note", b"chapter 6")
-    os.symlink("/bin/bash", root / "usr/bin/sh")
-    os.symlink("../bin/bash", root / "usr/bin/rel")
-    os.symlink("usr/bin", root / "bin")
-    (root / "tmp").mkdir()
-    os.chmod(root / "tmp", 0o1777)
-    (root / "empty").mkdir()
-    (root / "home/tester").mkdir(parents=True)
-    (root / "home/tester/notes").write_text("hello\n")
-    os.chown(root / "home/tester/notes", 1000, 1001)
-    os.chown(root / "home/tester", 1000, 1001)
-    os.chmod(root / "home/tester", 0o700)
-    (root / "dev").mkdir()
-    os.mknod(root / "dev/null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
-    os.chmod(root / "dev/null", 0o666)
-    os.mknod(root / "dev/console", 0o600 | stat.S_IFCHR, os.makedev(5, 1))
-    os.mkfifo(root / "dev/initctl", 0o600)
-
-
-def assert_tree_kinds(root: Path) -> None:
-    """Explicit checks, independent of verify_tree, of what must survive a round trip."""
-    mode = lambda p: stat.S_IMODE(os.lstat(root / p).st_mode)  # noqa: E731
-    assert mode("usr/bin/su") == 0o4755
-    assert mode("usr/bin/wall") == 0o2755
-    assert mode("tmp") == 0o1777
-    assert mode("home/tester") == 0o700
-    notes = os.lstat(root / "home/tester/notes")
-    assert (notes.st_uid, notes.st_gid) == (1000, 1001)
-    assert os.lstat(root / "usr/bin/wall").st_gid == 5
-    assert (root / "usr/bin/bash").read_bytes() == b"\x7fELF bash " * 500
-    assert os.readlink(root / "usr/bin/sh") == "/bin/bash"
-    assert os.readlink(root / "usr/bin/rel") == "../bin/bash"
-    assert os.readlink(root / "bin") == "usr/bin"
-    bash, bash_hl = os.lstat(root / "usr/bin/bash"), os.lstat(root / "usr/bin/bash-hl")
-    assert bash.st_ino == bash_hl.st_ino and bash.st_nlink == 2
-    assert os.getxattr(root / "usr/bin/bash", "user.lfs.note") == b"chapter 6"
-    assert (root / "empty").is_dir() and list((root / "empty").iterdir()) == []
-    null, console = os.lstat(root / "dev/null"), os.lstat(root / "dev/console")
-    assert (
-        stat.S_ISCHR(null.st_mode) and os.major(null.st_rdev) == 1 and os.minor(null.st_rdev) == 3
-    )
-    assert stat.S_ISCHR(console.st_mode) and os.minor(console.st_rdev) == 1
-    assert stat.S_ISFIFO(os.lstat(root / "dev/initctl").st_mode)
-
-
-def tree_state(root: Path) -> dict[str, tuple[object, ...]]:
-    """Everything about a tree a refused restore must not change (lfsorch's own identity
-    marker aside: it is made on first use and never part of a snapshot)."""
-    state: dict[str, tuple[object, ...]] = {}
-    for path in [root, *sorted(root.rglob("*"))]:
-        if path.relative_to(root).parts[:1] == (PARTITION_MARKER,):
-            continue
-        info = os.lstat(path)
-        content = (
-            hashlib.sha256(path.read_bytes()).hexdigest() if stat.S_ISREG(info.st_mode) else None
-        )
-        state[str(path.relative_to(root))] = (
-            info.st_mode, info.st_uid, info.st_gid, info.st_mtime_ns, info.st_ino, content
-        )  # fmt: skip
-    return state
 
 
 @pytest.fixture

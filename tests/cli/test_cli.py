@@ -3,24 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
-from tests.conftest import REPO
-
-
-def lfsorch(*args: str, home: Path) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "LFSORCH_HOME": str(home), "LFSORCH_CONFIG": str(home / "none.yaml")}
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=60,
-    )
+from tests.helpers import run_cli
 
 
 def test_validate_reports_every_error_and_creates_nothing(tmp_path: Path) -> None:
@@ -32,7 +17,7 @@ def test_validate_reports_every_error_and_creates_nothing(tmp_path: Path) -> Non
     broken = tmp_path / "broken.yaml"
     broken.write_text("stage: broken\npackages: [\n")
     before = sorted(tmp_path.iterdir())
-    result = lfsorch("validate", str(bad), str(broken), home=tmp_path / "home")
+    result = run_cli("validate", str(bad), str(broken), home=tmp_path / "home")
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.splitlines() == [
@@ -44,21 +29,21 @@ def test_validate_reports_every_error_and_creates_nothing(tmp_path: Path) -> Non
 
 
 def test_plan_json_and_schema(tmp_path: Path) -> None:
-    result = lfsorch("plan", "--json", "stages/demo.yaml", home=tmp_path / "home")
+    result = run_cli("plan", "--json", "stages/demo.yaml", home=tmp_path / "home")
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout) == {
         "stages": [
             {"stage": "demo", "levels": [["layout"], ["crc32", "libgreet"], ["hello"], ["release"]]}
         ]
     }
-    schema = json.loads(lfsorch("schema", home=tmp_path / "home").stdout)
+    schema = json.loads(run_cli("schema", home=tmp_path / "home").stdout)
     assert schema["title"] == "lfsorch stage file"
     assert schema["additionalProperties"] is False
     assert "packages" in schema["required"]
 
 
 def test_config_show_names_the_origin(tmp_path: Path) -> None:
-    result = lfsorch("config", "show", "--json", "-o", "parallel_builds=3", home=tmp_path / "h")
+    result = run_cli("config", "show", "--json", "-o", "parallel_builds=3", home=tmp_path / "h")
     assert result.returncode == 0, result.stderr
     shown = json.loads(result.stdout)
     assert shown["parallel_builds"] == {"value": 3, "from": "command line"}
@@ -66,6 +51,6 @@ def test_config_show_names_the_origin(tmp_path: Path) -> None:
 
 
 def test_status_without_a_run(tmp_path: Path) -> None:
-    result = lfsorch("status", home=tmp_path / "home")
+    result = run_cli("status", home=tmp_path / "home")
     assert result.returncode == 1
     assert result.stderr.splitlines()[0] == "error: no run recorded yet"

@@ -11,7 +11,8 @@ import pytest
 from orchestrator.errors import LfsorchError
 from orchestrator.execution import images
 from orchestrator.workspace import Workspace
-from tests.sources.test_aptsources import DEB822, apt_root
+from tests.helpers import apt_root
+from tests.samples import DEB822
 
 ONE_LINE = """\
 # deb cdrom:[Debian GNU/Linux 12.5.0 _Bookworm_]/ bookworm main

@@ -169,3 +169,76 @@ def assert_canary_intact(victim: Path, before: dict[str, tuple[int, int, bytes |
     assert victim.read_bytes() == CANARY_BYTES
     assert stat.S_IMODE(os.lstat(victim).st_mode) == 0o4755
     assert canary_state(victim.parent) == before
+
+
+# --------------------------------------------------------------------------- hostile chains
+# Each lays a symlink `x -> <canary dir outside the partition>` in one layer and then tries to
+# write `x/victim` (an existing setuid file out there) in a later one.
+
+ATTACK = b"#!/bin/sh\nid > /tmp/owned\n"
+ATTACK_MODE = 0o6777
+
+
+def _root_member() -> bytes:
+    return member(b"./", b"5", mode=0o755)
+
+
+def base_with_symlink(store: Path, outside: Path, key: str, name: bytes = b"x") -> None:
+    """Layer 0: the root and `x -> outside`, listed honestly in its manifest."""
+    path = name.decode("utf-8", "surrogateescape")
+    stream = _root_member()
+    if b"\0" in name:
+        stream += pax(record(b"path", name)) + member(b"x", b"2", linkname=bytes(outside))
+    else:
+        stream += member(name, b"2", linkname=bytes(outside))
+    entries = [
+        entry(".", "dir", key),
+        entry(path, "symlink", key, mode=0o777, link=str(outside)),
+    ]
+    write_snapshot(store, Snapshot(key, stream + end(), entries))
+
+
+def chain_manifest_omits_symlink(store: Path, outside: Path) -> str:
+    """The middle manifest leaves `x` out although no layer deleted it: a restore that takes
+    the earlier symlinks from that manifest lets the tip write through `x`."""
+    base_with_symlink(store, outside, "a0")
+    write_snapshot(store, Snapshot("a1", end(), [entry(".", "dir", "a0")], delta_of="a0"))
+    tip = member(b"x/victim", data=ATTACK, mode=ATTACK_MODE)
+    entries = [entry(".", "dir", "a0"), file_entry("x/victim", "a2", ATTACK, ATTACK_MODE)]
+    write_snapshot(store, Snapshot("a2", tip + end(), entries, delta_of="a1"))
+    return "a2"
+
+
+def _plus_length_record(key: bytes, value: bytes) -> bytes:
+    body = b" " + key + b"=" + value + b"\n"
+    return b"+%d" % (len(body) + 3) + body  # "+NN": three characters before the blank
+
+
+def chain_pax_length_with_sign(store: Path, outside: Path) -> str:
+    """A PAX length written "+NN": Python's int() reads it, GNU tar drops the whole extended
+    header and extracts under the ustar name `x/victim` instead of the PAX path."""
+    base_with_symlink(store, outside, "b0")
+    tip = pax(_plus_length_record(b"path", b"decoy")) + member(
+        b"x/victim", data=ATTACK, mode=ATTACK_MODE
+    )
+    entries = [
+        entry(".", "dir", "b0"),
+        entry("x", "symlink", "b0", mode=0o777, link=str(outside)),
+        file_entry("decoy", "b1", ATTACK, ATTACK_MODE),
+    ]
+    write_snapshot(store, Snapshot("b1", tip + end(), entries, delta_of="b0"))
+    return "b1"
+
+
+def chain_nul_in_pax_path(store: Path, outside: Path) -> str:
+    """A symlink whose PAX path is "x\\0junk": tar creates `x`; the validator, reading the
+    whole value, thinks `x` is a plain directory the next layer may write below."""
+    base_with_symlink(store, outside, "c0", name=b"x\0junk")
+    tip = member(b"x/victim", data=ATTACK, mode=ATTACK_MODE)
+    entries = [
+        entry(".", "dir", "c0"),
+        entry("x\0junk", "symlink", "c0", mode=0o777, link=str(outside)),
+        file_entry("x/victim", "c1", ATTACK, ATTACK_MODE),
+    ]
+    write_snapshot(store, Snapshot("c1", tip + end(), entries, delta_of="c0"))
+    return "c1"

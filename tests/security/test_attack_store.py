@@ -31,7 +31,7 @@ def test_prune_removes_a_symlinked_entry_without_following_it(
     result = run_cli("snapshots", "prune", "--keep", "1")
 
     assert (result.returncode, result.stderr) == (0, "")
-    assert result.stdout == f"removed {old}\n1 snapshot(s) removed\n"
+    assert result.stdout.startswith(f"removed {old}\n1 snapshot(s) removed, ")
     assert not os.path.lexists(workspace.snapshots_dir / old)
     assert sorted(os.listdir(elsewhere / old)) == before
     assert store.has(new)

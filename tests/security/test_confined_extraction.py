@@ -13,15 +13,16 @@ from orchestrator.checkpoints import extract
 from orchestrator.checkpoints.extract import ContainerExtractor, Layer, SandboxExtractor
 from orchestrator.checkpoints.store import SnapshotStore
 from orchestrator.checkpoints.tarstream import ArchiveError, Member, MemberPolicy
-from tests.checkpoints.test_store import tree_state
+from tests.helpers import tree_state
 from tests.security.tarcraft import (
+    ATTACK,
     assert_canary_intact,
     canary_state,
+    chain_manifest_omits_symlink,
     end,
     member,
     plant_canary,
 )
-from tests.security.test_hostile_chains import ATTACK, chain_manifest_omits_symlink
 
 SOURCE = "hostile"
 

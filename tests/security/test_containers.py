@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ from orchestrator.execution import engine
 from orchestrator.execution.container import BASE_CAPABILITIES, OPTIONAL_CAPABILITIES, BuildJob
 from orchestrator.spec.models import Stage
 from orchestrator.workspace import Workspace
-from tests.conftest import REPO
+from tests.helpers import REPO, run_cli, start_cli
 
 # Bit numbers from linux/capability.h.
 CAPABILITY_BITS = {
@@ -102,12 +101,7 @@ def test_validate_refuses_a_capability_outside_the_allowlist(stage_file, tmp_pat
         'stage: bad\ncapabilities: [mknod, sys_admin]\npackages:\n  - {name: a, script: "true"}\n',
     )
     before = sorted(tmp_path.rglob("*"))
-    result = subprocess.run(
-        [sys.executable, "-m", "orchestrator", "validate", str(path)],
-        capture_output=True,
-        text=True,
-        cwd=REPO,
-    )
+    result = run_cli("validate", str(path))
     assert result.returncode == 2
     assert result.stderr.strip().endswith(
         f"{path}:2: capabilities[1]: Input should be "
@@ -116,7 +110,7 @@ def test_validate_refuses_a_capability_outside_the_allowlist(stage_file, tmp_pat
     assert sorted(tmp_path.rglob("*")) == before
 
 
-def _find_container(client: docker.DockerClient, cli: subprocess.Popen[bytes], stage: str):
+def _find_container(client: docker.DockerClient, cli: subprocess.Popen[str], stage: str):
     deadline = time.monotonic() + 60.0
     while time.monotonic() < deadline and cli.poll() is None:
         found = client.containers.list(
@@ -125,7 +119,7 @@ def _find_container(client: docker.DockerClient, cli: subprocess.Popen[bytes], s
         if found:
             return found[0]
         time.sleep(0.2)
-    output = cli.stdout.read().decode() if cli.poll() is not None and cli.stdout else ""
+    output = cli.stdout.read() if cli.poll() is not None and cli.stdout else ""
     raise AssertionError(f"no running container of stage {stage}: {output}")
 
 
@@ -138,12 +132,12 @@ def test_a_root_build_has_exactly_the_base_set_and_no_new_privileges(
     device of the host's disk is refused and nothing appears in the partition."""
     wait = "for i in $(seq 300); do [ -e $LFS/release ] && break; sleep 0.1; done\nrm $LFS/release"
     path = _stage(stage_file, "capsprobe", "user: root\n", PROBE + wait)
-    cli = subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", "run", str(path), "--lfs", str(lfs_dir)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "LFSORCH_HOME": str(workspace.root), "LFSORCH_CHECKPOINT": "none"},
-        cwd=REPO,
+    cli = start_cli(
+        "run",
+        str(path),
+        "--lfs",
+        str(lfs_dir),
+        env={"LFSORCH_HOME": str(workspace.root), "LFSORCH_CHECKPOINT": "none"},
     )
     try:
         host_config = _find_container(docker_client, cli, "capsprobe").attrs["HostConfig"]

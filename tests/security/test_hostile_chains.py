@@ -8,8 +8,6 @@ tries to write `x/victim` (an existing setuid file out there) in a later one.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,91 +16,22 @@ import pytest
 
 from orchestrator.checkpoints.store import SnapshotStore
 from orchestrator.checkpoints.tarstream import UnsafeArchiveError
-from tests.checkpoints.test_store import tree_state
-from tests.conftest import REPO
+from tests.helpers import run_cli, tree_state
 from tests.security.tarcraft import (
     Snapshot,
     assert_canary_intact,
+    base_with_symlink,
     canary_state,
+    chain_manifest_omits_symlink,
+    chain_nul_in_pax_path,
+    chain_pax_length_with_sign,
     end,
     entry,
-    file_entry,
-    member,
-    pax,
     plant_canary,
-    record,
     write_snapshot,
 )
 
-ATTACK = b"#!/bin/sh\nid > /tmp/owned\n"
-ATTACK_MODE = 0o6777
-
 Chain = Callable[[Path, Path], str]  # (store root, canary dir) -> key of the chain's tip
-
-
-def _root_member() -> bytes:
-    return member(b"./", b"5", mode=0o755)
-
-
-def _base_with_symlink(store: Path, outside: Path, key: str, name: bytes = b"x") -> None:
-    """Layer 0: the root and `x -> outside`, listed honestly in its manifest."""
-    path = name.decode("utf-8", "surrogateescape")
-    stream = _root_member()
-    if b"\0" in name:
-        stream += pax(record(b"path", name)) + member(b"x", b"2", linkname=bytes(outside))
-    else:
-        stream += member(name, b"2", linkname=bytes(outside))
-    entries = [
-        entry(".", "dir", key),
-        entry(path, "symlink", key, mode=0o777, link=str(outside)),
-    ]
-    write_snapshot(store, Snapshot(key, stream + end(), entries))
-
-
-def chain_manifest_omits_symlink(store: Path, outside: Path) -> str:
-    """The middle manifest leaves `x` out although no layer deleted it: a restore that takes
-    the earlier symlinks from that manifest lets the tip write through `x`."""
-    _base_with_symlink(store, outside, "a0")
-    write_snapshot(store, Snapshot("a1", end(), [entry(".", "dir", "a0")], delta_of="a0"))
-    tip = member(b"x/victim", data=ATTACK, mode=ATTACK_MODE)
-    entries = [entry(".", "dir", "a0"), file_entry("x/victim", "a2", ATTACK, ATTACK_MODE)]
-    write_snapshot(store, Snapshot("a2", tip + end(), entries, delta_of="a1"))
-    return "a2"
-
-
-def _plus_length_record(key: bytes, value: bytes) -> bytes:
-    body = b" " + key + b"=" + value + b"\n"
-    return b"+%d" % (len(body) + 3) + body  # "+NN": three characters before the blank
-
-
-def chain_pax_length_with_sign(store: Path, outside: Path) -> str:
-    """A PAX length written "+NN": Python's int() reads it, GNU tar drops the whole extended
-    header and extracts under the ustar name `x/victim` instead of the PAX path."""
-    _base_with_symlink(store, outside, "b0")
-    tip = pax(_plus_length_record(b"path", b"decoy")) + member(
-        b"x/victim", data=ATTACK, mode=ATTACK_MODE
-    )
-    entries = [
-        entry(".", "dir", "b0"),
-        entry("x", "symlink", "b0", mode=0o777, link=str(outside)),
-        file_entry("decoy", "b1", ATTACK, ATTACK_MODE),
-    ]
-    write_snapshot(store, Snapshot("b1", tip + end(), entries, delta_of="b0"))
-    return "b1"
-
-
-def chain_nul_in_pax_path(store: Path, outside: Path) -> str:
-    """A symlink whose PAX path is "x\\0junk": tar creates `x`; the validator, reading the
-    whole value, thinks `x` is a plain directory the next layer may write below."""
-    _base_with_symlink(store, outside, "c0", name=b"x\0junk")
-    tip = member(b"x/victim", data=ATTACK, mode=ATTACK_MODE)
-    entries = [
-        entry(".", "dir", "c0"),
-        entry("x\0junk", "symlink", "c0", mode=0o777, link=str(outside)),
-        file_entry("x/victim", "c1", ATTACK, ATTACK_MODE),
-    ]
-    write_snapshot(store, Snapshot("c1", tip + end(), entries, delta_of="c0"))
-    return "c1"
 
 
 CHAINS: list[tuple[Chain, str]] = [
@@ -196,18 +125,12 @@ def test_cli_restore_and_verify_refuse_a_hostile_chain(
     victim = plant_canary(tmp_path / "outside")
     canary, before = canary_state(victim.parent), tree_state(partition)
     tip = chain_manifest_omits_symlink(home / "snapshots", victim.parent)
-    env = {**os.environ, "LFSORCH_HOME": str(home), "LFSORCH_CONFIG": str(tmp_path / "none")}
-
-    def lfsorch(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "orchestrator", *args]
-        return subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
-
-    restored = lfsorch("restore", tip, "--lfs", str(partition))
+    restored = run_cli("restore", tip, "--lfs", str(partition), home=home)
     reason = CHAINS[0][1]
     assert restored.returncode == 1
     assert restored.stderr.splitlines()[0] == f"error: {reason}"
     assert "Traceback" not in restored.stderr
-    verified = lfsorch("snapshots", "verify", tip)
+    verified = run_cli("snapshots", "verify", tip, home=home)
     assert verified.returncode == 1
     assert reason in verified.stdout.splitlines()
     assert_canary_intact(victim, canary)
@@ -242,7 +165,7 @@ def test_hostile_deletion_lists_are_refused(
     victim = plant_canary(tmp_path / "outside")
     canary, before = canary_state(victim.parent), tree_state(partition)
     store = SnapshotStore(tmp_path / "snapshots")
-    _base_with_symlink(store.root, victim.parent, "d0")
+    base_with_symlink(store.root, victim.parent, "d0")
     entries = [
         entry(".", "dir", "d0"),
         entry("x", "symlink", "d0", mode=0o777, link=str(victim.parent)),

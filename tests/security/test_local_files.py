@@ -14,7 +14,7 @@ import pytest
 
 from orchestrator.checkpoints.store import SnapshotStore
 from orchestrator.workspace import Workspace
-from tests.conftest import BASE_IMAGE, run_cli
+from tests.helpers import BASE_IMAGE, run_cli
 
 WriteStage = Callable[[str, str], Path]
 Canary = Callable[[], dict[str, tuple[bytes | None, int]]]

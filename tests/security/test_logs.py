@@ -6,8 +6,6 @@ import contextlib
 import hashlib
 import io
 import os
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from orchestrator.monitor import console as console_module
 from orchestrator.monitor.console import ConsoleView, printable
 from orchestrator.monitor.events import BUILD_PROGRESS, BUILD_START, Event
 from orchestrator.workspace import Workspace
-from tests.conftest import REPO
+from tests.helpers import start_cli
 
 # What lfsorch itself may hold while 300 MB of output pass through it.
 MAX_RSS_BYTES = 300 << 20
@@ -66,13 +64,7 @@ def _next_header(log: bytes, label: str, number: int) -> int:
 def _run_measured(args: list[str], env: dict[str, str], out: Path) -> tuple[int, int]:
     """Run the CLI; return its exit status and its peak resident memory in bytes."""
     with out.open("wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "orchestrator", *args],
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, **env},
-            cwd=REPO,
-        )
+        process = start_cli(*args, env=env, stdout=sink)
         _, status, usage = os.wait4(process.pid, 0)
         process.returncode = os.waitstatus_to_exitcode(status)
     return process.returncode, usage.ru_maxrss * 1024

@@ -7,7 +7,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +19,7 @@ from orchestrator.checkpoints.store import SnapshotStore
 from orchestrator.checkpoints.treescan import PARTITION_MARKER
 from orchestrator.execution import engine
 from orchestrator.workspace import Workspace
-from tests.conftest import BASE_IMAGE, REPO, run_cli
+from tests.helpers import BASE_IMAGE, run_cli, start_cli
 
 WriteStage = Callable[[str, str], Path]
 Canary = Callable[[], dict[str, tuple[bytes | None, int]]]
@@ -38,16 +37,6 @@ def partition_files(root: Path) -> dict[str, bytes | None]:
         for path in sorted(root.rglob("*"))
         if path.relative_to(root).parts[0] != PARTITION_MARKER
     }
-
-
-def start_cli(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "orchestrator", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=REPO,
-    )
 
 
 def wait_for(condition: Callable[[], object], what: str, timeout: float = 60) -> None:
@@ -411,7 +400,7 @@ def test_sigterm_stops_a_restore_with_a_message_and_leaves_nothing(
 ) -> None:
     lfs = big_snapshot(workspace, tmp_path)
     files, before = partition_files(lfs), canary()
-    restore = start_cli("restore", "big", "--lfs", str(lfs))
+    restore = start_cli("restore", "big", "--lfs", str(lfs), stderr=subprocess.PIPE)
     wait_for(lambda: staging_beside(lfs), "the restore's staging directory")
     restore.send_signal(signal.SIGTERM)
     _, stderr = restore.communicate(timeout=60)

@@ -9,13 +9,12 @@ import os
 import resource
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import BASE_IMAGE, REPO
+from tests.helpers import BASE_IMAGE, REPO, run_cli
 
 ADDRESS_SPACE = 512 << 20
 ALIASES = "YAML anchors and aliases (& and *) are not allowed in stage files"
@@ -28,13 +27,9 @@ def _limit_memory() -> None:
 
 def lfsorch(*args: str, home: Path, bounded: bool = True) -> subprocess.CompletedProcess[str]:
     """The CLI, in 512 MB of address space when `bounded`; a hang fails the test."""
-    env = {**os.environ, "LFSORCH_HOME": str(home), "LFSORCH_CONFIG": str(home / "none.yaml")}
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
+    return run_cli(
+        *args,
+        home=home,
         timeout=60 if bounded else 300,
         preexec_fn=_limit_memory if bounded else None,
     )

@@ -6,47 +6,8 @@ from pathlib import Path
 
 from orchestrator.sources import aptsources
 from orchestrator.sources.aptsources import AptEntry
-
-DEB822 = """\
-Types: deb
-# http://snapshot.example/archive/debian/20250520T000000Z
-URIs: http://deb.example.org/debian
-Suites: bookworm bookworm-updates
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb
-URIs: http://deb.example.org/debian-security
-Suites: bookworm-security
-Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
-
-Types: deb-src
-URIs: http://already.example.org/debian
-Suites: bookworm
-Components: main
-
-Types: deb
-Enabled: no
-URIs: http://disabled.example.org/debian
-Suites: bookworm
-Components: main
-"""
-
-# What DEB822's enabled `deb` stanzas become as `deb-src` entries.
-DEB822_SRC = (
-    "Types: deb-src\n"
-    "URIs: http://deb.example.org/debian\n"
-    "Suites: bookworm bookworm-updates\n"
-    "Components: main\n"
-    "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
-    "\n"
-    "Types: deb-src\n"
-    "URIs: http://deb.example.org/debian-security\n"
-    "Suites: bookworm-security\n"
-    "Components: main\n"
-    "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n"
-)
+from tests.helpers import apt_root
+from tests.samples import DEB822, DEB822_SRC
 
 ONE_LINE = """\
 # deb cdrom:[Debian GNU/Linux 12.5.0 _Bookworm_]/ bookworm main
@@ -200,14 +161,6 @@ def test_one_line_src_lines() -> None:
 
 
 # --------------------------------------------------------------------------- the machine
-
-
-def apt_root(tmp_path: Path, files: dict[str, str]) -> Path:
-    for name, text in files.items():
-        path = tmp_path / "etc" / "apt" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-    return tmp_path
 
 
 def test_machine_entries_in_apt_order(tmp_path: Path) -> None:

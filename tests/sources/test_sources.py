@@ -25,7 +25,7 @@ from orchestrator.sources.errors import (
 )
 from orchestrator.sources.sets import DebianOrig, Source, SourceSet, load_source_set
 from orchestrator.workspace import Workspace
-from tests.sources.test_aptsources import DEB822, DEB822_SRC
+from tests.samples import DEB822, DEB822_SRC
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, not all-same bytes so offsets matter
 OTHER = b"another file\n" * 1000

@@ -7,8 +7,6 @@ import hashlib
 import io
 import os
 import random
-import subprocess
-import sys
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -24,7 +22,7 @@ from orchestrator.sources.download import PlainProgress
 from orchestrator.sources.errors import SourceError, UnsafeArchive
 from orchestrator.sources.sets import DebianOrig, Source, SourceSet
 from orchestrator.workspace import Workspace
-from tests.conftest import REPO
+from tests.helpers import run_cli
 
 
 def sha(data: bytes) -> str:
@@ -209,16 +207,8 @@ def test_cli_add_prints_what_it_took_and_fails_on_a_refusal(tmp_path: Path) -> N
     stray = tmp_path / "stray"
     stray.write_bytes(b"stray")
     home = tmp_path / "home"
-    env = {**os.environ, "LFSORCH_HOME": str(home), "LFSORCH_CONFIG": str(home / "none.yaml")}
     argv = ["sources", "add", str(good), str(stray), "--for", str(stage), "--set", "upstream"]
-    run = subprocess.run(
-        [sys.executable, "-m", "orchestrator", *argv],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=REPO,
-        timeout=60,
-    )
+    run = run_cli(*argv, home=home, timeout=60)
     assert run.returncode == SourceError.exit_code, run.stderr
     assert run.stdout == f"added {good} as pkg-1.0.tar.gz\n"
     assert f"{stray}: sha256 {sha(b'stray')} matches no source" in run.stderr

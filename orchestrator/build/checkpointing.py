@@ -131,14 +131,15 @@ class Checkpointer:
         except OSError as exc:  # a full or read-only workspace disk, mostly
             raise local_file_error(exc, "the snapshot store", self.store.root) from None
         self.bus.emit(
-            events.SNAPSHOT_CREATE,
-            run_id=self.run_id,
-            stage=stage,
-            package=package,
-            key=key,
-            delta=info.delta_of is not None,
-            archive_bytes=info.archive_size,
-            duration_s=round(time.monotonic() - started, 3),
+            events.SnapshotCreate(
+                run_id=self.run_id,
+                stage=stage,
+                package=package,
+                key=key,
+                delta=info.delta_of is not None,
+                archive_bytes=info.archive_size,
+                duration_s=round(time.monotonic() - started, 3),
+            )
         )
         return True
 
@@ -155,12 +156,13 @@ class Checkpointer:
         started = time.monotonic()
         self.store.restore(key, lfs, self.client)
         self.bus.emit(
-            events.SNAPSHOT_RESTORE,
-            run_id=self.run_id,
-            stage=stage,
-            key=key,
-            reason=reason,
-            duration_s=round(time.monotonic() - started, 3),
+            events.SnapshotRestore(
+                run_id=self.run_id,
+                stage=stage,
+                key=key,
+                reason=reason,
+                duration_s=round(time.monotonic() - started, 3),
+            )
         )
 
     def check_drift(self, key: str, lfs: Path) -> None:

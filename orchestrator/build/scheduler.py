@@ -17,6 +17,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import docker
 import networkx as nx
@@ -231,7 +232,7 @@ class Build:
             staging += leftovers.partition_leftovers(self.partition.path)
             removed += leftovers.remove_leftovers(staging)
             if removed:
-                self.bus.emit(events.CLEANUP, run_id=self.run_id, removed=removed)
+                self.bus.emit(events.Cleanup(run_id=self.run_id, removed=removed))
             self._check_images()
             self.workspace.ensure(self.workspace.run_dir(self.run_id))
             files = [stage_plan.file for stage_plan in self.plan.stages]
@@ -248,13 +249,14 @@ class Build:
                 self._save_final()
                 raise
             self.bus.emit(
-                events.RUN_START,
-                run_id=self.run_id,
-                lfs=self.state.lfs,
-                stages=[s.name for s in self.plan.stages],
-                packages=len(self.state.packages),
-                already_done=sum(p.status == "done" for p in self.state.packages),
-                host=host_summary(),
+                events.RunStart(
+                    run_id=self.run_id,
+                    lfs=self.state.lfs,
+                    stages=[s.name for s in self.plan.stages],
+                    packages=len(self.state.packages),
+                    already_done=sum(p.status == "done" for p in self.state.packages),
+                    host=host_summary(),
+                )
             )
             try:
                 self._run_stages()
@@ -280,7 +282,7 @@ class Build:
                 reserve.release()
                 self._save_final()
                 self.runner.close()
-                self.bus.emit(events.RUN_COMPLETE, run_id=self.run_id, outcome=self.state.outcome)
+                self.bus.emit(events.RunComplete(run_id=self.run_id, outcome=self.state.outcome))
         return self.state
 
     def _check_from_stage(self) -> None:
@@ -425,7 +427,7 @@ class Build:
         rebuild: bool,
     ) -> bool:
         stage = stage_plan.file.stage
-        self.bus.emit(events.STAGE_START, run_id=self.run_id, stage=stage.stage)
+        self.bus.emit(events.StageStart(run_id=self.run_id, stage=stage.stage))
         started = time.monotonic()
         ok, last_group_key = self._run_groups(stage_plan, policy, parent, forced, rebuild)
         if ok and key is not None and policy != "none":
@@ -435,11 +437,12 @@ class Build:
             self._checkpoint(stage.stage, key, parent, delta_base=last_group_key or parent)
         self._built_at = key if ok else None
         self.bus.emit(
-            events.STAGE_COMPLETE,
-            run_id=self.run_id,
-            stage=stage.stage,
-            ok=ok,
-            duration_s=round(time.monotonic() - started, 3),
+            events.StageComplete(
+                run_id=self.run_id,
+                stage=stage.stage,
+                ok=ok,
+                duration_s=round(time.monotonic() - started, 3),
+            )
         )
         return ok
 
@@ -453,7 +456,7 @@ class Build:
                 record.status = "done"
             self.state.checkpoints[stage.stage] = key
             self.state.partition_at = key
-        self.bus.emit(events.STAGE_CACHED, run_id=self.run_id, stage=stage.stage, key=key)
+        self.bus.emit(events.StageCached(run_id=self.run_id, stage=stage.stage, key=key))
         return True
 
     def _covered_by_later(self, stage: Stage, later_keys: list[str]) -> bool:
@@ -471,7 +474,7 @@ class Build:
             for record in self._stage_records(stage):
                 record.status = "done"
         self.bus.emit(
-            events.STAGE_CACHED, run_id=self.run_id, stage=stage.stage, key=later, covered=True
+            events.StageCached(run_id=self.run_id, stage=stage.stage, key=later, covered=True)
         )
         return True
 
@@ -511,11 +514,9 @@ class Build:
         with self._recording():
             record.status = "skipped"
         self.bus.emit(
-            events.BUILD_SKIPPED,
-            run_id=self.run_id,
-            stage=record.stage,
-            package=record.name,
-            reason=reason,
+            events.BuildSkipped(
+                run_id=self.run_id, stage=record.stage, package=record.name, reason=reason
+            )
         )
 
     def _groups(
@@ -722,7 +723,11 @@ class Build:
         record = self.state.find(stage.stage, package.name)
         assert record is not None
         tries = stage.retries_for(package) + 1
-        common = {"run_id": self.run_id, "stage": stage.stage, "package": package.name}
+        common: dict[str, Any] = {
+            "run_id": self.run_id,
+            "stage": stage.stage,
+            "package": package.name,
+        }
         for try_index in range(tries):
             number = len(record.attempts) + 1
             job = self._job(stage_plan, package, number)
@@ -735,7 +740,7 @@ class Build:
                 record.attempts.append(attempt)
                 record.log = str(job.log_path)
                 self.state.partition_at = None
-            self.bus.emit(events.BUILD_START, attempt=number, log=str(job.log_path), **common)
+            self.bus.emit(events.BuildStart(attempt=number, log=str(job.log_path), **common))
             usage_before = tree_usage(job.lfs_dir)
             result = self.runner.run(job)
             with self._recording():
@@ -743,21 +748,22 @@ class Build:
                 record.disk_added_bytes = tree_usage(job.lfs_dir) - usage_before
             figures = _figures(record)
             if result.succeeded:
-                self.bus.emit(events.BUILD_COMPLETE, attempt=number, **figures, **common)
+                self.bus.emit(events.BuildComplete(attempt=number, **figures, **common))
                 return True
             self.bus.emit(
-                events.BUILD_ERROR,
-                attempt=number,
-                will_retry=try_index < tries - 1 and not result.interrupted,
-                reason=result.describe(),
-                log=str(job.log_path),
-                **figures,
-                **common,
+                events.BuildError(
+                    attempt=number,
+                    will_retry=try_index < tries - 1 and not result.interrupted,
+                    reason=result.describe(),
+                    log=str(job.log_path),
+                    **figures,
+                    **common,
+                )
             )
             if result.interrupted:
                 raise KeyboardInterrupt
             if try_index < tries - 1:
-                self.bus.emit(events.BUILD_RETRY, attempt=number + 1, **common)
+                self.bus.emit(events.BuildRetry(attempt=number + 1, **common))
                 if before_retry is not None:
                     before_retry()
         return False
@@ -805,7 +811,7 @@ def _record_result(record: PackageState, attempt: Attempt, result: BuildResult) 
         record.status = "done" if result.succeeded else "failed"
 
 
-def _figures(record: PackageState) -> dict[str, object]:
+def _figures(record: PackageState) -> dict[str, Any]:
     return {
         "duration_s": record.duration_s,
         "exit_code": record.exit_code,

@@ -508,12 +508,9 @@ class ContainerRunner:
 
         def on_line(line: str, count: int) -> None:
             self._bus.emit(
-                events.BUILD_PROGRESS,
-                run_id=job.run_id,
-                stage=job.stage,
-                package=job.package,
-                line=line,
-                lines=count,
+                events.BuildProgress(
+                    run_id=job.run_id, stage=job.stage, package=job.package, line=line, lines=count
+                )
             )
 
         timer = threading.Timer(job.timeout_s, on_timeout)

@@ -25,7 +25,7 @@ from orchestrator.checkpoints.store import SnapshotStore
 from orchestrator.checkpoints.treescan import scan_tree, verify_tree
 from orchestrator.config import Settings
 from orchestrator.errors import LfsorchError, local_file_error
-from orchestrator.execution import images
+from orchestrator.execution import engine
 from orchestrator.monitor import events
 from orchestrator.monitor.events import EventBus
 from orchestrator.spec.graph import StagePlan
@@ -87,7 +87,7 @@ class Checkpointer:
     def __post_init__(self) -> None:
         if self.inputs_of is None:
             client = self.client
-            self.inputs_of = InputsOf(self.settings, lambda ref: images.image_digest(client, ref))
+            self.inputs_of = InputsOf(self.settings, lambda ref: engine.image_digest(client, ref))
 
     def key(self, stage_file: StageFile, packages: Sequence[Package], parent: str) -> str:
         """The checkpoint after building `packages` of a stage on the checkpoint `parent`."""

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.config import Settings
+from orchestrator.execution.environment import expand_environment
 from orchestrator.spec.models import Package, Resources, Stage
-from orchestrator.execution.container import expand_environment
 from orchestrator.spec.stagefile import StageFile, asset_digest
 
 KEY_VERSION = 2

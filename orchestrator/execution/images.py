@@ -23,7 +23,8 @@ from typing import Any
 import docker
 import docker.errors
 
-from orchestrator.errors import ImageMissing, LfsorchError
+from orchestrator.errors import LfsorchError
+from orchestrator.execution.engine import image_digest, image_id_or_none
 from orchestrator.sources import aptsources
 from orchestrator.workspace import Workspace
 
@@ -227,23 +228,6 @@ def _mounts_under(root: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- base and host
-
-
-def image_id_or_none(client: docker.DockerClient, ref: str) -> str | None:
-    try:
-        return str(client.images.get(ref).id)
-    except docker.errors.ImageNotFound:
-        return None
-
-
-def image_digest(client: docker.DockerClient, ref: str) -> str:
-    """The image id (`sha256:...`) REF names: a content address, used in snapshot keys."""
-    found = image_id_or_none(client, ref)
-    if found is None:
-        raise ImageMissing(
-            f"image {ref} is not in the engine", hint="build it with `lfsorch images build`"
-        )
-    return found
 
 
 def ensure_base(

@@ -7,25 +7,23 @@ import contextlib
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import docker
 import docker.errors
 import pytest
 
 from orchestrator import api
-from orchestrator.execution import engine
-from orchestrator.build.scheduler import Build, RunOptions
+from orchestrator.build.state import RunState
+from orchestrator.checkpoints.store import SnapshotStore
 from orchestrator.config import load_config
 from orchestrator.errors import ImageMissing
-from orchestrator.monitor.events import Event, EventBus
-from orchestrator.spec.graph import load_plan
-from orchestrator.checkpoints.store import SnapshotStore
-from orchestrator.build.state import RunState
+from orchestrator.monitor.events import Event
 from orchestrator.workspace import Workspace
-from tests.conftest import BASE_IMAGE, REPO
 from tests.checkpoints.test_checkpointer import restores, started, tree
+from tests.conftest import BASE_IMAGE, REPO
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]
 
@@ -37,22 +35,21 @@ def build(
     lfs: Path,
     workspace: Workspace,
     overrides: list[str] | None = None,
-    bus: EventBus | None = None,
-    **options: object,
+    subscribers: Sequence[Callable[[Event], None]] = (),
+    **options: Any,
 ) -> tuple[RunState, list[Event]]:
     """A run as `lfsorch run FILE --lfs DIR -o ...` makes it, with its events."""
     recorded: list[Event] = []
-    bus = bus or EventBus()
-    bus.subscribe(recorded.append)
-    run = Build(
-        load_plan(files),
-        load_config(overrides or []).settings,
-        workspace,
-        engine.connect(timeout=None),
-        bus,
-        RunOptions(lfs_dir=lfs, **options),  # type: ignore[arg-type]
+    options.setdefault("parallel", 1)
+    state = api.run(
+        files,
+        lfs,
+        config=load_config(overrides or []),
+        workspace=workspace,
+        subscribers=[recorded.append, *subscribers],
+        **options,
     )
-    return run.run(), recorded
+    return state, recorded
 
 
 def partition(tmp_path: Path, name: str) -> Path:
@@ -309,16 +306,14 @@ def test_a_real_error_beside_a_running_build_is_reported(
           - {{name: next, depends: [quick], script: "true"}}
         """,
     )
-    bus = EventBus()
 
     def remove_image(event: Event) -> None:
         if event.name == "build.complete" and event.package == "quick":
             docker_client.images.remove(image)
 
-    bus.subscribe(remove_image)
     try:
         with pytest.raises(ImageMissing) as caught:
-            build([path], lfs_dir, workspace, bus=bus, parallel=2)
+            build([path], lfs_dir, workspace, subscribers=[remove_image], parallel=2)
     finally:
         with contextlib.suppress(docker.errors.ImageNotFound):
             docker_client.images.remove(image)

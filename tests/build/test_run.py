@@ -16,11 +16,9 @@ import docker
 import pytest
 
 from orchestrator import api
-from orchestrator.execution import engine
-from orchestrator.build.scheduler import Build, RunOptions
 from orchestrator.config import load_config
-from orchestrator.monitor.events import Event, EventBus
-from orchestrator.spec.graph import load_plan
+from orchestrator.execution import engine
+from orchestrator.monitor.events import Event
 from orchestrator.workspace import Workspace
 from tests.conftest import BASE_IMAGE, REPO
 
@@ -33,18 +31,15 @@ def run_build(
     files: list[Path], lfs: Path, workspace: Workspace, parallel: int = 1
 ) -> tuple[object, list[Event]]:
     recorded: list[Event] = []
-    bus = EventBus()
-    bus.subscribe(recorded.append)
-    settings = load_config().settings
-    build = Build(
-        load_plan(files),
-        settings,
-        workspace,
-        engine.connect(timeout=None),
-        bus,
-        RunOptions(lfs_dir=lfs, parallel=parallel),
+    state = api.run(
+        files,
+        lfs,
+        config=load_config(),
+        parallel=parallel,
+        workspace=workspace,
+        subscribers=[recorded.append],
     )
-    return build.run(), recorded
+    return state, recorded
 
 
 def names(events: list[Event], kind: str) -> list[str]:
@@ -124,15 +119,9 @@ def test_container_contract(
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    build = Build(
-        load_plan([path]),
-        load_config(["makeflags=-j7"]).settings,
-        workspace,
-        engine.connect(timeout=None),
-        EventBus(),
-        RunOptions(lfs_dir=lfs_dir),
+    state = api.run(
+        [path], lfs_dir, config=load_config(["makeflags=-j7"]), parallel=1, workspace=workspace
     )
-    state = build.run()
     assert state.outcome == "succeeded"
     output = Path(state.packages[0].log or "").read_text().splitlines()[1:]
     assert output == [
@@ -151,7 +140,7 @@ def test_container_contract(
         "64",
         str(128 << 20),
     ]
-    assert seen_labels[engine.RUN] == build.run_id
+    assert seen_labels[engine.RUN] == state.run_id
     assert seen_labels[engine.STAGE] == "contract"
     assert seen_labels[engine.OWNER_PID] == str(os.getpid())
 

@@ -15,14 +15,11 @@ import pytest
 
 from orchestrator import api
 from orchestrator.build.checkpointing import PartitionDrift
-from orchestrator.build.scheduler import Build, RunOptions
 from orchestrator.build.state import RunState
 from orchestrator.checkpoints.store import SnapshotStore
 from orchestrator.checkpoints.treescan import PARTITION_MARKER
 from orchestrator.config import load_config
-from orchestrator.execution import engine
-from orchestrator.monitor.events import Event, EventBus
-from orchestrator.spec.graph import load_plan
+from orchestrator.monitor.events import Event
 from orchestrator.workspace import Workspace
 from tests.build.test_run import wait_for_container
 from tests.conftest import BASE_IMAGE, REPO
@@ -36,17 +33,16 @@ def build(
     files: list[Path], lfs: Path, workspace: Workspace, **options: object
 ) -> tuple[RunState, list[Event]]:
     recorded: list[Event] = []
-    bus = EventBus()
-    bus.subscribe(recorded.append)
-    run = Build(
-        load_plan(files),
-        load_config().settings,
-        workspace,
-        engine.connect(timeout=None),
-        bus,
-        RunOptions(lfs_dir=lfs, **options),  # type: ignore[arg-type]
+    options.setdefault("parallel", 1)
+    state = api.run(
+        files,
+        lfs,
+        config=load_config(),
+        workspace=workspace,
+        subscribers=[recorded.append],
+        **options,  # type: ignore[arg-type]
     )
-    return run.run(), recorded
+    return state, recorded
 
 
 def started(events: list[Event]) -> list[str]:

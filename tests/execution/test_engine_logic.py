@@ -8,7 +8,7 @@ from pathlib import Path
 import zstandard
 
 from orchestrator.build.state import Attempt, PackageState, RunState, load_state, save_state
-from orchestrator.execution.container import DEFAULT_PATH, expand_environment
+from orchestrator.execution.environment import DEFAULT_PATH, expand_environment
 from orchestrator.monitor.eventlog import JsonEventLog
 from orchestrator.monitor.events import BuildComplete, BuildStart, Event, EventBus
 from orchestrator.monitor.metrics import ContainerFigures, HostIO

@@ -12,7 +12,7 @@ from typing import Any
 import docker
 
 from orchestrator.build import records
-from orchestrator.build.scheduler import Build, RunOptions, workspace_lock
+from orchestrator.build.scheduler import Build, RunOptions
 from orchestrator.build.state import PackageState, RunState, load_state, save_state
 from orchestrator.checkpoints import leftovers
 from orchestrator.checkpoints.manifest import Manifest, SnapshotError
@@ -20,9 +20,11 @@ from orchestrator.checkpoints.store import PruneResult, SnapshotInfo, SnapshotSt
 from orchestrator.config import Config, load_config
 from orchestrator.errors import EngineUnavailable, ExitCode, LfsorchError, local_file_error
 from orchestrator.execution import engine, images
+from orchestrator.execution.container import ContainerRunner
+from orchestrator.execution.environment import BuildEnvironment
 from orchestrator.monitor.console import ConsoleView
 from orchestrator.monitor.eventlog import JsonEventLog
-from orchestrator.monitor.events import EventBus
+from orchestrator.monitor.events import Event, EventBus
 from orchestrator.monitor.plugins import PluginBridge, plugin_manager
 from orchestrator.monitor.report import SBU_REFERENCE, Report, build_report
 from orchestrator.partition import Partition, PartitionBusy, refuse_unsafe_workspace
@@ -30,7 +32,7 @@ from orchestrator.sources import cache as sources
 from orchestrator.sources.sets import Source, SourceSet, default_set_dirs, load_source_set
 from orchestrator.spec.graph import Plan, load_plan
 from orchestrator.spec.models import stage_json_schema
-from orchestrator.workspace import Workspace
+from orchestrator.workspace import Workspace, workspace_lock
 
 
 def validate(paths: Sequence[Path]) -> Plan:
@@ -39,8 +41,15 @@ def validate(paths: Sequence[Path]) -> Plan:
 
 
 @contextlib.contextmanager
-def event_bus(workspace: Workspace, config: Config, view: ConsoleView | None) -> Iterator[EventBus]:
+def event_bus(
+    workspace: Workspace,
+    config: Config,
+    view: ConsoleView | None,
+    subscribers: Sequence[Callable[[Event], None]] = (),
+) -> Iterator[EventBus]:
     bus = EventBus()
+    for subscriber in subscribers:
+        bus.subscribe(subscriber)
     log = JsonEventLog(
         workspace.logs_dir / "events.jsonl",
         config.settings.log_max_bytes,
@@ -73,8 +82,14 @@ def run(
     from_stage: str | None = None,
     workspace: Workspace | None = None,
     view: ConsoleView | None = None,
+    subscribers: Sequence[Callable[[Event], None]] = (),
+    environment: BuildEnvironment | None = None,
 ) -> RunState:
-    """Build every package of the given stages (and the stages they require)."""
+    """Build every package of the given stages (and the stages they require).
+
+    `subscribers` receive every event of the run, before the event log and the console;
+    `environment` is where packages build (default: a container each on the local engine).
+    """
     config = config or load_config(overrides)
     plan = load_plan(paths)
     workspace = checked_workspace(workspace)
@@ -88,8 +103,18 @@ def run(
         from_stage=from_stage,
     )
     sources_dir = verified_sources(plan, workspace, config.settings.source_set)
-    with event_bus(workspace, config, view) as bus:
-        build = Build(plan, config.settings, workspace, client, bus, options, sources_dir)
+    environment = environment or ContainerRunner(client)
+    with event_bus(workspace, config, view, subscribers) as bus:
+        build = Build(
+            plan,
+            config.settings,
+            workspace,
+            client,
+            bus,
+            options,
+            sources_dir,
+            environment=environment,
+        )
         return build.run()
 
 

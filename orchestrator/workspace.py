@@ -1,14 +1,23 @@
-"""Where lfsorch keeps everything it writes: one workspace directory."""
+"""Where lfsorch keeps everything it writes: one workspace directory, and its lock."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
 
+from orchestrator.errors import ExitCode, LfsorchError
+
 HOME_ENV = "LFSORCH_HOME"
+
+
+class WorkspaceBusy(LfsorchError):
+    exit_code = ExitCode.UNAVAILABLE
 
 
 @dataclass(frozen=True)
@@ -61,3 +70,27 @@ class Workspace:
     def ensure(self, *dirs: Path) -> None:
         for directory in (self.root, *dirs):
             directory.mkdir(parents=True, exist_ok=True)
+
+
+@contextlib.contextmanager
+def workspace_lock(workspace: Workspace) -> Iterator[None]:
+    """One run per workspace at a time: the state file and the partition are not shareable."""
+    workspace.ensure()
+    lock_path = workspace.root / "run.lock"
+    with lock_path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise WorkspaceBusy(
+                f"another lfsorch run holds the workspace {workspace.root} (pid {holder})",
+                hint="wait for it to finish, or use another LFSORCH_HOME",
+            ) from None
+        handle.truncate(0)
+        handle.write(str(os.getpid()))
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

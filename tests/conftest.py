@@ -16,6 +16,7 @@ import pytest
 from orchestrator.errors import EngineUnavailable
 from orchestrator.execution import engine
 from orchestrator.workspace import Workspace
+from tests.helpers import BASE_IMAGE
 
 
 def _engine() -> docker.DockerClient | None:
@@ -115,3 +116,24 @@ def canary(tmp_path: Path) -> Callable[[], dict[str, tuple[bytes | None, int]]]:
         }
 
     return state
+
+
+@pytest.fixture
+def half_built(stage_file: Callable[[str, str], Path]) -> Path:
+    """A package that installs half of itself and then fails while FAIL is set."""
+    return stage_file(
+        "half.yaml",
+        f"""
+        stage: half
+        image: {BASE_IMAGE}
+        checkpoint: package
+        packages:
+          - name: first
+            script: echo first > /mnt/lfs/first
+          - name: second
+            depends: [first]
+            script: |
+              echo line >> /mnt/lfs/count
+              [ -z "${{FAIL:-}}" ]
+        """,
+    )

@@ -11,19 +11,18 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import docker
 
-from orchestrator.build.scheduler import Build, RunOptions
+from orchestrator import api
 from orchestrator.build.state import RunState
 from orchestrator.checkpoints.treescan import PARTITION_MARKER
 from orchestrator.config import load_config
 from orchestrator.execution import engine
-from orchestrator.monitor.events import Event, EventBus
-from orchestrator.spec.graph import load_plan
+from orchestrator.monitor.events import Event
 from orchestrator.workspace import Workspace
 
 BASE_IMAGE = "lfsorch/base:bookworm"
@@ -111,22 +110,21 @@ def run_build(
     lfs: Path,
     workspace: Workspace,
     overrides: list[str] | None = None,
-    bus: EventBus | None = None,
-    **options: object,
+    subscribers: Sequence[Callable[[Event], None]] = (),
+    **options: Any,
 ) -> tuple[RunState, list[Event]]:
     """A run as `lfsorch run FILE --lfs DIR -o ...` makes it, with the events it published."""
     recorded: list[Event] = []
-    bus = bus or EventBus()
-    bus.subscribe(recorded.append)
-    run = Build(
-        load_plan(files),
-        load_config(overrides or []).settings,
-        workspace,
-        engine.connect(timeout=None),
-        bus,
-        RunOptions(lfs_dir=lfs, **options),  # type: ignore[arg-type]
+    options.setdefault("parallel", 1)
+    state = api.run(
+        files,
+        lfs,
+        config=load_config(overrides or []),
+        workspace=workspace,
+        subscribers=[recorded.append, *subscribers],
+        **options,
     )
-    return run.run(), recorded
+    return state, recorded
 
 
 def started(events: list[Event]) -> list[str]:

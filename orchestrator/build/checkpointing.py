@@ -25,7 +25,7 @@ from orchestrator.checkpoints.store import SnapshotStore
 from orchestrator.checkpoints.treescan import scan_tree, verify_tree
 from orchestrator.config import Settings
 from orchestrator.errors import ExitCode, LfsorchError, local_file_error
-from orchestrator.execution import images
+from orchestrator.execution import engine
 from orchestrator.monitor import events
 from orchestrator.monitor.events import EventBus
 from orchestrator.spec.graph import StagePlan
@@ -87,7 +87,7 @@ class Checkpointer:
     def __post_init__(self) -> None:
         if self.inputs_of is None:
             client = self.client
-            self.inputs_of = InputsOf(self.settings, lambda ref: images.image_digest(client, ref))
+            self.inputs_of = InputsOf(self.settings, lambda ref: engine.image_digest(client, ref))
 
     def key(self, stage_file: StageFile, packages: Sequence[Package], parent: str) -> str:
         """The checkpoint after building `packages` of a stage on the checkpoint `parent`."""
@@ -131,14 +131,15 @@ class Checkpointer:
         except OSError as exc:  # a full or read-only workspace disk, mostly
             raise local_file_error(exc, "the snapshot store", self.store.root) from None
         self.bus.emit(
-            events.SNAPSHOT_CREATE,
-            run_id=self.run_id,
-            stage=stage,
-            package=package,
-            key=key,
-            delta=info.delta_of is not None,
-            archive_bytes=info.archive_size,
-            duration_s=round(time.monotonic() - started, 3),
+            events.SnapshotCreate(
+                run_id=self.run_id,
+                stage=stage,
+                package=package,
+                key=key,
+                delta=info.delta_of is not None,
+                archive_bytes=info.archive_size,
+                duration_s=round(time.monotonic() - started, 3),
+            )
         )
         return True
 
@@ -155,12 +156,13 @@ class Checkpointer:
         started = time.monotonic()
         self.store.restore(key, lfs, self.client)
         self.bus.emit(
-            events.SNAPSHOT_RESTORE,
-            run_id=self.run_id,
-            stage=stage,
-            key=key,
-            reason=reason,
-            duration_s=round(time.monotonic() - started, 3),
+            events.SnapshotRestore(
+                run_id=self.run_id,
+                stage=stage,
+                key=key,
+                reason=reason,
+                duration_s=round(time.monotonic() - started, 3),
+            )
         )
 
     def check_drift(self, key: str, lfs: Path) -> None:

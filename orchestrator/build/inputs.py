@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.config import Settings
-from orchestrator.spec.models import Package, Resources, Stage
-from orchestrator.execution.container import expand_environment
-from orchestrator.spec.stagefile import StageFile, asset_digest
 from orchestrator.sources.sets import Source
+from orchestrator.spec.environment import expand_environment
+from orchestrator.spec.models import Package, Resources, Stage
+from orchestrator.spec.stagefile import StageFile, asset_digest
 
 KEY_VERSION = 2
 MAKEFLAGS_JOBS = "makeflags.jobs"

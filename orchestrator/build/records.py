@@ -14,9 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from orchestrator.build.state import RunState, load_state
 from orchestrator.errors import LfsorchError, local_file_error
 from orchestrator.partition import Partition
-from orchestrator.build.state import RunState, load_state
 from orchestrator.workspace import Workspace
 
 # Kept free during a run and given back before the final records are written, so a disk

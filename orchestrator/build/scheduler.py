@@ -5,14 +5,10 @@ after every change, a failure stops its dependents, an interrupt stops every con
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import functools
-import os
 import secrets
-import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import datetime
@@ -21,34 +17,31 @@ from pathlib import Path
 import docker
 import networkx as nx
 
-from orchestrator.execution import engine
-from orchestrator.monitor import events
-from orchestrator.execution import images
-from orchestrator.checkpoints import leftovers
 from orchestrator.build import records
+from orchestrator.build.attempts import PackageAttempts
 from orchestrator.build.checkpointing import Checkpointer, policy_of
+from orchestrator.build.inputs import InputsOf
+from orchestrator.build.recorder import RunRecorder
+from orchestrator.build.state import PackageState, RunState, now_iso
+from orchestrator.checkpoints import leftovers
+from orchestrator.checkpoints.store import SnapshotStore, refuse_nested_mounts
 from orchestrator.config import Settings
 from orchestrator.errors import ExitCode, LfsorchError
+from orchestrator.execution import engine
+from orchestrator.execution.environment import BuildEnvironment
+from orchestrator.monitor import events
 from orchestrator.monitor.events import EventBus
-from orchestrator.spec.graph import Plan, StagePlan, package_graph
-from orchestrator.build.inputs import InputsOf
-from orchestrator.monitor.metrics import host_summary, tree_usage
-from orchestrator.spec.models import CheckpointPolicy, Package, Stage
+from orchestrator.monitor.metrics import host_summary
 from orchestrator.partition import Partition
-from orchestrator.execution.container import BuildJob, BuildResult, ContainerRunner
-from orchestrator.checkpoints.store import SnapshotStore, refuse_nested_mounts
-from orchestrator.spec.stagefile import copy_stage_assets
-from orchestrator.build.state import Attempt, PackageState, RunState, now_iso, save_state
 from orchestrator.sources.cache import digest_in_view
-from orchestrator.workspace import Workspace
+from orchestrator.spec.graph import Plan, StagePlan, package_graph
+from orchestrator.spec.models import CheckpointPolicy, Stage
+from orchestrator.spec.stagefile import copy_stage_assets
+from orchestrator.workspace import Workspace, workspace_lock
 
 
 class BuildInterrupted(LfsorchError):
     exit_code = ExitCode.INTERRUPTED
-
-
-class WorkspaceBusy(LfsorchError):
-    exit_code = ExitCode.UNAVAILABLE
 
 
 @dataclass(frozen=True)
@@ -64,30 +57,6 @@ def new_run_id() -> str:
     return f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
 
 
-@contextlib.contextmanager
-def workspace_lock(workspace: Workspace) -> Iterator[None]:
-    """One run per workspace at a time: the state file and the partition are not shareable."""
-    workspace.ensure()
-    lock_path = workspace.root / "run.lock"
-    with lock_path.open("a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "another process"
-            raise WorkspaceBusy(
-                f"another lfsorch run holds the workspace {workspace.root} (pid {holder})",
-                hint="wait for it to finish, or use another LFSORCH_HOME",
-            ) from None
-        handle.truncate(0)
-        handle.write(str(os.getpid()))
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 @dataclass(frozen=True)
 class Group:
     """Packages built between two checkpoints: one package (`checkpoint: package` at -j 1),
@@ -99,7 +68,9 @@ class Group:
 
 
 class Build:
-    """One invocation of `lfsorch run`."""
+    """One invocation of `lfsorch run`: the stages in order, each as groups of packages
+    between checkpoints, packages side by side within a group; the attempts themselves are
+    `PackageAttempts`', the record `RunRecorder`'s."""
 
     def __init__(
         self,
@@ -110,6 +81,8 @@ class Build:
         bus: EventBus,
         options: RunOptions,
         sources_dir: Path | None = None,
+        *,
+        environment: BuildEnvironment,
     ) -> None:
         self.plan = plan
         self.settings = settings
@@ -119,10 +92,10 @@ class Build:
         self.options = options
         self.sources_dir = sources_dir
         self.run_id = new_run_id()
-        self.runner = ContainerRunner(client, bus)
+        self.environment = environment
         self.inputs_of = InputsOf(
             settings,
-            functools.partial(_image_id, client),
+            environment.image_id,
             digest_in_view(sources_dir) if sources_dir else None,
         )
         self.checkpoints = Checkpointer(
@@ -133,90 +106,18 @@ class Build:
             self.run_id,
             inputs_of=self.inputs_of,
         )
-        self._lock = threading.Lock()
         # The key of the stage this run built last, when nothing changed the partition since.
         self._built_at: str | None = None
-        self._asset_dirs: dict[str, Path] = {}
         self.partition = Partition.checked(options.lfs_dir, workspace)
-        self.state = self._initial_state()
+        self.recorder = RunRecorder(self.run_id, plan, self.partition, workspace, self.inputs_of)
+        self.attempts: PackageAttempts  # made once the stages' assets are copied
         self._check_from_stage()
 
-    # -- state -------------------------------------------------------------------------------
-
-    def _initial_state(self) -> RunState:
-        """This run's record, carrying on from the partition's own record (never another
-        partition's: a run elsewhere must not change how this partition resumes)."""
-        previous = records.load_record(self.partition)
-        self._has_record = previous is not None
-        lfs = str(self.partition.path)
-        files = [str(p.file.path) for p in self.plan.stages]
-        carried: dict[tuple[str, str], PackageState] = {}
-        identity = self.partition.identity()
-        state = RunState(run_id=self.run_id, lfs=lfs, partition=identity, files=files)
-        if previous is not None:
-            carried = {p.key: p for p in previous.packages}
-            state.base_stage, state.base_key = previous.base_stage, previous.base_key
-            state.checkpoints = dict(previous.checkpoints)
-            state.partition_at = previous.partition_at
-        for stage_plan in self.plan.stages:
-            stage = stage_plan.file.stage
-            for package in stage.packages:
-                digest = self.inputs_of.digest(stage_plan.file, package)
-                old = carried.get((stage.stage, package.name))
-                if old is not None and old.definition == digest:
-                    # Unchanged: keep its history; only what is not done is built again.
-                    if old.status != "done":
-                        old.status = "pending"
-                    state.packages.append(old)
-                else:
-                    state.packages.append(
-                        PackageState(stage=stage.stage, name=package.name, definition=digest)
-                    )
-        return state
-
-    def _record_files(self) -> list[Path]:
-        """The partition's record (what resume reads), then the workspace's last run."""
-        assert self.state.partition is not None
-        return [self.partition.record_file(self.state.partition), self.workspace.state_file]
-
-    def _save(self) -> None:
-        for path in self._record_files():
-            save_state(self.state, path)
-
-    def _save_final(self) -> None:
-        """Write every copy of the finished record, each one even if another fails; raise
-        the first failure unless an error is already on its way out."""
-        failures: list[LfsorchError] = []
-        for path in [*self._record_files(), self.workspace.run_dir(self.run_id) / "state.json"]:
-            try:
-                save_state(self.state, path)
-            except LfsorchError as exc:
-                failures.append(exc)
-        if failures and sys.exc_info()[1] is None:
-            raise failures[0]
-
-    @contextlib.contextmanager
-    def _recording(self) -> Iterator[None]:
-        """Change the state under the lock; the change is on disk when the block ends."""
-        with self._lock:
-            yield
-            self._save()
+    @property
+    def state(self) -> RunState:
+        return self.recorder.state
 
     # -- running -----------------------------------------------------------------------------
-
-    def _check_images(self) -> None:
-        images = sorted({s.file.stage.image or self.settings.image for s in self.plan.stages})
-        missing = []
-        for image in images:
-            try:
-                self.runner.check_image(image)
-            except LfsorchError:
-                missing.append(image)
-        if missing:
-            raise LfsorchError(
-                f"image(s) not in the Docker engine: {', '.join(missing)}",
-                hint="build the host image with `lfsorch images build`",
-            )
 
     def _check_partition(self) -> None:
         lfs = self.options.lfs_dir
@@ -232,67 +133,90 @@ class Build:
     def run(self) -> RunState:
         self._check_partition()
         with workspace_lock(self.workspace), self.partition.lock():
-            removed = engine.reap_leftovers(self.client)
-            staging = leftovers.workspace_leftovers(self.workspace)
-            staging += leftovers.partition_leftovers(self.partition.path)
-            removed += leftovers.remove_leftovers(staging)
-            if removed:
-                self.bus.emit(events.CLEANUP, run_id=self.run_id, removed=removed)
-            if not self._has_record:
-                self.partition.refuse_if_half_built()
-            self._check_images()
-            self.workspace.ensure(self.workspace.run_dir(self.run_id))
-            files = [stage_plan.file for stage_plan in self.plan.stages]
-            self._asset_dirs = copy_stage_assets(
-                files, self.workspace.run_dir(self.run_id) / "assets"
-            )
+            self._prepare()
             reserve = records.SpaceReserve(self.workspace)
-            try:
-                self._save()
-                save_state(self.state, self.workspace.run_dir(self.run_id) / "state.json")
-                self.partition.note_last_run(self.run_id, "running")
-            except BaseException:
-                self.state.outcome, self.state.finished = "failed", now_iso()
-                reserve.release()
-                self._save_final()
-                raise
+            self._start_record(reserve)
             self.bus.emit(
-                events.RUN_START,
-                run_id=self.run_id,
-                lfs=self.state.lfs,
-                stages=[s.name for s in self.plan.stages],
-                packages=len(self.state.packages),
-                already_done=sum(p.status == "done" for p in self.state.packages),
-                host=host_summary(),
+                events.RunStart(
+                    run_id=self.run_id,
+                    lfs=self.state.lfs,
+                    stages=[s.name for s in self.plan.stages],
+                    packages=len(self.state.packages),
+                    already_done=sum(p.status == "done" for p in self.state.packages),
+                    host=host_summary(),
+                )
             )
             try:
                 self._run_stages()
             except KeyboardInterrupt:
-                self.runner.interrupt()
+                self.environment.interrupt()
                 self.state.outcome = "interrupted"
                 raise BuildInterrupted(
                     "interrupted: running containers were stopped and removed",
                     hint="run the same command again to continue where it stopped",
                 ) from None
             except BaseException:
-                self.runner.interrupt()
+                self.environment.interrupt()
                 self.state.outcome = "failed"
                 raise
             finally:
-                if self.state.outcome == "running":
-                    failed = any(p.status in ("failed", "skipped") for p in self.state.packages)
-                    self.state.outcome = "failed" if failed else "succeeded"
-                for package in self.state.packages:
-                    if package.status == "running":
-                        package.status = "pending"
-                self.state.finished = now_iso()
-                reserve.release()
-                self._save_final()
-                with contextlib.suppress(LfsorchError):  # an error may be on its way out
-                    self.partition.note_last_run(self.run_id, self.state.outcome)
-                self.runner.close()
-                self.bus.emit(events.RUN_COMPLETE, run_id=self.run_id, outcome=self.state.outcome)
+                self._finish(reserve)
         return self.state
+
+    def _prepare(self) -> None:
+        """Clear what dead runs left, check the images, copy the stages' assets."""
+        removed = engine.reap_leftovers(self.client)
+        staging = leftovers.workspace_leftovers(self.workspace)
+        staging += leftovers.partition_leftovers(self.partition.path)
+        removed += leftovers.remove_leftovers(staging)
+        if removed:
+            self.bus.emit(events.Cleanup(run_id=self.run_id, removed=removed))
+        if not self.recorder.knows_partition:
+            self.partition.refuse_if_half_built()
+        self.environment.check_images(
+            [s.file.stage.image or self.settings.image for s in self.plan.stages]
+        )
+        self.workspace.ensure(self.workspace.run_dir(self.run_id))
+        files = [stage_plan.file for stage_plan in self.plan.stages]
+        asset_dirs = copy_stage_assets(files, self.workspace.run_dir(self.run_id) / "assets")
+        self.attempts = PackageAttempts(
+            run_id=self.run_id,
+            settings=self.settings,
+            workspace=self.workspace,
+            environment=self.environment,
+            inputs_of=self.inputs_of,
+            recorder=self.recorder,
+            bus=self.bus,
+            lfs_dir=self.options.lfs_dir.resolve(),
+            sources_dir=self.sources_dir,
+            asset_dirs=asset_dirs,
+        )
+
+    def _start_record(self, reserve: records.SpaceReserve) -> None:
+        try:
+            self.recorder.save_first()
+            self.partition.note_last_run(self.run_id, "running")
+        except BaseException:
+            self.state.outcome, self.state.finished = "failed", now_iso()
+            reserve.release()
+            self.recorder.save_final()
+            raise
+
+    def _finish(self, reserve: records.SpaceReserve) -> None:
+        """The run's outcome in every copy of its record, its environment cleaned up."""
+        if self.state.outcome == "running":
+            failed = any(p.status in ("failed", "skipped") for p in self.state.packages)
+            self.state.outcome = "failed" if failed else "succeeded"
+        for package in self.state.packages:
+            if package.status == "running":
+                package.status = "pending"
+        self.state.finished = now_iso()
+        reserve.release()
+        self.recorder.save_final()
+        with contextlib.suppress(LfsorchError):  # an error may be on its way out
+            self.partition.note_last_run(self.run_id, self.state.outcome)
+        self.environment.close()
+        self.bus.emit(events.RunComplete(run_id=self.run_id, outcome=self.state.outcome))
 
     def _check_from_stage(self) -> None:
         names = [stage_plan.name for stage_plan in self.plan.stages]
@@ -314,18 +238,14 @@ class Build:
         else:
             lfs = self.options.lfs_dir.resolve()
             key, taken_here = self.checkpoints.initial(lfs)
-            with self._recording():
+            with self.recorder.recording():
                 self.state.base_stage, self.state.base_key = first, key
                 self.state.partition_at = key if taken_here else None
         self.checkpoints.chain = {"first_stage": first, "base": key}
         return key
 
-    def _stage_records(self, stage: Stage) -> list[PackageState]:
-        records = [self.state.find(stage.stage, p.name) for p in stage.packages]
-        return [r for r in records if r is not None]
-
     def _reset(self, records: list[PackageState]) -> None:
-        with self._recording():
+        with self.recorder.recording():
             for record in records:
                 record.status = "pending"
 
@@ -362,7 +282,7 @@ class Build:
             reason = "--rebuild: back to the checkpoint before it"
         self.checkpoints.restore(target, lfs, stage=stage, reason=reason)
         self._reset(records)
-        with self._recording():
+        with self.recorder.recording():
             self.state.partition_at = target
 
     def _chain_keys(self, base: str) -> list[str]:
@@ -403,7 +323,7 @@ class Build:
             if key is not None and policy != "none" and not rebuild:
                 # Built and checkpointed before, and the partition holds it (or a later
                 # stage; None: a later stage will restore what it needs).
-                done = all(r.status == "done" for r in self._stage_records(stage))
+                done = all(r.status == "done" for r in self.recorder.stage_records(stage))
                 present = at is None or at >= number
                 if (
                     not forced
@@ -419,7 +339,7 @@ class Build:
                     at = number if self.state.partition_at == key else at
                     continue
             if rebuild:
-                self._reset(self._stage_records(stage))
+                self._reset(self.recorder.stage_records(stage))
             ok = self._build_stage(stage_plan, policy, parent, key, forced, rebuild)
             # The partition holds what this stage built: later stages are not on it yet.
             at = number if ok else None
@@ -436,7 +356,7 @@ class Build:
         rebuild: bool,
     ) -> bool:
         stage = stage_plan.file.stage
-        self.bus.emit(events.STAGE_START, run_id=self.run_id, stage=stage.stage)
+        self.bus.emit(events.StageStart(run_id=self.run_id, stage=stage.stage))
         started = time.monotonic()
         ok, last_group_key = self._run_groups(stage_plan, policy, parent, forced, rebuild)
         if ok and key is not None and policy != "none":
@@ -446,11 +366,12 @@ class Build:
             self._checkpoint(stage.stage, key, parent, delta_base=last_group_key or parent)
         self._built_at = key if ok else None
         self.bus.emit(
-            events.STAGE_COMPLETE,
-            run_id=self.run_id,
-            stage=stage.stage,
-            ok=ok,
-            duration_s=round(time.monotonic() - started, 3),
+            events.StageComplete(
+                run_id=self.run_id,
+                stage=stage.stage,
+                ok=ok,
+                duration_s=round(time.monotonic() - started, 3),
+            )
         )
         return ok
 
@@ -459,12 +380,12 @@ class Build:
             return False
         lfs = self.options.lfs_dir.resolve()
         self.checkpoints.restore(key, lfs, stage=stage.stage, reason="cache hit")
-        with self._recording():
-            for record in self._stage_records(stage):
+        with self.recorder.recording():
+            for record in self.recorder.stage_records(stage):
                 record.status = "done"
             self.state.checkpoints[stage.stage] = key
             self.state.partition_at = key
-        self.bus.emit(events.STAGE_CACHED, run_id=self.run_id, stage=stage.stage, key=key)
+        self.bus.emit(events.StageCached(run_id=self.run_id, stage=stage.stage, key=key))
         return True
 
     def _covered_by_later(self, stage: Stage, later_keys: list[str]) -> bool:
@@ -478,11 +399,11 @@ class Build:
         later = next((k for k in later_keys if self.checkpoints.store.has(k)), None)
         if later is None:
             return False
-        with self._recording():
-            for record in self._stage_records(stage):
+        with self.recorder.recording():
+            for record in self.recorder.stage_records(stage):
                 record.status = "done"
         self.bus.emit(
-            events.STAGE_CACHED, run_id=self.run_id, stage=stage.stage, key=later, covered=True
+            events.StageCached(run_id=self.run_id, stage=stage.stage, key=later, covered=True)
         )
         return True
 
@@ -504,7 +425,7 @@ class Build:
             package=", ".join(packages) or None,
             delta_base=delta_base,
         )
-        with self._recording():
+        with self.recorder.recording():
             for name in [f"{stage}/{package}" for package in packages] or [stage]:
                 self.state.checkpoints[name] = key
             # A one-package stage's checkpoint is its package's: the partition is still at it.
@@ -519,14 +440,12 @@ class Build:
                 self._skip(record, reason)
 
     def _skip(self, record: PackageState, reason: str) -> None:
-        with self._recording():
+        with self.recorder.recording():
             record.status = "skipped"
         self.bus.emit(
-            events.BUILD_SKIPPED,
-            run_id=self.run_id,
-            stage=record.stage,
-            package=record.name,
-            reason=reason,
+            events.BuildSkipped(
+                run_id=self.run_id, stage=record.stage, package=record.name, reason=reason
+            )
         )
 
     def _groups(
@@ -660,7 +579,7 @@ class Build:
                     for name in ready[: parallel - len(running)]:
                         pending.discard(name)
                         package = stage.package(name)
-                        future = pool.submit(self._build_package, stage_plan, package, before_retry)
+                        future = pool.submit(self.attempts.build, stage_plan, package, before_retry)
                         running[future] = name
                     if not running:
                         break
@@ -674,7 +593,7 @@ class Build:
             except BaseException as caught:
                 # Every other build stops now; what they raise in turn (interrupted) is a
                 # consequence, unless `caught` was one itself and they hold the real cause.
-                self.runner.interrupt()
+                self.environment.interrupt()
                 error = _first_error(running)
                 consequence = isinstance(caught, KeyboardInterrupt)
                 if consequence and error is not None and not isinstance(error, KeyboardInterrupt):
@@ -690,95 +609,8 @@ class Build:
         lfs = self.options.lfs_dir.resolve()
         reason = f"retry {package}: back to the checkpoint before it"
         self.checkpoints.restore(key, lfs, stage=stage.stage, reason=reason)
-        with self._recording():
+        with self.recorder.recording():
             self.state.partition_at = key
-
-    def _job(self, stage_plan: StagePlan, package: Package, attempt: int) -> BuildJob:
-        stage = stage_plan.file.stage
-        # The same inputs the package's keys are made of: the two cannot disagree.
-        inputs = self.inputs_of.of(stage_plan.file, package, attempt)
-        log_path = (
-            self.workspace.run_dir(self.run_id) / "logs" / stage.stage / f"{package.name}.log"
-        )
-        return BuildJob(
-            run_id=self.run_id,
-            stage=stage.stage,
-            package=package.name,
-            attempt=attempt,
-            image=inputs.image,
-            image_id=inputs.image_id,
-            script=package.script,
-            environment=inputs.environment,
-            lfs_dir=self.options.lfs_dir.resolve(),
-            log_path=log_path,
-            timeout_s=stage.timeout_for(package, self.settings.timeout),
-            user=inputs.user,
-            workdir=inputs.workdir,
-            assets_dir=self._asset_dirs.get(stage.stage),
-            sources_dir=self.sources_dir if package.sources else None,
-            source_files=[source.file for source in package.sources],
-            resources=inputs.resources,
-            network=inputs.network,
-            capabilities=inputs.capabilities,
-            build_space=self.settings.build_space,
-        )
-
-    def _build_package(
-        self,
-        stage_plan: StagePlan,
-        package: Package,
-        before_retry: Callable[[], None] | None = None,
-    ) -> bool:
-        """Build one package, with the stage's retries; `before_retry` runs before each."""
-        stage = stage_plan.file.stage
-        record = self.state.find(stage.stage, package.name)
-        assert record is not None
-        tries = stage.retries_for(package) + 1
-        common = {"run_id": self.run_id, "stage": stage.stage, "package": package.name}
-        for try_index in range(tries):
-            number = len(record.attempts) + 1
-            job = self._job(stage_plan, package, number)
-            job.log_path.parent.mkdir(parents=True, exist_ok=True)
-            with job.log_path.open("a") as log:
-                log.write(f"=== lfsorch: {stage.stage}/{package.name} attempt {number} ===\n")
-            attempt = Attempt(number=number, started=now_iso())
-            with self._recording():
-                record.status = "running"
-                record.attempts.append(attempt)
-                record.log = str(job.log_path)
-                self.state.partition_at = None
-            self.bus.emit(events.BUILD_START, attempt=number, log=str(job.log_path), **common)
-            usage_before = tree_usage(job.lfs_dir)
-            result = self.runner.run(job)
-            with self._recording():
-                _record_result(record, attempt, result)
-                record.disk_added_bytes = tree_usage(job.lfs_dir) - usage_before
-            figures = _figures(record)
-            if result.succeeded:
-                self.bus.emit(events.BUILD_COMPLETE, attempt=number, **figures, **common)
-                return True
-            self.bus.emit(
-                events.BUILD_ERROR,
-                attempt=number,
-                will_retry=try_index < tries - 1 and not result.interrupted,
-                reason=result.describe(),
-                log=str(job.log_path),
-                **figures,
-                **common,
-            )
-            if result.interrupted:
-                raise KeyboardInterrupt
-            if try_index < tries - 1:
-                self.bus.emit(events.BUILD_RETRY, attempt=number + 1, **common)
-                if before_retry is not None:
-                    before_retry()
-        return False
-
-
-def _image_id(client: docker.DockerClient, reference: str) -> str:
-    """An image's id for keys. A missing image is reported by the run's image check, with
-    every other missing one, before anything is built or recorded."""
-    return images.image_id_or_none(client, reference) or f"missing {reference}"
 
 
 def _first_error(futures: Iterable[Future[bool]]) -> BaseException | None:
@@ -792,41 +624,3 @@ def _first_error(futures: Iterable[Future[bool]]) -> BaseException | None:
             errors.append(error)
     real = [error for error in errors if not isinstance(error, KeyboardInterrupt)]
     return next(iter(real or errors), None)
-
-
-def _record_result(record: PackageState, attempt: Attempt, result: BuildResult) -> None:
-    attempt.duration_s = round(result.duration_s, 3)
-    attempt.exit_code = result.exit_code
-    attempt.oom_killed = result.oom_killed
-    attempt.timed_out = result.timed_out
-    attempt.interrupted = result.interrupted
-    attempt.error = None if result.succeeded else result.describe()
-    record.exit_code = result.exit_code
-    record.oom_killed = result.oom_killed
-    record.timed_out = result.timed_out
-    record.duration_s = attempt.duration_s
-    record.cpu_seconds = result.figures.cpu_seconds
-    record.memory_peak_bytes = result.figures.memory_peak_bytes
-    record.read_bytes = result.figures.read_bytes
-    record.write_bytes = result.figures.write_bytes
-    record.io_source = result.figures.io_source
-    record.finished = now_iso()
-    if result.interrupted:
-        record.status = "pending"
-    else:
-        record.status = "done" if result.succeeded else "failed"
-
-
-def _figures(record: PackageState) -> dict[str, object]:
-    return {
-        "duration_s": record.duration_s,
-        "exit_code": record.exit_code,
-        "oom_killed": record.oom_killed,
-        "timed_out": record.timed_out,
-        "cpu_seconds": record.cpu_seconds,
-        "memory_peak_bytes": record.memory_peak_bytes,
-        "read_bytes": record.read_bytes,
-        "write_bytes": record.write_bytes,
-        "io_source": record.io_source,
-        "disk_added_bytes": record.disk_added_bytes,
-    }

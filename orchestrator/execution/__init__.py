@@ -1,7 +1,8 @@
-"""Where a package's script runs: the Docker engine connection and its labels, the build-host
-images, and the container a package attempt runs in (mounts, limits, privileges, timeout,
-byte-exact logs, figures).
+"""Where a package's script runs: the build environment interface (`environment`: job, result,
+`BuildEnvironment`), its first implementation (`container`: a fresh container per attempt on
+the local engine, with mounts, limits, privileges, timeout, byte-exact logs, figures), the
+Docker engine connection, its labels and image lookups, and the build-host images.
 
-May import `spec` (models), `monitor` (events, metrics), `sources.aptsources` (the
-machine's mirror for debootstrap), `workspace` and `errors`; never `build` or `checkpoints`.
+May import `spec` (models), `monitor.metrics`, `sources.aptsources` (the machine's mirror for
+debootstrap), `workspace` and `errors`; never `build` or `checkpoints`.
 """

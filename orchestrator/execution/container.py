@@ -23,7 +23,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -33,18 +32,15 @@ from docker.models.containers import Container
 from docker.types import LogConfig, Mount
 from docker.types.daemon import CancellableStream
 
-from orchestrator.errors import ExitCode, ImageMissing, LfsorchError
+from orchestrator.errors import ImageMissing, LfsorchError
 from orchestrator.execution import engine
-from orchestrator.monitor import events
-from orchestrator.monitor.events import EventBus
+from orchestrator.execution.environment import BuildJob, BuildResult, ProgressReport
 from orchestrator.monitor.metrics import ContainerFigures, HostIO
-from orchestrator.spec.models import Resources
 
 BUILD_DIR = "/build"
 LFS_MOUNT = "/mnt/lfs"
 SOURCES_MOUNT = "/sources"
 STAGE_MOUNT = "/stage"
-DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 EXIT_BAD_USER = 219  # unusual on purpose: a script's own 126/127 must not read as this
 _TARBALL = re.compile(r"\.(tar(\.[a-z0-9]+)?|tgz|tbz2|txz)$")
 _PROGRESS_INTERVAL_S = 0.5
@@ -65,139 +61,14 @@ _DISK_CHECK_INTERVAL_S = 10.0
 ENGINE_LOG_CONFIG = LogConfig(
     type=LogConfig.types.JSON, config={"max-size": "10m", "max-file": "2"}
 )
-# What the book's chapters 4-6 need as root, measured by dropping each in turn; the README's
-# "Security model" gives each one's reason.
-BASE_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "SETGID", "SETUID")
-# What a stage may add by name (`capabilities: [mknod]`); the stage schema allows these alone.
-OPTIONAL_CAPABILITIES = ("fowner", "fsetid", "kill", "mknod", "sys_chroot")
 
 
-@dataclass(frozen=True)
-class BuildJob:
-    """Everything one container needs; built by the scheduler from stage, package and config."""
-
-    run_id: str
-    stage: str
-    package: str
-    attempt: int
-    image: str
-    script: str
-    environment: dict[str, str]
-    lfs_dir: Path
-    log_path: Path
-    timeout_s: float
-    user: str | None = None
-    workdir: str | None = None
-    assets_dir: Path | None = None  # the stage's declared assets, copied; never its directory
-    sources_dir: Path | None = None
-    source_files: Sequence[str] = ()
-    resources: Resources = field(default_factory=Resources)
-    network: bool = False
-    capabilities: Sequence[str] = ()  # names from OPTIONAL_CAPABILITIES, lowercase
-    build_space: int | None = None  # bytes the container may write outside its mounts
-    # The id `image` named when the run's keys were made: the container is made from it, so
-    # a tag moved to another image during the run cannot change what the keys describe.
-    image_id: str | None = None
-
-    @property
-    def container_name(self) -> str:
-        """Readable and unique: names Docker refuses (`gtk+`) are made safe, and a short
-        hash of the real names keeps `gtk+` and `gtk_` apart."""
-        unique = hashlib.sha256(f"{self.stage}/{self.package}".encode()).hexdigest()[:8]
-        readable = _CONTAINER_UNSAFE.sub("_", f"{self.stage}-{self.package}")
-        return f"lfsorch-{self.run_id}-{readable}-{unique}-{self.attempt}"
-
-    def capability_set(self) -> list[str]:
-        unknown = set(self.capabilities) - set(OPTIONAL_CAPABILITIES)
-        if unknown:
-            raise LfsorchError(f"capabilities not allowed in builds: {', '.join(sorted(unknown))}")
-        return sorted({*BASE_CAPABILITIES, *(name.upper() for name in self.capabilities)})
-
-
-@dataclass
-class BuildResult:
-    exit_code: int | None
-    duration_s: float
-    figures: ContainerFigures
-    oom_killed: bool = False
-    timed_out: bool = False
-    interrupted: bool = False
-    error: str | None = None
-    timeout_s: float | None = None  # the limit that was reached, when timed out
-
-    @property
-    def succeeded(self) -> bool:
-        # A child killed by the OOM killer can leave a script that carried on and exited 0.
-        return (
-            self.exit_code == 0
-            and not self.oom_killed
-            and not self.timed_out
-            and not self.interrupted
-            and self.error is None
-        )
-
-    def describe(self) -> str:
-        if self.interrupted:
-            return "interrupted"
-        if self.timed_out:
-            # The limit, not the measured time: that includes starting and killing the container.
-            limit = self.timeout_s if self.timeout_s is not None else self.duration_s
-            return f"timed out after {limit:.0f}s (container killed)"
-        if self.oom_killed:
-            return f"killed by the kernel's OOM killer (exit status {self.exit_code})"
-        if self.error:
-            return self.error
-        return f"exit status {self.exit_code}"
-
-
-class EnvironmentTooLarge(LfsorchError):
-    """A variable longer than one exec() argument may be, once its references are expanded."""
-
-    exit_code = ExitCode.USER_ERROR
-
-    def __init__(self, name: str) -> None:
-        super().__init__(
-            f"environment variable {name} expands to more than {MAX_VARIABLE_BYTES >> 10} KiB, "
-            "the most one variable can hold in a build",
-            hint="shorten it, or keep large data in a file under /stage",
-        )
-        self.name = name
-
-
-# Linux's MAX_ARG_STRLEN: each NAME=VALUE travels as one argument (see container_command).
-MAX_VARIABLE_BYTES = 128 << 10
-_REFERENCE = re.compile(r"\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))")
-
-
-def _expanded(name: str, value: str, merged: dict[str, str]) -> str:
-    """`value` with $NAME/${NAME} replaced from `merged`, refused as soon as it grows past the
-    limit: references nest, so a few lines could otherwise expand to gigabytes."""
-    pieces: list[str] = []
-    size = len(name) + 2  # NAME=...\0
-    last = 0
-    for match in _REFERENCE.finditer(value):
-        replacement = merged.get(match.group(1) or match.group(2), match.group(0))
-        for piece in (value[last : match.start()], replacement):
-            size += len(piece.encode())
-            if size > MAX_VARIABLE_BYTES:
-                raise EnvironmentTooLarge(name)
-            pieces.append(piece)
-        last = match.end()
-    pieces.append(value[last:])
-    size += len(pieces[-1].encode())
-    if size > MAX_VARIABLE_BYTES:
-        raise EnvironmentTooLarge(name)
-    return "".join(pieces)
-
-
-def expand_environment(layers: Sequence[dict[str, str]]) -> dict[str, str]:
-    """Merge variable layers in order, expanding $NAME/${NAME} from variables set before."""
-    merged: dict[str, str] = {}
-    for layer in layers:
-        for name, value in layer.items():
-            merged[name] = _expanded(name, value, merged)
-    merged.setdefault("PATH", DEFAULT_PATH)
-    return merged
+def container_name(job: BuildJob) -> str:
+    """Readable and unique: names Docker refuses (`gtk+`) are made safe, and a short hash of
+    the real names keeps `gtk+` and `gtk_` apart."""
+    unique = hashlib.sha256(f"{job.stage}/{job.package}".encode()).hexdigest()[:8]
+    readable = _CONTAINER_UNSAFE.sub("_", f"{job.stage}-{job.package}")
+    return f"lfsorch-{job.run_id}-{readable}-{unique}-{job.attempt}"
 
 
 def _entry_script(job: BuildJob) -> str:
@@ -487,11 +358,11 @@ class _StatsPump:
 
 
 class ContainerRunner:
-    """Runs build jobs; knows its live containers so an interrupt can stop them all."""
+    """The build environment of a fresh container per attempt on the local engine; knows its
+    live containers so an interrupt can stop them all."""
 
-    def __init__(self, client: docker.DockerClient, bus: EventBus) -> None:
+    def __init__(self, client: docker.DockerClient) -> None:
         self._client = client
-        self._bus = bus
         self._lock = threading.Lock()
         self._live: dict[str, Container] = {}
         self._interrupted = threading.Event()
@@ -507,6 +378,24 @@ class ContainerRunner:
                 f"image '{image}' is not in the Docker engine",
                 hint="build it with `lfsorch images build` (or name another image in the stage)",
             ) from None
+
+    def check_images(self, images: Sequence[str]) -> None:
+        missing = []
+        for image in sorted(set(images)):
+            try:
+                self.check_image(image)
+            except LfsorchError:
+                missing.append(image)
+        if missing:
+            raise LfsorchError(
+                f"image(s) not in the Docker engine: {', '.join(missing)}",
+                hint="build the host image with `lfsorch images build`",
+            )
+
+    def image_id(self, image: str) -> str:
+        """The image's id. A missing image is reported by `check_images`, with every other
+        missing one, before anything is built or recorded."""
+        return engine.image_id_or_none(self._client, image) or f"missing {image}"
 
     def close(self) -> None:
         """Wait until every finished container is removed."""
@@ -531,7 +420,7 @@ class ContainerRunner:
             container = self._client.containers.create(
                 pinned or job.image,
                 command=container_command(job),
-                name=job.container_name,
+                name=container_name(job),
                 user="0:0",
                 working_dir="/",
                 labels=labels,
@@ -562,7 +451,7 @@ class ContainerRunner:
             ) from None
         return container
 
-    def run(self, job: BuildJob) -> BuildResult:
+    def run(self, job: BuildJob, progress: ProgressReport) -> BuildResult:
         job.log_path.parent.mkdir(parents=True, exist_ok=True)
         figures = ContainerFigures()
         if self._interrupted.is_set():
@@ -571,14 +460,18 @@ class ContainerRunner:
         with self._lock:
             self._live[container.id] = container
         try:
-            return self._follow(job, container, figures)
+            return self._follow(job, container, figures, progress)
         finally:
             with self._lock:
                 self._live.pop(container.id, None)
             self._removals.submit(engine.remove_quietly, container)
 
     def _follow(
-        self, job: BuildJob, container: Container, figures: ContainerFigures
+        self,
+        job: BuildJob,
+        container: Container,
+        figures: ContainerFigures,
+        progress: ProgressReport,
     ) -> BuildResult:
         """Start the container and follow it to its end: output, stats, disk, timeout."""
         timed_out = threading.Event()
@@ -588,21 +481,11 @@ class ContainerRunner:
             with contextlib.suppress(docker.errors.APIError):
                 container.kill()
 
-        def on_line(line: str, count: int) -> None:
-            self._bus.emit(
-                events.BUILD_PROGRESS,
-                run_id=job.run_id,
-                stage=job.stage,
-                package=job.package,
-                line=line,
-                lines=count,
-            )
-
         timer = threading.Timer(job.timeout_s, on_timeout)
         timer.daemon = True
         # Attached before the start, so not one byte of output is missed.
         stream = container.attach(stdout=True, stderr=True, stream=True, logs=False)
-        logs = _LogPump(stream, job.log_path, container.name or job.container_name, on_line)
+        logs = _LogPump(stream, job.log_path, container.name or container_name(job), progress)
         disk = _DiskWatch(self._client, container, job.build_space) if job.build_space else None
         started = time.monotonic()
         try:

@@ -17,7 +17,7 @@ import docker.errors
 import psutil
 from docker.models.containers import Container
 
-from orchestrator.errors import EngineUnavailable
+from orchestrator.errors import EngineUnavailable, ImageMissing
 
 LABEL_PREFIX = "org.lfsorch"
 MANAGED = f"{LABEL_PREFIX}.managed"
@@ -129,3 +129,20 @@ def managed_container(
         yield container
     finally:
         remove_quietly(container)
+
+
+def image_id_or_none(client: docker.DockerClient, ref: str) -> str | None:
+    try:
+        return str(client.images.get(ref).id)
+    except docker.errors.ImageNotFound:
+        return None
+
+
+def image_digest(client: docker.DockerClient, ref: str) -> str:
+    """The image id (`sha256:...`) REF names: a content address, used in snapshot keys."""
+    found = image_id_or_none(client, ref)
+    if found is None:
+        raise ImageMissing(
+            f"image {ref} is not in the engine", hint="build it with `lfsorch images build`"
+        )
+    return found

@@ -23,8 +23,10 @@ from typing import Any
 import docker
 import docker.errors
 
-from orchestrator.errors import ImageMissing, LfsorchError
+from orchestrator.errors import LfsorchError
+from orchestrator.execution.engine import image_digest, image_id_or_none
 from orchestrator.sources import aptsources
+from orchestrator.spec.environment import DEFAULT_PATH
 from orchestrator.workspace import Workspace
 
 BASE_IMAGE = "lfsorch/base:bookworm"
@@ -36,7 +38,6 @@ IMAGES_ENV = "LFSORCH_IMAGES"
 
 # Not org.lfsorch.managed: containers inherit image labels, and that one marks what lfsorch runs.
 IMAGE_LABELS = {"org.lfsorch.image.built-by": "lfsorch"}
-_DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _TAIL_LINES = 30
 _CHUNK = 1 << 20
 
@@ -162,7 +163,7 @@ def _import_changes(suite: str) -> list[str]:
     # A bare imported tree has no config at all: give it what `docker run IMAGE` expects.
     return [
         'CMD ["/bin/bash"]',
-        f"ENV PATH={_DEFAULT_PATH}",
+        f"ENV PATH={DEFAULT_PATH}",
         "ENV LANG=C.UTF-8",
         *(f'LABEL {key}="{value}"' for key, value in IMAGE_LABELS.items()),
         'LABEL org.lfsorch.image="base"',
@@ -227,23 +228,6 @@ def _mounts_under(root: str) -> list[str]:
 
 
 # --------------------------------------------------------------------------- base and host
-
-
-def image_id_or_none(client: docker.DockerClient, ref: str) -> str | None:
-    try:
-        return str(client.images.get(ref).id)
-    except docker.errors.ImageNotFound:
-        return None
-
-
-def image_digest(client: docker.DockerClient, ref: str) -> str:
-    """The image id (`sha256:...`) REF names: a content address, used in snapshot keys."""
-    found = image_id_or_none(client, ref)
-    if found is None:
-        raise ImageMissing(
-            f"image {ref} is not in the engine", hint="build it with `lfsorch images build`"
-        )
-    return found
 
 
 def ensure_base(

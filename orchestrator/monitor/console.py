@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
-from orchestrator.monitor.events import Event
+from orchestrator.monitor import events
+from orchestrator.monitor.events import Event, PackageEvent
 
 _HEARTBEAT_S = 30.0
 # C0 controls but tab and newline, DEL, C1 controls (8-bit CSI and OSC), and the Unicode
@@ -42,11 +44,10 @@ def _size(value: Any) -> str:
     return f"{value}TiB"
 
 
-def _finished_text(event: Event) -> str:
-    data = event.data
+def _finished_text(event: events.BuildComplete) -> str:
     return (
-        f"{data.get('duration_s', 0):.1f}s, cpu {data.get('cpu_seconds') or 0:.1f}s, "
-        f"mem peak {_size(data.get('memory_peak_bytes'))}"
+        f"{event.duration_s or 0:.1f}s, cpu {event.cpu_seconds or 0:.1f}s, "
+        f"mem peak {_size(event.memory_peak_bytes)}"
     )
 
 
@@ -82,30 +83,28 @@ class ConsoleView:
         self.console.print(printable(text), markup=False, highlight=False, soft_wrap=True)
 
     def __call__(self, event: Event) -> None:
-        handler = getattr(self, "_on_" + event.name.replace(".", "_"), None)
+        handler = self._handlers.get(type(event))
         if handler is not None:
-            handler(event)
+            handler(self, event)
 
-    def _label(self, event: Event) -> str:
+    def _label(self, event: PackageEvent) -> str:
         return f"{event.stage}/{event.package}"
 
-    def _on_run_start(self, event: Event) -> None:
-        data = event.data
+    def _on_run_start(self, event: events.RunStart) -> None:
         self.print(
-            f"run {event.run_id}: {data['packages']} package(s) in {', '.join(data['stages'])}"
-            f" ({data['already_done']} already done), partition {data['lfs']}"
+            f"run {event.run_id}: {event.packages} package(s) in {', '.join(event.stages)}"
+            f" ({event.already_done} already done), partition {event.lfs}"
         )
 
-    def _on_engine_cleanup(self, event: Event) -> None:
-        self.print(f"removed {len(event.data['removed'])} container(s) left by a dead run")
+    def _on_cleanup(self, event: events.Cleanup) -> None:
+        self.print(f"removed {len(event.removed)} container(s) left by a dead run")
 
-    def _on_stage_start(self, event: Event) -> None:
+    def _on_stage_start(self, event: events.StageStart) -> None:
         self.print(f"stage {event.stage}")
 
-    def _on_build_start(self, event: Event) -> None:
+    def _on_build_start(self, event: events.BuildStart) -> None:
         key = (event.stage, event.package)
-        attempt = event.data.get("attempt", 1)
-        suffix = f" (attempt {attempt})" if attempt > 1 else ""
+        suffix = f" (attempt {event.attempt})" if event.attempt > 1 else ""
         if self._progress is not None:
             self._tasks[key] = self._progress.add_task(
                 "", total=None, name=self._label(event) + suffix, line=""
@@ -114,9 +113,9 @@ class ConsoleView:
             self._heartbeat[key] = time.monotonic()
             self.print(f"  start  {self._label(event)}{suffix}")
 
-    def _on_build_progress(self, event: Event) -> None:
+    def _on_build_progress(self, event: events.BuildProgress) -> None:
         key = (event.stage, event.package)
-        line = printable(str(event.data.get("line", "")))[:80]
+        line = printable(event.line)[:80]
         if self._progress is not None and key in self._tasks:
             self._progress.update(self._tasks[key], line=line)
         elif self._progress is None:
@@ -125,44 +124,58 @@ class ConsoleView:
                 self._heartbeat[key] = time.monotonic()
                 self.print(f"  ...    {self._label(event)}: {line}")
 
-    def _end_task(self, event: Event) -> None:
+    def _end_task(self, event: PackageEvent) -> None:
         task = self._tasks.pop((event.stage, event.package), None)
         if self._progress is not None and task is not None:
             self._progress.remove_task(task)
 
-    def _on_build_complete(self, event: Event) -> None:
+    def _on_build_complete(self, event: events.BuildComplete) -> None:
         self._end_task(event)
         self.print(f"  done   {self._label(event)} in {_finished_text(event)}")
 
-    def _on_build_error(self, event: Event) -> None:
+    def _on_build_error(self, event: events.BuildError) -> None:
         self._end_task(event)
-        self.print(f"  FAILED {self._label(event)}: {event.data.get('reason')}")
+        self.print(f"  FAILED {self._label(event)}: {event.reason}")
 
-    def _on_build_retry(self, event: Event) -> None:
-        self.print(f"  retry  {self._label(event)} (attempt {event.data.get('attempt')})")
+    def _on_build_retry(self, event: events.BuildRetry) -> None:
+        self.print(f"  retry  {self._label(event)} (attempt {event.attempt})")
 
-    def _on_stage_cached(self, event: Event) -> None:
-        key = event.data["key"][:12]
-        if event.data.get("covered"):
+    def _on_stage_cached(self, event: events.StageCached) -> None:
+        key = event.key[:12]
+        if event.covered:
             self.print(f"  cached {event.stage}: contained in the later checkpoint {key}")
         else:
             self.print(f"  cached {event.stage}: its inputs match checkpoint {key}")
 
-    def _on_snapshot_create(self, event: Event) -> None:
-        data = event.data
-        what = f"{event.stage}/{event.package}" if event.package else str(event.stage)
-        kind = "delta" if data.get("delta") else "full"
+    def _on_snapshot_create(self, event: events.SnapshotCreate) -> None:
+        what = f"{event.stage}/{event.package}" if event.package else event.stage
+        kind = "delta" if event.delta else "full"
         self.print(
-            f"  checkpoint {what}: {data['key'][:12]} ({kind}, {_size(data.get('archive_bytes'))}, "
-            f"{data.get('duration_s', 0):.1f}s)"
+            f"  checkpoint {what}: {event.key[:12]} ({kind}, {_size(event.archive_bytes)}, "
+            f"{event.duration_s:.1f}s)"
         )
 
-    def _on_snapshot_restore(self, event: Event) -> None:
-        data = event.data
+    def _on_snapshot_restore(self, event: events.SnapshotRestore) -> None:
         self.print(
-            f"  restored {data['key'][:12]} into the partition ({data.get('reason')}, "
-            f"{data.get('duration_s', 0):.1f}s)"
+            f"  restored {event.key[:12]} into the partition ({event.reason}, "
+            f"{event.duration_s:.1f}s)"
         )
 
-    def _on_build_skipped(self, event: Event) -> None:
-        self.print(f"  skip   {self._label(event)}: {event.data.get('reason')}")
+    def _on_build_skipped(self, event: events.BuildSkipped) -> None:
+        self.print(f"  skip   {self._label(event)}: {event.reason}")
+
+    # Each kind the console shows, and how; other kinds pass unseen.
+    _handlers: ClassVar[dict[type[Event], Callable[[Any, Any], None]]] = {
+        events.RunStart: _on_run_start,
+        events.Cleanup: _on_cleanup,
+        events.StageStart: _on_stage_start,
+        events.BuildStart: _on_build_start,
+        events.BuildProgress: _on_build_progress,
+        events.BuildComplete: _on_build_complete,
+        events.BuildError: _on_build_error,
+        events.BuildRetry: _on_build_retry,
+        events.StageCached: _on_stage_cached,
+        events.SnapshotCreate: _on_snapshot_create,
+        events.SnapshotRestore: _on_snapshot_restore,
+        events.BuildSkipped: _on_build_skipped,
+    }

@@ -47,7 +47,7 @@ class JsonEventLog:
         self._last_progress: dict[tuple[str | None, str | None], float] = {}
 
     def __call__(self, event: Event) -> None:
-        if event.name == events.BUILD_PROGRESS:
+        if isinstance(event, events.BuildProgress):
             key = (event.stage, event.package)
             if event.time - self._last_progress.get(key, 0.0) < PROGRESS_INTERVAL_S:
                 return

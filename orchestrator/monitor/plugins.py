@@ -61,16 +61,17 @@ class PluginBridge:
 
     def __call__(self, event: Event) -> None:
         self._hook.lfsorch_event(event=event)
-        if event.name == events.RUN_START:
-            self._hook.lfsorch_run_start(run_id=event.run_id, stages=event.data["stages"])
-        elif event.name in (events.BUILD_COMPLETE, events.BUILD_ERROR):
-            final = event.name == events.BUILD_COMPLETE or not event.data.get("will_retry")
-            if final:
-                self._hook.lfsorch_package_done(
-                    run_id=event.run_id,
-                    stage=event.stage,
-                    package=event.package,
-                    ok=event.name == events.BUILD_COMPLETE,
-                )
-        elif event.name == events.RUN_COMPLETE:
-            self._hook.lfsorch_run_end(run_id=event.run_id, outcome=event.data["outcome"])
+        if isinstance(event, events.RunStart):
+            self._hook.lfsorch_run_start(run_id=event.run_id, stages=event.stages)
+        elif isinstance(event, events.BuildComplete) or (
+            isinstance(event, events.BuildError) and not event.will_retry
+        ):
+            # A package's last word: built, or failed with no attempt left.
+            self._hook.lfsorch_package_done(
+                run_id=event.run_id,
+                stage=event.stage,
+                package=event.package,
+                ok=isinstance(event, events.BuildComplete),
+            )
+        elif isinstance(event, events.RunComplete):
+            self._hook.lfsorch_run_end(run_id=event.run_id, outcome=event.outcome)

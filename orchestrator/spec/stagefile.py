@@ -13,7 +13,6 @@ import yaml
 from pydantic import ValidationError
 
 from orchestrator.errors import ExitCode, LfsorchError
-from orchestrator.execution.container import EnvironmentTooLarge, expand_environment
 from orchestrator.spec.assets import (
     Asset,
     AssetProblem,
@@ -22,6 +21,7 @@ from orchestrator.spec.assets import (
     copy_assets,
     digest_assets,
 )
+from orchestrator.spec.environment import EnvironmentTooLarge, expand_environment
 from orchestrator.spec.models import Stage
 
 Location = tuple[str | int, ...]

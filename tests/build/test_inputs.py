@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from orchestrator.build.checkpointing import policy_of
+from orchestrator.build.inputs import InputsOf, merged_environment, without_job_count
 from orchestrator.config import Settings, load_config
 from orchestrator.errors import ConfigError
-from orchestrator.build.inputs import InputsOf, merged_environment, without_job_count
 from orchestrator.spec.models import Package, Stage
 from orchestrator.spec.stagefile import StageFile
 

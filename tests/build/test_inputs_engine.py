@@ -3,9 +3,7 @@ checkpoints, and the scheduler's names and errors: on the real engine."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,16 +12,11 @@ import docker.errors
 import pytest
 
 from orchestrator import api
-from orchestrator.execution import engine
-from orchestrator.build.scheduler import Build, RunOptions
-from orchestrator.config import load_config
-from orchestrator.errors import ImageMissing
-from orchestrator.monitor.events import Event, EventBus
-from orchestrator.spec.graph import load_plan
 from orchestrator.checkpoints.store import SnapshotStore
-from orchestrator.build.state import RunState
 from orchestrator.errors import LfsorchError
-from orchestrator.execution.container import BuildJob
+from orchestrator.execution.container import container_name
+from orchestrator.execution.environment import BuildJob
+from orchestrator.monitor.events import Event
 from orchestrator.workspace import Workspace
 from tests.helpers import BASE_IMAGE, partition_text, restores, run_build, run_cli, started
 
@@ -278,7 +271,6 @@ def test_a_real_error_beside_a_running_build_is_reported(
           - {{name: next, depends: [quick], script: "true"}}
         """,
     )
-    bus = EventBus()
     squatters: list[str] = []
 
     def take_the_name(event: Event) -> None:
@@ -286,13 +278,12 @@ def test_a_real_error_beside_a_running_build_is_reported(
             job = BuildJob(event.run_id or "", "vanish", "next", 1, BASE_IMAGE, "", {},
                            lfs_dir, lfs_dir, 1.0)  # fmt: skip
             squatters.append(
-                docker_client.containers.create(BASE_IMAGE, name=job.container_name).id
+                docker_client.containers.create(BASE_IMAGE, name=container_name(job)).id
             )
 
-    bus.subscribe(take_the_name)
     try:
         with pytest.raises(LfsorchError) as caught:
-            run_build([path], lfs_dir, workspace, bus=bus, parallel=2)
+            run_build([path], lfs_dir, workspace, subscribers=[take_the_name], parallel=2)
     finally:
         for squatter in squatters:
             docker_client.api.remove_container(squatter, force=True)

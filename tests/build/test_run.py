@@ -14,11 +14,9 @@ import docker
 import pytest
 
 from orchestrator import api
-from orchestrator.execution import engine
-from orchestrator.build.scheduler import Build, RunOptions
 from orchestrator.config import load_config
-from orchestrator.monitor.events import Event, EventBus
-from orchestrator.spec.graph import load_plan
+from orchestrator.execution import engine
+from orchestrator.monitor.events import Event
 from orchestrator.workspace import Workspace
 from tests.helpers import BASE_IMAGE, REPO, run_build, start_cli, wait_for_container
 
@@ -83,15 +81,9 @@ def test_container_contract(
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
-    build = Build(
-        load_plan([path]),
-        load_config(["makeflags=-j7"]).settings,
-        workspace,
-        engine.connect(timeout=None),
-        EventBus(),
-        RunOptions(lfs_dir=lfs_dir),
+    state = api.run(
+        [path], lfs_dir, config=load_config(["makeflags=-j7"]), parallel=1, workspace=workspace
     )
-    state = build.run()
     assert state.outcome == "succeeded"
     output = Path(state.packages[0].log or "").read_text().splitlines()[1:]
     assert output == [
@@ -110,7 +102,7 @@ def test_container_contract(
         "64",
         str(128 << 20),
     ]
-    assert seen_labels[engine.RUN] == build.run_id
+    assert seen_labels[engine.RUN] == state.run_id
     assert seen_labels[engine.STAGE] == "contract"
     assert seen_labels[engine.OWNER_PID] == str(os.getpid())
 

@@ -15,12 +15,11 @@ import docker
 import pytest
 
 from orchestrator import api
-from orchestrator.build.scheduler import WorkspaceBusy
 from orchestrator.checkpoints import digests
 from orchestrator.checkpoints.manifest import REBASED_ARCHIVE
 from orchestrator.checkpoints.store import MANIFEST, SnapshotStore
 from orchestrator.checkpoints.treescan import verify_tree
-from orchestrator.workspace import Workspace
+from orchestrator.workspace import Workspace, WorkspaceBusy
 from tests.helpers import BASE_IMAGE, REPO, make_tree, run_cli, start_cli, wait_for_container
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]

@@ -8,10 +8,10 @@ from pathlib import Path
 import zstandard
 
 from orchestrator.build.state import Attempt, PackageState, RunState, load_state, save_state
-from orchestrator.execution.container import DEFAULT_PATH, expand_environment
 from orchestrator.monitor.eventlog import JsonEventLog
-from orchestrator.monitor.events import Event, EventBus
+from orchestrator.monitor.events import BuildComplete, BuildStart, Event, EventBus
 from orchestrator.monitor.metrics import ContainerFigures, HostIO
+from orchestrator.spec.environment import DEFAULT_PATH, expand_environment
 
 
 def test_environment_layers_expand_earlier_variables() -> None:
@@ -41,9 +41,9 @@ def test_bus_filters_and_survives_a_failing_subscriber() -> None:
         raise RuntimeError("subscriber bug")
 
     bus.subscribe(broken)
-    bus.subscribe(lambda e: seen.append(e.name), {"build.complete"})
-    bus.emit("build.start", run_id="r", stage="s", package="p")
-    bus.emit("build.complete", run_id="r", stage="s", package="p", duration_s=1.0)
+    bus.subscribe(lambda e: seen.append(e.name), BuildComplete)
+    bus.emit(BuildStart(run_id="r", stage="s", package="p", attempt=1, log=""))
+    bus.emit(BuildComplete(run_id="r", stage="s", package="p", attempt=1, duration_s=1.0))
     assert seen == ["build.complete"]
 
 
@@ -101,7 +101,9 @@ def test_event_log_rotates_and_compresses(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     log = JsonEventLog(path, max_bytes=2048, backups=2)
     for number in range(200):
-        log(Event("build.complete", "r", "s", f"p{number}", {"duration_s": number}))
+        log(
+            BuildComplete(run_id="r", stage="s", package=f"p{number}", attempt=1, duration_s=number)
+        )
     log.close()
     rotated = sorted(p.name for p in tmp_path.iterdir())
     assert rotated == ["events.jsonl", "events.jsonl.1.zst", "events.jsonl.2.zst"]

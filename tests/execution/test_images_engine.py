@@ -11,6 +11,7 @@ import docker
 import docker.errors
 import pytest
 
+from orchestrator.errors import ImageMissing
 from orchestrator.execution import engine, images
 from orchestrator.workspace import Workspace
 
@@ -92,7 +93,7 @@ def test_rebuild_removes_the_image_it_replaces(
 
 
 def test_missing_image_is_image_missing(client: docker.DockerClient) -> None:
-    with pytest.raises(images.ImageMissing, match="lfsorch images build"):
+    with pytest.raises(ImageMissing, match="lfsorch images build"):
         images.image_digest(client, "lfsorch/does-not-exist:never")
 
 

@@ -6,7 +6,13 @@ import types
 import pytest
 
 from orchestrator.errors import ConfigError
-from orchestrator.monitor.events import EventBus
+from orchestrator.monitor.events import (
+    BuildComplete,
+    BuildError,
+    EventBus,
+    RunComplete,
+    RunStart,
+)
 from orchestrator.monitor.plugins import PluginBridge, hookimpl, plugin_manager
 
 
@@ -33,11 +39,12 @@ def test_plugin_hooks_see_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
 
     bus = EventBus()
     bus.subscribe(PluginBridge(plugin_manager([module.__name__])))
-    bus.emit("run.start", run_id="r", stages=["ch5"])
-    bus.emit("build.error", run_id="r", stage="ch5", package="gcc", will_retry=True)
-    bus.emit("build.complete", run_id="r", stage="ch5", package="gcc")
-    bus.emit("build.error", run_id="r", stage="ch5", package="glibc", will_retry=False)
-    bus.emit("run.complete", run_id="r", outcome="failed")
+    bus.emit(RunStart(run_id="r", lfs="/l", stages=["ch5"], packages=2, already_done=0, host={}))
+    failed = {"run_id": "r", "stage": "ch5", "attempt": 1, "reason": "exit status 1", "log": ""}
+    bus.emit(BuildError(package="gcc", will_retry=True, **failed))
+    bus.emit(BuildComplete(run_id="r", stage="ch5", package="gcc", attempt=2))
+    bus.emit(BuildError(package="glibc", will_retry=False, **failed))
+    bus.emit(RunComplete(run_id="r", outcome="failed"))
     assert calls == [
         ("start", ["ch5"]),
         ("done", ("gcc", True)),

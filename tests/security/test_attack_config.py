@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 HINT = "  hint: point LFSORCH_CONFIG at the YAML file, or remove it\n"
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from orchestrator.checkpoints.store import SnapshotStore
 from orchestrator.workspace import Workspace
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 HOSTILE = "\x1b]0;owned\x07\x1b[2J[/x][link=file:///etc/shadow]y"
 SHOWN = "\\x1b]0;owned\\x07\\x1b[2J[/x][link=file:///etc/shadow]y"

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.workspace import Workspace
-from tests.conftest import BASE_IMAGE, run_cli
+from tests.helpers import BASE_IMAGE, run_cli
 
 TOO_LARGE = "expands to more than 128 KiB, the most one variable can hold in a build"
 

@@ -16,7 +16,7 @@ import pytest
 
 from orchestrator import api
 from orchestrator.workspace import Workspace
-from tests.conftest import BASE_IMAGE
+from tests.helpers import BASE_IMAGE
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]
 

@@ -12,7 +12,7 @@ import pytest
 from orchestrator import api
 from orchestrator.execution import container as runner
 from orchestrator.workspace import Workspace
-from tests.conftest import BASE_IMAGE
+from tests.helpers import BASE_IMAGE
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]
 

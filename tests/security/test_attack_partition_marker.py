@@ -13,7 +13,7 @@ import pytest
 
 from orchestrator.checkpoints.treescan import PARTITION_MARKER
 from orchestrator.workspace import Workspace
-from tests.conftest import BASE_IMAGE, run_cli
+from tests.helpers import BASE_IMAGE, run_cli
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]
 

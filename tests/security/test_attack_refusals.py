@@ -14,7 +14,7 @@ import pytest
 
 from orchestrator.checkpoints.treescan import PARTITION_MARKER
 from orchestrator.workspace import Workspace
-from tests.conftest import REPO
+from tests.helpers import REPO
 
 HINT = "  hint: pass a directory of its own, e.g. --lfs /mnt/lfs or a new empty directory\n"
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from orchestrator.checkpoints.store import SnapshotStore
 from orchestrator.workspace import Workspace
-from tests.conftest import run_cli
+from tests.helpers import run_cli
 
 
 def test_prune_removes_a_symlinked_entry_without_following_it(

@@ -11,14 +11,13 @@ import pytest
 from orchestrator import api
 from orchestrator.partition import PartitionHalfBuilt
 from orchestrator.workspace import Workspace
-from tests.security.test_partitions import half_built  # noqa: F401  (the fixture)
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]
 
 
 def test_a_partition_half_built_from_another_workspace_is_refused(
     tmp_path: Path,
-    half_built: Path,  # noqa: F811
+    half_built: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setenv("LFSORCH_CONFIG", str(tmp_path / "no-user-config.yaml"))

@@ -16,7 +16,7 @@ from orchestrator import api
 from orchestrator.checkpoints.treescan import PARTITION_MARKER
 from orchestrator.errors import LfsorchError
 from orchestrator.execution import engine
-from orchestrator.execution.container import BASE_CAPABILITIES, OPTIONAL_CAPABILITIES, BuildJob
+from orchestrator.execution.environment import BASE_CAPABILITIES, OPTIONAL_CAPABILITIES, BuildJob
 from orchestrator.spec.models import Stage
 from orchestrator.workspace import Workspace
 from tests.helpers import REPO, run_cli, start_cli

@@ -19,7 +19,7 @@ from orchestrator.execution import container as runner
 from orchestrator.execution.container import PROGRESS_LINE_MAX_BYTES, LineTracker, _LogPump
 from orchestrator.monitor import console as console_module
 from orchestrator.monitor.console import ConsoleView, printable
-from orchestrator.monitor.events import BUILD_PROGRESS, BUILD_START, Event
+from orchestrator.monitor.events import BuildProgress, BuildStart
 from orchestrator.workspace import Workspace
 from tests.helpers import start_cli
 
@@ -303,9 +303,9 @@ class TestTerminalEscapes:
         buffer = io.StringIO()
         console = Console(file=buffer, force_terminal=live, width=400)
         with ConsoleView(console, live=live) as view:
-            view(Event(BUILD_START, stage="s", package="p", data={"attempt": 1}))
+            view(BuildStart(run_id="", stage="s", package="p", attempt=1, log=""))
             for line in (HOSTILE, "[/usr/lib]"):
-                view(Event(BUILD_PROGRESS, stage="s", package="p", data={"line": line}))
+                view(BuildProgress(run_id="", stage="s", package="p", line=line, lines=1))
                 if view._progress is not None:
                     view._progress.refresh()
         text = buffer.getvalue()

@@ -53,27 +53,6 @@ def running(client: docker.DockerClient, package: str) -> bool:
     return bool(client.containers.list(filters=filters))
 
 
-@pytest.fixture
-def half_built(stage_file: WriteStage) -> Path:
-    """A package that installs half of itself and then fails while FAIL is set."""
-    return stage_file(
-        "half.yaml",
-        f"""
-        stage: half
-        image: {BASE_IMAGE}
-        checkpoint: package
-        packages:
-          - name: first
-            script: echo first > /mnt/lfs/first
-          - name: second
-            depends: [first]
-            script: |
-              echo line >> /mnt/lfs/count
-              [ -z "${{FAIL:-}}" ]
-        """,
-    )
-
-
 # ------------------------------------------------------------------ records per partition
 
 

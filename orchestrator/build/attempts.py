@@ -1,0 +1,181 @@
+"""One package, attempt by attempt: the job made from the package's inputs, run in the build
+environment, its result recorded, and the decision to try again.
+
+This is where an attempt's outcome is read and what follows it is decided; the scheduler only
+learns whether the package was built in the end.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.build.inputs import InputsOf
+from orchestrator.build.recorder import RunRecorder
+from orchestrator.build.state import Attempt, PackageState, now_iso
+from orchestrator.config import Settings
+from orchestrator.execution.environment import BuildEnvironment, BuildJob, BuildResult
+from orchestrator.monitor import events
+from orchestrator.monitor.events import EventBus
+from orchestrator.monitor.metrics import tree_usage
+from orchestrator.spec.graph import StagePlan
+from orchestrator.spec.models import Package
+from orchestrator.workspace import Workspace
+
+
+@dataclass
+class PackageAttempts:
+    """Builds packages of one run, each with its stage's retries."""
+
+    run_id: str
+    settings: Settings
+    workspace: Workspace
+    environment: BuildEnvironment
+    inputs_of: InputsOf
+    recorder: RunRecorder
+    bus: EventBus
+    lfs_dir: Path  # resolved
+    sources_dir: Path | None
+    asset_dirs: dict[str, Path]
+
+    def build(
+        self,
+        stage_plan: StagePlan,
+        package: Package,
+        before_retry: Callable[[], None] | None = None,
+    ) -> bool:
+        """Build one package, with the stage's retries; `before_retry` runs before each."""
+        stage = stage_plan.file.stage
+        record = self.recorder.find(stage.stage, package.name)
+        tries = stage.retries_for(package) + 1
+        for try_index in range(tries):
+            result = self._attempt(stage_plan, package, record)
+            if result.succeeded:
+                return True
+            will_retry = try_index < tries - 1 and not result.interrupted
+            self._report_failure(record, result, will_retry)
+            if result.interrupted:
+                raise KeyboardInterrupt
+            if will_retry:
+                attempt = len(record.attempts) + 1
+                self.bus.emit(events.BuildRetry(attempt=attempt, **self._about(record)))
+                if before_retry is not None:
+                    before_retry()
+        return False
+
+    def _attempt(
+        self, stage_plan: StagePlan, package: Package, record: PackageState
+    ) -> BuildResult:
+        """Run the next attempt and record how it went."""
+        number = len(record.attempts) + 1
+        job = self.job(stage_plan, package, number)
+        job.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with job.log_path.open("a") as log:
+            log.write(f"=== lfsorch: {job.stage}/{job.package} attempt {number} ===\n")
+        attempt = Attempt(number=number, started=now_iso())
+        with self.recorder.recording() as state:
+            record.status = "running"
+            record.attempts.append(attempt)
+            record.log = str(job.log_path)
+            state.partition_at = None
+        about = self._about(record)
+        self.bus.emit(events.BuildStart(attempt=number, log=str(job.log_path), **about))
+        usage_before = tree_usage(job.lfs_dir)
+        result = self.environment.run(job, functools.partial(self._progress, record))
+        with self.recorder.recording():
+            record_result(record, attempt, result)
+            record.disk_added_bytes = tree_usage(job.lfs_dir) - usage_before
+        if result.succeeded:
+            self.bus.emit(events.BuildComplete(attempt=number, **_figures(record), **about))
+        return result
+
+    def _report_failure(self, record: PackageState, result: BuildResult, will_retry: bool) -> None:
+        self.bus.emit(
+            events.BuildError(
+                attempt=len(record.attempts),
+                will_retry=will_retry,
+                reason=result.describe(),
+                log=str(record.log),
+                **_figures(record),
+                **self._about(record),
+            )
+        )
+
+    def _progress(self, record: PackageState, line: str, lines: int) -> None:
+        self.bus.emit(events.BuildProgress(line=line, lines=lines, **self._about(record)))
+
+    def _about(self, record: PackageState) -> dict[str, Any]:
+        """The fields naming the package in its events: its own name, whatever the
+        environment calls it."""
+        return {"run_id": self.run_id, "stage": record.stage, "package": record.name}
+
+    def job(self, stage_plan: StagePlan, package: Package, attempt: int) -> BuildJob:
+        stage = stage_plan.file.stage
+        # The same inputs the package's keys are made of: the two cannot disagree.
+        inputs = self.inputs_of.of(stage_plan.file, package, attempt)
+        log_path = (
+            self.workspace.run_dir(self.run_id) / "logs" / stage.stage / f"{package.name}.log"
+        )
+        return BuildJob(
+            run_id=self.run_id,
+            stage=stage.stage,
+            package=package.name,
+            attempt=attempt,
+            image=inputs.image,
+            image_id=inputs.image_id,
+            script=package.script,
+            environment=inputs.environment,
+            lfs_dir=self.lfs_dir,
+            log_path=log_path,
+            timeout_s=stage.timeout_for(package, self.settings.timeout),
+            user=inputs.user,
+            workdir=inputs.workdir,
+            assets_dir=self.asset_dirs.get(stage.stage),
+            sources_dir=self.sources_dir if package.sources else None,
+            source_files=[source.file for source in package.sources],
+            resources=inputs.resources,
+            network=inputs.network,
+            capabilities=inputs.capabilities,
+            build_space=self.settings.build_space,
+        )
+
+
+def record_result(record: PackageState, attempt: Attempt, result: BuildResult) -> None:
+    attempt.duration_s = round(result.duration_s, 3)
+    attempt.exit_code = result.exit_code
+    attempt.oom_killed = result.oom_killed
+    attempt.timed_out = result.timed_out
+    attempt.interrupted = result.interrupted
+    attempt.error = None if result.succeeded else result.describe()
+    record.exit_code = result.exit_code
+    record.oom_killed = result.oom_killed
+    record.timed_out = result.timed_out
+    record.duration_s = attempt.duration_s
+    record.cpu_seconds = result.figures.cpu_seconds
+    record.memory_peak_bytes = result.figures.memory_peak_bytes
+    record.read_bytes = result.figures.read_bytes
+    record.write_bytes = result.figures.write_bytes
+    record.io_source = result.figures.io_source
+    record.finished = now_iso()
+    if result.interrupted:
+        record.status = "pending"
+    else:
+        record.status = "done" if result.succeeded else "failed"
+
+
+def _figures(record: PackageState) -> dict[str, Any]:
+    return {
+        "duration_s": record.duration_s,
+        "exit_code": record.exit_code,
+        "oom_killed": record.oom_killed,
+        "timed_out": record.timed_out,
+        "cpu_seconds": record.cpu_seconds,
+        "memory_peak_bytes": record.memory_peak_bytes,
+        "read_bytes": record.read_bytes,
+        "write_bytes": record.write_bytes,
+        "io_source": record.io_source,
+        "disk_added_bytes": record.disk_added_bytes,
+    }

@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 
 from orchestrator.checkpoints.extract import remove_tree
-from orchestrator.checkpoints.store import OLD_PREFIX, STAGING_PREFIX
+from orchestrator.checkpoints.swap import OLD_PREFIX, STAGING_PREFIX
 from orchestrator.workspace import Workspace
 
 FIFO_PREFIX = ".lfsorch-fifo-"

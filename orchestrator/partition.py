@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.checkpoints import mounts
 from orchestrator.checkpoints.treescan import PARTITION_MARKER
 from orchestrator.errors import ExitCode, LfsorchError, local_file_error
 from orchestrator.execution import engine
@@ -307,6 +308,11 @@ class Partition:
         return note if isinstance(note, dict) else None
 
     # ---- containers
+
+    def refuse_nested_mounts(self, doing: str) -> None:
+        """Refuse while filesystems are mounted inside the partition (the host's /dev after
+        entering the chroot by hand): snapshots and restores must not walk or delete there."""
+        mounts.refuse_nested_mounts(self.path, doing)
 
     def refuse_live_containers(self, client: Any) -> None:
         """Refuse while a container of a live lfsorch run mounts this partition, naming it.

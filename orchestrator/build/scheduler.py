@@ -24,7 +24,7 @@ from orchestrator.build.inputs import InputsOf
 from orchestrator.build.recorder import RunRecorder
 from orchestrator.build.state import PackageState, RunState, now_iso
 from orchestrator.checkpoints import leftovers
-from orchestrator.checkpoints.store import SnapshotStore, refuse_nested_mounts
+from orchestrator.checkpoints.store import SnapshotStore
 from orchestrator.config import Settings
 from orchestrator.errors import ExitCode, LfsorchError
 from orchestrator.execution import engine
@@ -128,7 +128,7 @@ class Build:
             )
         if any(policy_of(s.file.stage, self.settings) != "none" for s in self.plan.stages):
             # Found now rather than at the first checkpoint, after a package was built.
-            refuse_nested_mounts(lfs.resolve(), "checkpoint")
+            self.partition.refuse_nested_mounts("checkpoint")
 
     def run(self) -> RunState:
         self._check_partition()

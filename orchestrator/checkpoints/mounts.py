@@ -12,6 +12,8 @@ import os
 import re
 from pathlib import Path
 
+from orchestrator.checkpoints.manifest import SnapshotError
+
 MOUNTINFO = Path("/proc/self/mountinfo")
 _ESCAPE = re.compile(r"\\([0-7]{3})")
 
@@ -35,3 +37,16 @@ def mounts_below(path: Path, mountinfo: Path = MOUNTINFO) -> list[str]:
     root = os.path.realpath(path)
     prefix = root.rstrip("/") + "/"
     return sorted({point for point in mount_points(mountinfo) if point.startswith(prefix)})
+
+
+def refuse_nested_mounts(tree: Path, doing: str) -> None:
+    """Refuse to work on a tree with filesystems mounted inside it (chapter 7's /dev etc.)."""
+    nested = mounts_below(tree)
+    if nested:
+        more = f" and {len(nested) - 3} more" if len(nested) > 3 else ""
+        raise SnapshotError(
+            f"cannot {doing} {tree}: filesystems are mounted inside it "
+            f"({', '.join(nested[:3])}{more})",
+            hint=f"unmount them first, e.g. `umount -R {nested[0]}`: "
+            "a snapshot holds the partition's own files only",
+        )

@@ -31,7 +31,7 @@ from orchestrator.checkpoints.images import IMAGE_REPOSITORY as IMAGE_REPOSITORY
 from orchestrator.checkpoints.images import KEY_LABEL as KEY_LABEL
 from orchestrator.checkpoints.images import MANIFEST_MEMBER as MANIFEST_MEMBER
 from orchestrator.checkpoints.manifest import ARCHIVE_FILES, Manifest, SnapshotError
-from orchestrator.checkpoints.mounts import mounts_below
+from orchestrator.checkpoints.mounts import refuse_nested_mounts
 from orchestrator.checkpoints.swap import OLD_PREFIX as OLD_PREFIX
 from orchestrator.checkpoints.swap import STAGING_PREFIX as STAGING_PREFIX
 
@@ -399,19 +399,6 @@ def _kept(
         counted.update(needed)
         keep.add(info.key)
     return keep
-
-
-def refuse_nested_mounts(tree: Path, doing: str) -> None:
-    """Refuse to work on a tree with filesystems mounted inside it (chapter 7's /dev etc.)."""
-    nested = mounts_below(tree)
-    if nested:
-        more = f" and {len(nested) - 3} more" if len(nested) > 3 else ""
-        raise SnapshotError(
-            f"cannot {doing} {tree}: filesystems are mounted inside it "
-            f"({', '.join(nested[:3])}{more})",
-            hint=f"unmount them first, e.g. `umount -R {nested[0]}`: "
-            "a snapshot holds the partition's own files only",
-        )
 
 
 __all__ = ["PruneResult", "SnapshotInfo", "SnapshotStore"]

@@ -476,16 +476,7 @@ class _Fetcher:
         """Fetch the Debian orig (verified against the signed Sources index and the set), then
         produce the build's file from it into `part`, verified. Returns the bytes downloaded."""
         orig, downloaded = self._debian_orig(entry, file, prog)
-        part.parent.mkdir(parents=True, exist_ok=True)
-        if entry.member:
-            extract_member(orig, entry.member, part)
-        else:
-            shutil.copyfile(orig, part)
-        bad = _Expect(file, sha256=entry.sha256).check(part)
-        if bad is not None:
-            algorithm, expected, actual = bad
-            aside = _set_aside(part, self.root / "rejected" / "debian", file, actual)
-            raise ChecksumMismatch(file, algorithm, expected, actual, aside)
+        _produce_from_orig(orig, entry, file, part, self.root)
         return downloaded
 
     def _debian_orig(self, entry: DebianOrig, file: str, prog: Progress) -> tuple[Path, int]:
@@ -680,15 +671,7 @@ class _Adder:
 
     def _from_orig(self, orig: Path, file: str, entry: DebianOrig) -> None:
         part = self.root / "partial" / self.the_set.name / f"{file}.part"
-        part.parent.mkdir(parents=True, exist_ok=True)
-        if entry.member:
-            extract_member(orig, entry.member, part)
-        else:
-            shutil.copyfile(orig, part)
-        bad = _Expect(file, sha256=entry.sha256).check(part)
-        if bad is not None:
-            aside = _set_aside(part, self.root / "rejected" / "debian", file, bad[2])
-            raise ChecksumMismatch(file, *bad, aside)
+        _produce_from_orig(orig, entry, file, part, self.root)
         _place(part, entry.sha256, self.cache_dir, file, self.rejected)
 
 
@@ -721,3 +704,17 @@ def status(
             note = ", trusted on first fetch" if exp.trusted else ""
             out.append(SourceStatus(file, "ok", f"{path.stat().st_size} bytes{note}"))
     return out
+
+
+def _produce_from_orig(orig: Path, entry: DebianOrig, file: str, part: Path, root: Path) -> None:
+    """The build's file from a Debian orig (the orig itself, or the member it wraps) into
+    `part`, verified against the set; a wrong one is set aside under `root` and refused."""
+    part.parent.mkdir(parents=True, exist_ok=True)
+    if entry.member:
+        extract_member(orig, entry.member, part)
+    else:
+        shutil.copyfile(orig, part)
+    bad = _Expect(file, sha256=entry.sha256).check(part)
+    if bad is not None:
+        aside = _set_aside(part, root / "rejected" / "debian", file, bad[2])
+        raise ChecksumMismatch(file, *bad, aside)

@@ -1,0 +1,51 @@
+"""Figures read from each container's own counters as it ends, on the real engine."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from orchestrator.workspace import Workspace
+from tests.helpers import BASE_IMAGE, run_build
+
+pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]
+
+WriteStage = Callable[[str, str], Path]
+
+
+def test_short_and_parallel_packages_get_their_own_figures(
+    workspace: Workspace, lfs_dir: Path, stage_file: WriteStage
+) -> None:
+    path = stage_file(
+        "figures.yaml",
+        f"""
+        stage: figures
+        image: {BASE_IMAGE}
+        packages:
+          - name: short
+            script: sleep 0.1
+          - name: writer
+            script: dd if=/dev/zero of=/mnt/lfs/big bs=1M count=100 status=none
+          - name: idle
+            script: sleep 3
+          - name: fails
+            script: head -c 5000000 /dev/zero > /mnt/lfs/five; exit 3
+        """,
+    )
+    state, _ = run_build([path], lfs_dir, workspace, parallel=2)
+    assert state.outcome == "failed"
+    figures = {p.name: p for p in state.packages}
+    for name in ("short", "writer", "idle", "fails"):
+        assert figures[name].cpu_seconds is not None and figures[name].cpu_seconds > 0, name
+        assert figures[name].memory_peak_bytes, name
+        assert figures[name].io_source == "cgroup", name
+    assert figures["writer"].write_bytes is not None
+    assert figures["writer"].write_bytes >= 100 * (1 << 20)
+    assert figures["idle"].write_bytes is not None
+    assert figures["idle"].write_bytes < 1 << 20  # its neighbour's writes are not its own
+    # A failed build keeps its figures and its exit status.
+    assert figures["fails"].exit_code == 3
+    assert figures["fails"].write_bytes is not None and figures["fails"].write_bytes >= 5_000_000
+    assert not list(lfs_dir.parent.rglob(".counters-*"))

@@ -162,6 +162,7 @@ class BuildEnded(PackageEvent):
     read_bytes: int | None = None
     write_bytes: int | None = None
     io_source: str | None = None
+    pids_peak: int | None = None
     disk_added_bytes: int | None = None
 
 

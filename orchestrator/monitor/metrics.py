@@ -12,8 +12,12 @@ ones written back after they ended; cgroup v1's blkio counts only direct and syn
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import os
 import re
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,7 +78,8 @@ class ContainerFigures:
         self.memory_peak_bytes = counters.memory_peak_bytes
         self.read_bytes = counters.read_bytes
         self.write_bytes = counters.write_bytes
-        self.pids_peak = counters.pids_peak if counters.pids_peak else self.pids_peak
+        # v2 keeps a peak; v1 only the count at the end, so the frames' largest may be larger.
+        self.pids_peak = _larger(counters.pids_peak, self.pids_peak)
         self.io_source = "cgroup"
         return True
 
@@ -226,3 +231,45 @@ def tree_usage(root: Path) -> int:
             if entry.is_dir(follow_symlinks=False):
                 pending.append(Path(entry.path))
     return total
+
+
+@dataclass
+class DiskAdded:
+    """What one attempt added to the partition; None when another attempt ran beside it."""
+
+    bytes: int | None = None
+    shared: bool = False
+
+
+class DiskAddedMeter:
+    """Measures the space each attempt adds to the partition (its tree before and after), and
+    gives no figure for an attempt that another one overlapped: the partition's growth is then
+    theirs together, and cannot be told apart. Their own `write_bytes` remain."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._numbers = itertools.count()
+        self._running: dict[int, DiskAdded] = {}
+
+    @contextlib.contextmanager
+    def measure(self, root: Path) -> Iterator[DiskAdded]:
+        added = DiskAdded()
+        with self._lock:
+            number = next(self._numbers)
+            if self._running:
+                added.shared = True
+                for other in self._running.values():
+                    other.shared = True
+            self._running[number] = added
+        try:
+            before = tree_usage(root) if not added.shared else 0
+            yield added
+            if not added.shared:
+                after = tree_usage(root)
+                with self._lock:
+                    # A neighbour that started during the last scan makes it shared too.
+                    if not added.shared:
+                        added.bytes = after - before
+        finally:
+            with self._lock:
+                self._running.pop(number, None)

@@ -10,7 +10,7 @@ import zstandard
 from orchestrator.build.state import Attempt, PackageState, RunState, load_state, save_state
 from orchestrator.monitor.eventlog import JsonEventLog
 from orchestrator.monitor.events import BuildComplete, BuildStart, Event, EventBus
-from orchestrator.monitor.metrics import FIGURES_FILE_MAX_BYTES, ContainerFigures
+from orchestrator.monitor.metrics import FIGURES_FILE_MAX_BYTES, ContainerFigures, DiskAddedMeter
 from orchestrator.spec.environment import DEFAULT_PATH, expand_environment
 
 
@@ -160,3 +160,18 @@ def test_event_log_rotates_and_compresses(tmp_path: Path) -> None:
     text = zstandard.ZstdDecompressor().decompressobj().decompress(packed)
     first = json.loads(text.decode().splitlines()[0])
     assert first["event"] == "build.complete" and first["stage"] == "s"
+
+
+def test_disk_added_is_given_only_to_an_attempt_that_ran_alone(tmp_path: Path) -> None:
+    meter = DiskAddedMeter()
+    with meter.measure(tmp_path) as alone:
+        (tmp_path / "alone").write_bytes(b"x" * 100_000)
+    assert alone.bytes is not None and alone.bytes >= 100_000 and not alone.shared
+    with meter.measure(tmp_path) as first:
+        with meter.measure(tmp_path) as second:
+            (tmp_path / "second").write_bytes(b"x" * 100_000)
+        (tmp_path / "first").write_bytes(b"x" * 10)
+    assert (first.bytes, first.shared, second.bytes, second.shared) == (None, True, None, True)
+    with meter.measure(tmp_path) as later:
+        pass
+    assert (later.bytes, later.shared) == (0, False)

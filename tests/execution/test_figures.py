@@ -48,4 +48,7 @@ def test_short_and_parallel_packages_get_their_own_figures(
     # A failed build keeps its figures and its exit status.
     assert figures["fails"].exit_code == 3
     assert figures["fails"].write_bytes is not None and figures["fails"].write_bytes >= 5_000_000
+    assert figures["writer"].pids_peak is not None
+    # Built side by side: the partition's growth is not one package's alone.
+    assert figures["writer"].disk_added_bytes is None
     assert not list(lfs_dir.parent.rglob(".counters-*"))

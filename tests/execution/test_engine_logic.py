@@ -159,7 +159,7 @@ def test_event_log_rotates_and_compresses(tmp_path: Path) -> None:
     packed = path.with_name("events.jsonl.1.zst").read_bytes()
     text = zstandard.ZstdDecompressor().decompressobj().decompress(packed)
     first = json.loads(text.decode().splitlines()[0])
-    assert first["event"] == "build.complete" and first["stage"] == "s"
+    assert first["event"] == "build.complete" and first["payload"]["context"]["stage"] == "s"
 
 
 def test_disk_added_is_given_only_to_an_attempt_that_ran_alone(tmp_path: Path) -> None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,11 +33,13 @@ def test_short_and_parallel_packages_get_their_own_figures(
             script: dd if=/dev/zero of=/mnt/lfs/big bs=1M count=100 status=none
           - name: idle
             script: sleep 3
+          - name: libstdc++
+            script: echo configuring; echo building
           - name: fails
             script: head -c 5000000 /dev/zero > /mnt/lfs/five; exit 3
         """,
     )
-    state, _ = run_build([path], lfs_dir, workspace, parallel=2)
+    state, recorded = run_build([path], lfs_dir, workspace, parallel=2)
     assert state.outcome == "failed"
     figures = {p.name: p for p in state.packages}
     for name in ("short", "writer", "idle", "fails"):
@@ -52,3 +57,25 @@ def test_short_and_parallel_packages_get_their_own_figures(
     # Built side by side: the partition's growth is not one package's alone.
     assert figures["writer"].disk_added_bytes is None
     assert not list(lfs_dir.parent.rglob(".counters-*"))
+
+    messages = [
+        json.loads(line) for line in (workspace.logs_dir / "events.jsonl").read_text().splitlines()
+    ]
+    assert {m["event"] for m in messages} == {event.name for event in recorded}
+    for message in messages:
+        assert_is_a_protocol_message(message)
+    progress = [m for m in messages if m["event"] == "build.progress"]
+    assert {m["target"] for m in progress} >= {"figures/libstdc++"}
+
+
+def assert_is_a_protocol_message(message: dict[str, Any]) -> None:
+    assert list(message) == ["event", "timestamp", "source", "target", "priority", "payload"]
+    moment = datetime.datetime.fromisoformat(message["timestamp"])
+    assert moment.utcoffset() == datetime.timedelta(0)
+    assert isinstance(message["event"], str) and "." in message["event"]
+    assert message["source"] in {"scheduler", "builder", "checkpoints", "engine", "monitor"}
+    assert isinstance(message["target"], str) and message["target"]
+    assert message["priority"] in {"debug", "info", "warning", "error"}
+    assert list(message["payload"]) == ["data", "context"]
+    assert isinstance(message["payload"]["data"], dict)
+    assert message["payload"]["context"]["run_id"]

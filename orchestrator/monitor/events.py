@@ -249,6 +249,76 @@ class BuildError(BuildEnded):
         return "warning" if self.will_retry else "error"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResourceSample(Event):
+    """The host's figures, sampled every `monitor_interval`: what the builds have to work with."""
+
+    name: ClassVar[str] = "resource.sample"
+    source: ClassVar[str] = "monitor"
+    level: ClassVar[Priority] = "debug"
+    load_average: list[float]
+    memory_available_bytes: int
+    free_bytes: dict[str, int | None]  # by filesystem: `partition`, `workspace`
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResourceChange(Event):
+    """One resource crossed its threshold: `memory`, `partition` or `workspace`."""
+
+    source: ClassVar[str] = "monitor"
+    resource: str
+    path: str | None  # the filesystem's directory, for disk space
+    available_bytes: int
+    threshold_bytes: int
+
+    @property
+    def target(self) -> str:
+        return self.resource
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResourceDepleted(ResourceChange):
+    name: ClassVar[str] = "resource.depleted"
+    level: ClassVar[Priority] = "warning"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResourceAvailable(ResourceChange):
+    name: ClassVar[str] = "resource.available"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SystemEvent(Event):
+    """The container engine, as the monitor sees it."""
+
+    source: ClassVar[str] = "engine"
+    reason: str
+
+    @property
+    def target(self) -> str:
+        return "engine"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SystemReady(SystemEvent):
+    name: ClassVar[str] = "system.ready"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SystemError(SystemEvent):
+    name: ClassVar[str] = "system.error"
+    level: ClassVar[Priority] = "error"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SystemShutdown(SystemEvent):
+    name: ClassVar[str] = "system.shutdown"
+
+    @property
+    def priority(self) -> Priority:
+        return "warning" if self.reason == "interrupted" else "info"
+
+
 E = TypeVar("E", bound=Event)
 Handler = Callable[[Event], None]
 

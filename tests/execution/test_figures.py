@@ -64,6 +64,12 @@ def test_short_and_parallel_packages_get_their_own_figures(
     assert {m["event"] for m in messages} == {event.name for event in recorded}
     for message in messages:
         assert_is_a_protocol_message(message)
+    kinds = [m["event"] for m in messages]
+    assert kinds.index("system.ready") < kinds.index("build.start")
+    assert "resource.sample" in kinds
+    assert messages[-2]["event"] == "run.complete"
+    assert messages[-1]["event"] == "system.shutdown"
+    assert messages[-1]["payload"]["data"] == {"reason": "failed"}
     progress = [m for m in messages if m["event"] == "build.progress"]
     assert {m["target"] for m in progress} >= {"figures/libstdc++"}
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from orchestrator.workspace import Workspace
-from tests.helpers import BASE_IMAGE, run_build
+from tests.helpers import BASE_IMAGE, run_build, run_cli
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]
 
@@ -85,3 +85,29 @@ def assert_is_a_protocol_message(message: dict[str, Any]) -> None:
     assert list(message["payload"]) == ["data", "context"]
     assert isinstance(message["payload"]["data"], dict)
     assert message["payload"]["context"]["run_id"]
+
+
+def test_a_filesystem_below_its_threshold_is_shown_and_logged(
+    workspace: Workspace, lfs_dir: Path, stage_file: WriteStage
+) -> None:
+    path = stage_file(
+        "tiny.yaml",
+        f"""
+        stage: tiny
+        image: {BASE_IMAGE}
+        packages:
+          - name: one
+            script: "true"
+        """,
+    )
+    result = run_cli(
+        "run", str(path), "--lfs", str(lfs_dir), "-o", "min_free_space=1000000g", check=True
+    )
+    assert f"  host   partition ({lfs_dir}): low, " in result.stdout
+    assert "(threshold 976TiB)" in result.stdout
+    messages = [
+        json.loads(line) for line in (workspace.logs_dir / "events.jsonl").read_text().splitlines()
+    ]
+    depleted = [m for m in messages if m["event"] == "resource.depleted"]
+    assert {m["target"] for m in depleted} == {"partition", "workspace"}
+    assert all(m["priority"] == "warning" for m in depleted)

@@ -16,6 +16,7 @@ import contextlib
 import itertools
 import os
 import re
+import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -84,12 +85,21 @@ class ContainerFigures:
         return True
 
     def read_counters_file(self, path: Path) -> bool:
+        """The file as the container left it: a regular file only, never followed through a
+        link nor waited on (a FIFO or device the build put there instead)."""
         try:
-            with path.open("rb") as stream:
-                text = stream.read(FIGURES_FILE_MAX_BYTES).decode(errors="replace")
+            descriptor = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
         except OSError:
             return False
-        return self.apply_counters(text)
+        try:
+            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+                return False
+            data = os.read(descriptor, FIGURES_FILE_MAX_BYTES)
+        except OSError:
+            return False
+        finally:
+            os.close(descriptor)
+        return self.apply_counters(data.decode(errors="replace"))
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import zstandard
@@ -127,6 +128,14 @@ def test_forged_or_empty_counters_leave_the_stats_figures(tmp_path: Path) -> Non
     huge.write_text("== cpuacct.usage\n" + " " * FIGURES_FILE_MAX_BYTES + "\n5\n")
     assert not figures.read_counters_file(huge)  # read only up to the cap
     assert not figures.read_counters_file(tmp_path / "missing")
+    # What a build running as root could leave in its place: none is read, none blocks.
+    secret = tmp_path / "secret"
+    secret.write_text(V1_COUNTERS)
+    (tmp_path / "link").symlink_to(secret)
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "directory").mkdir()
+    for name in ("link", "fifo", "directory"):
+        assert not figures.read_counters_file(tmp_path / name), name
     assert (figures.cpu_seconds, figures.io_source) == (1.0, "stats")
 
 

@@ -19,7 +19,7 @@ import re
 import stat
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,9 +46,15 @@ class ContainerFigures:
     # frames, for a container killed before it could read them (a lower bound).
     io_source: str | None = None
     frames: int = 0
+    # Frames arrive in the stats thread, possibly still after the exact figures were read.
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add_frame(self, frame: dict[str, Any]) -> None:
         """A Docker stats frame: live figures, kept until the exact ones replace them."""
+        with self._lock:
+            self._add_frame(frame)
+
+    def _add_frame(self, frame: dict[str, Any]) -> None:
         cpu = frame.get("cpu_stats", {}).get("cpu_usage", {}).get("total_usage", 0)
         memory = frame.get("memory_stats", {})
         usage = memory.get("usage", 0)
@@ -75,6 +81,11 @@ class ContainerFigures:
         counters = CgroupCounters.parse(text)
         if counters.cpu_seconds is None and counters.memory_peak_bytes is None:
             return False
+        with self._lock:
+            self._apply(counters)
+        return True
+
+    def _apply(self, counters: CgroupCounters) -> None:
         self.cpu_seconds = counters.cpu_seconds
         self.memory_peak_bytes = counters.memory_peak_bytes
         self.read_bytes = counters.read_bytes
@@ -82,7 +93,6 @@ class ContainerFigures:
         # v2 keeps a peak; v1 only the count at the end, so the frames' largest may be larger.
         self.pids_peak = _larger(counters.pids_peak, self.pids_peak)
         self.io_source = "cgroup"
-        return True
 
     def read_counters_file(self, path: Path) -> bool:
         """The file as the container left it: a regular file only, never followed through a
@@ -168,8 +178,8 @@ def _io_stat(text: str) -> tuple[int | None, int | None]:
     """cgroup v2 `io.stat`: `MAJ:MIN rbytes=N wbytes=N ...` per device."""
     read = write = 0
     for line in text.splitlines():
-        for field in line.split()[1:]:
-            name, _, value = field.partition("=")
+        for entry in line.split()[1:]:
+            name, _, value = entry.partition("=")
             number = _integer(value) or 0
             if name == "rbytes":
                 read += number

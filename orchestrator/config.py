@@ -68,6 +68,15 @@ class Settings(BaseModel):
     plugins: list[str] = Field(
         default_factory=list, description="plugin modules whose hooks see every run"
     )
+    monitor_interval: Duration = Field(
+        10.0, ge=0.5, description="how often the host's load, memory and free space are sampled"
+    )
+    min_free_space: Size = Field(
+        1 << 30, description="free space below which a filesystem is reported depleted"
+    )
+    min_free_memory: Size = Field(
+        256 << 20, description="available memory below which memory is reported depleted"
+    )
     log_tail_lines: int = Field(20, ge=0, description="log lines shown for a failed package")
     log_max_bytes: int = Field(10 << 20, ge=1024, description="JSON event log size before rotation")
     log_backups: int = Field(5, ge=0, description="rotated, compressed event logs kept")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from orchestrator.config import Settings
 from orchestrator.execution.environment import BuildEnvironment, BuildJob, BuildResult
 from orchestrator.monitor import events
 from orchestrator.monitor.events import EventBus
-from orchestrator.monitor.metrics import tree_usage
+from orchestrator.monitor.metrics import DiskAddedMeter
 from orchestrator.spec.graph import StagePlan
 from orchestrator.spec.models import Package
 from orchestrator.workspace import Workspace
@@ -40,6 +40,7 @@ class PackageAttempts:
     lfs_dir: Path  # resolved
     sources_dir: Path | None
     asset_dirs: dict[str, Path]
+    disk_added: DiskAddedMeter = field(default_factory=DiskAddedMeter)
 
     def build(
         self,
@@ -83,11 +84,11 @@ class PackageAttempts:
             state.partition_at = None
         about = self._about(record)
         self.bus.emit(events.BuildStart(attempt=number, log=str(job.log_path), **about))
-        usage_before = tree_usage(job.lfs_dir)
-        result = self.environment.run(job, functools.partial(self._progress, record))
+        with self.disk_added.measure(job.lfs_dir) as added:
+            result = self.environment.run(job, functools.partial(self._progress, record))
         with self.recorder.recording():
             record_result(record, attempt, result)
-            record.disk_added_bytes = tree_usage(job.lfs_dir) - usage_before
+            record.disk_added_bytes = added.bytes
         if result.succeeded:
             self.bus.emit(events.BuildComplete(attempt=number, **_figures(record), **about))
         return result
@@ -159,6 +160,7 @@ def record_result(record: PackageState, attempt: Attempt, result: BuildResult) -
     record.read_bytes = result.figures.read_bytes
     record.write_bytes = result.figures.write_bytes
     record.io_source = result.figures.io_source
+    record.pids_peak = result.figures.pids_peak
     record.finished = now_iso()
     if result.interrupted:
         record.status = "pending"
@@ -177,5 +179,6 @@ def _figures(record: PackageState) -> dict[str, Any]:
         "read_bytes": record.read_bytes,
         "write_bytes": record.write_bytes,
         "io_source": record.io_source,
+        "pids_peak": record.pids_peak,
         "disk_added_bytes": record.disk_added_bytes,
     }

@@ -32,6 +32,7 @@ from orchestrator.execution.environment import BuildEnvironment
 from orchestrator.monitor import events
 from orchestrator.monitor.events import EventBus
 from orchestrator.monitor.metrics import host_summary
+from orchestrator.monitor.sampler import HostSampler, Thresholds
 from orchestrator.partition import Partition
 from orchestrator.sources.cache import digest_in_view
 from orchestrator.spec.graph import Plan, StagePlan, package_graph
@@ -146,6 +147,8 @@ class Build:
                     host=host_summary(),
                 )
             )
+            sampler = self._host_sampler()
+            sampler.start()
             try:
                 self._run_stages()
             except KeyboardInterrupt:
@@ -160,8 +163,21 @@ class Build:
                 self.state.outcome = "failed"
                 raise
             finally:
-                self._finish(reserve)
+                try:
+                    self._finish(reserve)
+                finally:
+                    sampler.stop(self.state.outcome)
         return self.state
+
+    def _host_sampler(self) -> HostSampler:
+        return HostSampler(
+            self.bus,
+            self.run_id,
+            {"partition": self.options.lfs_dir, "workspace": self.workspace.root},
+            self.settings.monitor_interval,
+            Thresholds(self.settings.min_free_space, self.settings.min_free_memory),
+            engine_ping=self.client.ping,
+        )
 
     def _prepare(self) -> None:
         """Clear what dead runs left, check the images, copy the stages' assets."""

@@ -48,6 +48,8 @@ class PackageState(BaseModel):
     read_bytes: int | None = None
     write_bytes: int | None = None
     io_source: str | None = None
+    pids_peak: int | None = None
+    # None when another package was built beside it: the partition's growth is not its alone.
     disk_added_bytes: int | None = None
     log: str | None = None
     finished: str | None = None
@@ -84,7 +86,8 @@ class RunState(BaseModel):
     def status_json(self) -> dict[str, object]:
         keys = (
             "stage", "name", "status", "exit_code", "oom_killed", "timed_out", "duration_s",
-            "cpu_seconds", "memory_peak_bytes", "read_bytes", "write_bytes", "io_source", "log",
+            "cpu_seconds", "memory_peak_bytes", "read_bytes", "write_bytes", "io_source",
+            "pids_peak", "disk_added_bytes", "log",
         )  # fmt: skip
         packages = []
         for package in self.packages:

@@ -19,6 +19,8 @@ import contextlib
 import hashlib
 import re
 import shlex
+import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,12 +37,16 @@ from docker.types.daemon import CancellableStream
 from orchestrator.errors import ImageMissing, LfsorchError
 from orchestrator.execution import engine
 from orchestrator.execution.environment import BuildJob, BuildResult, ProgressReport
-from orchestrator.monitor.metrics import ContainerFigures, HostIO
+from orchestrator.monitor.metrics import ContainerFigures
 
 BUILD_DIR = "/build"
 LFS_MOUNT = "/mnt/lfs"
 SOURCES_MOUNT = "/sources"
 STAGE_MOUNT = "/stage"
+# Where the entry script leaves the container's counters as it exits: a per-attempt directory
+# of the host, so the figures outlive the container and its writable layer.
+FIGURES_MOUNT = "/run/lfsorch-figures"
+FIGURES_FILE = "counters"
 EXIT_BAD_USER = 219  # unusual on purpose: a script's own 126/127 must not read as this
 _TARBALL = re.compile(r"\.(tar(\.[a-z0-9]+)?|tgz|tbz2|txz)$")
 _PROGRESS_INTERVAL_S = 0.5
@@ -80,6 +86,7 @@ def _entry_script(job: BuildJob) -> str:
     # The script below runs as root in the fresh container; values are quoted by Python.
     return f"""set -eu
 exec 2>&1
+{_COUNTERS_TRAP}
 user={shlex.quote(user)}
 if [ "$user" = 0 ] || [ "$user" = root ]; then
     drop=()
@@ -112,9 +119,37 @@ workdir={workdir}
 if [ -n "$workdir" ]; then cd "$workdir"; fi
 script=$1
 shift
-exec "${{drop[@]}}" env -i "HOME=${{home:-/}}" "$@" \\
+# Not `exec`: this shell stays PID 1, reaps the build and then runs the EXIT trap.
+"${{drop[@]}}" env -i "HOME=${{home:-/}}" "$@" \\
     bash -eo pipefail -c "$script" {shlex.quote(job.package)}
 """
+
+
+# Run as root by PID 1 on every exit it lives to see (a failed build too): the counters of the
+# container's own cgroup, v2 or v1, whichever is mounted, and PID 1's task I/O counters, which
+# include those of every process it reaped. The exit status is kept.
+_COUNTERS_TRAP = f"""lfsorch_counters() {{
+    status=$?
+    set +e
+    {{
+        if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+            files="memory.peak cpu.stat io.stat pids.peak"
+            dirs=/sys/fs/cgroup
+        else
+            files="memory/memory.max_usage_in_bytes cpuacct/cpuacct.usage pids/pids.current
+                   blkio/blkio.throttle.io_service_bytes"
+            dirs=v1
+        fi
+        for file in $files; do
+            echo "== ${{file##*/}}"
+            if [ "$dirs" = v1 ]; then cat "/sys/fs/cgroup/$file"; else cat "$dirs/$file"; fi
+        done
+        echo "== task.io"
+        cat /proc/$$/io
+    }} > {FIGURES_MOUNT}/{FIGURES_FILE} 2>/dev/null
+    exit "$status"
+}}
+trap lfsorch_counters EXIT"""
 
 
 def container_command(job: BuildJob) -> list[str]:
@@ -127,10 +162,13 @@ def container_command(job: BuildJob) -> list[str]:
     return ["bash", "-c", _entry_script(job), "lfsorch", script, *variables]
 
 
-def _mounts(job: BuildJob) -> list[Mount]:
+def _mounts(job: BuildJob, figures_dir: Path) -> list[Mount]:
     # Mount(type="bind") refuses a missing source, unlike `volumes=` which would create a
     # root-owned empty directory and build into it.
-    mounts = [Mount(LFS_MOUNT, str(job.lfs_dir), type="bind")]
+    mounts = [
+        Mount(LFS_MOUNT, str(job.lfs_dir), type="bind"),
+        Mount(FIGURES_MOUNT, str(figures_dir), type="bind"),
+    ]
     if job.assets_dir is not None:
         mounts.append(Mount(STAGE_MOUNT, str(job.assets_dir), type="bind", read_only=True))
     if job.sources_dir is not None:
@@ -410,7 +448,7 @@ class ContainerRunner:
             with contextlib.suppress(docker.errors.APIError):
                 container.kill()
 
-    def _create(self, job: BuildJob) -> Container:
+    def _create(self, job: BuildJob, figures_dir: Path) -> Container:
         resources = job.resources
         labels = engine.owner_labels(
             "build", run=job.run_id, stage=job.stage, package=job.package, attempt=str(job.attempt)
@@ -424,7 +462,7 @@ class ContainerRunner:
                 user="0:0",
                 working_dir="/",
                 labels=labels,
-                mounts=_mounts(job),
+                mounts=_mounts(job, figures_dir),
                 network_mode="bridge" if job.network else "none",
                 nano_cpus=int(resources.cpus * 1e9) if resources.cpus else None,
                 mem_limit=resources.memory,
@@ -456,15 +494,22 @@ class ContainerRunner:
         figures = ContainerFigures()
         if self._interrupted.is_set():
             return BuildResult(None, 0.0, figures, interrupted=True)
-        container = self._create(job)
-        with self._lock:
-            self._live[container.id] = container
+        # Next to the log, in the run's own directory; gone once the figures are read.
+        figures_dir = Path(tempfile.mkdtemp(prefix=".counters-", dir=job.log_path.parent))
         try:
-            return self._follow(job, container, figures, progress)
-        finally:
+            container = self._create(job, figures_dir)
             with self._lock:
-                self._live.pop(container.id, None)
-            self._removals.submit(engine.remove_quietly, container)
+                self._live[container.id] = container
+            try:
+                result = self._follow(job, container, figures, progress)
+            finally:
+                with self._lock:
+                    self._live.pop(container.id, None)
+                self._removals.submit(engine.remove_quietly, container)
+            figures.read_counters_file(figures_dir / FIGURES_FILE)
+            return result
+        finally:
+            shutil.rmtree(figures_dir, ignore_errors=True)
 
     def _follow(
         self,
@@ -489,7 +534,6 @@ class ContainerRunner:
         disk = _DiskWatch(self._client, container, job.build_space) if job.build_space else None
         started = time.monotonic()
         try:
-            host_before = HostIO.sample()
             container.start()
             timer.start()
             logs.start()
@@ -503,7 +547,6 @@ class ContainerRunner:
                 disk.stop()
             logs.finish()
             # The stats stream can outlive the container; removal ends it.
-            figures.apply_host_io(host_before, HostIO.sample())
             container.reload()
         finally:
             timer.cancel()

@@ -164,6 +164,17 @@ class ConsoleView:
     def _on_build_skipped(self, event: events.BuildSkipped) -> None:
         self.print(f"  skip   {self._label(event)}: {event.reason}")
 
+    def _on_resource_change(self, event: events.ResourceChange) -> None:
+        where = f" ({event.path})" if event.path else ""
+        state = "low" if isinstance(event, events.ResourceDepleted) else "enough again"
+        self.print(
+            f"  host   {event.resource}{where}: {state}, {_size(event.available_bytes)} "
+            f"available (threshold {_size(event.threshold_bytes)})"
+        )
+
+    def _on_system_error(self, event: events.SystemError) -> None:
+        self.print(f"  engine does not answer: {event.reason}")
+
     # Each kind the console shows, and how; other kinds pass unseen.
     _handlers: ClassVar[dict[type[Event], Callable[[Any, Any], None]]] = {
         events.RunStart: _on_run_start,
@@ -178,4 +189,7 @@ class ConsoleView:
         events.SnapshotCreate: _on_snapshot_create,
         events.SnapshotRestore: _on_snapshot_restore,
         events.BuildSkipped: _on_build_skipped,
+        events.ResourceDepleted: _on_resource_change,
+        events.ResourceAvailable: _on_resource_change,
+        events.SystemError: _on_system_error,
     }

@@ -13,7 +13,7 @@ import pluggy
 
 from orchestrator.errors import ConfigError
 from orchestrator.monitor import events
-from orchestrator.monitor.events import Event
+from orchestrator.monitor.events import Event, Message
 
 PROJECT = "lfsorch"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -22,8 +22,10 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 class HookSpecs:
     @hookspec
-    def lfsorch_event(self, event: Event) -> None:
-        """Every event on the bus (`build.start`, `build.complete`, `build.error`, ...)."""
+    def lfsorch_event(self, event: Event, message: Message) -> None:
+        """Every event on the bus (`build.start`, `build.complete`, `build.error`, ...): the
+        typed event, and the same as the message protocol's `Message` (what the JSON event
+        log holds). A plugin names the arguments it wants."""
 
     @hookspec
     def lfsorch_run_start(self, run_id: str, stages: list[str]) -> None:
@@ -60,7 +62,7 @@ class PluginBridge:
         self._hook = manager.hook
 
     def __call__(self, event: Event) -> None:
-        self._hook.lfsorch_event(event=event)
+        self._hook.lfsorch_event(event=event, message=event.message())
         if isinstance(event, events.RunStart):
             self._hook.lfsorch_run_start(run_id=event.run_id, stages=event.stages)
         elif isinstance(event, events.BuildComplete) or (

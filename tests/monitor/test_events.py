@@ -39,7 +39,7 @@ def test_fields_are_checked_where_the_event_is_made() -> None:
         RunComplete(run_id="r", outcome="failed").outcome = "succeeded"  # type: ignore[misc]
 
 
-def test_the_log_line_is_the_name_then_the_fields(tmp_path: Path) -> None:
+def test_the_log_line_is_a_message_of_the_protocol(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     log = JsonEventLog(path, max_bytes=1 << 20, backups=1)
     event = BuildProgress(
@@ -52,14 +52,23 @@ def test_the_log_line_is_the_name_then_the_fields(tmp_path: Path) -> None:
     assert lines == [
         {
             "event": "build.progress",
-            "time": 12.346,
-            "run_id": "r",
-            "stage": "ch5",
-            "package": "libstdc++",
-            "line": "make",
-            "lines": 3,
+            "timestamp": "1970-01-01T00:00:12.345+00:00",
+            "source": "builder",
+            "target": "ch5/libstdc++",
+            "priority": "debug",
+            "payload": {
+                "data": {"line": "make", "lines": 3},
+                "context": {"run_id": "r", "stage": "ch5", "package": "libstdc++"},
+            },
         },
-        {"event": "run.complete", "time": 13.0, "run_id": "r", "outcome": "failed"},
+        {
+            "event": "run.complete",
+            "timestamp": "1970-01-01T00:00:13.000+00:00",
+            "source": "scheduler",
+            "target": "run r",
+            "priority": "error",
+            "payload": {"data": {"outcome": "failed"}, "context": {"run_id": "r"}},
+        },
     ]
-    assert list(lines[0]) == ["event", "time", "run_id", "stage", "package", "line", "lines"]
+    assert list(lines[0]) == ["event", "timestamp", "source", "target", "priority", "payload"]
     assert isinstance(event, Event) and event.data == {"line": "make", "lines": 3}

@@ -10,6 +10,7 @@ from orchestrator.monitor.events import (
     BuildComplete,
     BuildError,
     EventBus,
+    Message,
     RunComplete,
     RunStart,
 )
@@ -32,6 +33,11 @@ def test_plugin_hooks_see_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
     def lfsorch_run_end(run_id: str, outcome: str) -> None:
         calls.append(("end", outcome))
 
+    @hookimpl
+    def lfsorch_event(message: Message) -> None:
+        calls.append(("message", (message.event, message.priority, message.target)))
+
+    module.lfsorch_event = lfsorch_event  # type: ignore[attr-defined]
     module.lfsorch_run_start = lfsorch_run_start  # type: ignore[attr-defined]
     module.lfsorch_package_done = lfsorch_package_done  # type: ignore[attr-defined]
     module.lfsorch_run_end = lfsorch_run_end  # type: ignore[attr-defined]
@@ -45,11 +51,19 @@ def test_plugin_hooks_see_a_run(monkeypatch: pytest.MonkeyPatch) -> None:
     bus.emit(BuildComplete(run_id="r", stage="ch5", package="gcc", attempt=2))
     bus.emit(BuildError(package="glibc", will_retry=False, **failed))
     bus.emit(RunComplete(run_id="r", outcome="failed"))
-    assert calls == [
+    assert [call for call in calls if call[0] != "message"] == [
         ("start", ["ch5"]),
         ("done", ("gcc", True)),
         ("done", ("glibc", False)),
         ("end", "failed"),
+    ]
+    # Plugins see each event as the message the event log holds.
+    assert [call[1] for call in calls if call[0] == "message"] == [
+        ("run.start", "info", "run r"),
+        ("build.error", "warning", "ch5/gcc"),
+        ("build.complete", "info", "ch5/gcc"),
+        ("build.error", "error", "ch5/glibc"),
+        ("run.complete", "error", "run r"),
     ]
 
 

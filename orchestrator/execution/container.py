@@ -519,6 +519,8 @@ class ContainerRunner:
             timeout_s=job.timeout_s if timed_out.is_set() else None,
             interrupted=self._interrupted.is_set() and not timed_out.is_set(),
             error=disk.describe() if disk and disk.exceeded else _wrapper_error(status),
+            space_exceeded=bool(disk and disk.exceeded),
+            misconfigured=status.get("StatusCode") == EXIT_BAD_USER,
         )
 
 

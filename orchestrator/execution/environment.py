@@ -71,6 +71,9 @@ class BuildResult:
     interrupted: bool = False
     error: str | None = None
     timeout_s: float | None = None  # the limit that was reached, when timed out
+    space_exceeded: bool = False  # the build filled its build space (`error` says how)
+    misconfigured: bool = False  # the stage cannot run as written (its user is missing)
+    engine_lost: bool = False  # the engine stopped answering or the container vanished
 
     @property
     def succeeded(self) -> bool:

@@ -178,6 +178,19 @@ class BuildError(BuildEnded):
     log: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecoveryDecision(PackageEvent):
+    """What a failed attempt was classified as and what follows it."""
+
+    name: ClassVar[str] = "recovery.decision"
+    attempt: int  # the attempt that failed
+    failure_class: str  # configuration, build, memory, time, disk or system
+    strategy: str  # retry, retry-fewer-jobs, retry-more-memory, retry-longer, wait-engine, fail
+    reason: str
+    change: str | None  # what the next attempt changes; None when there is none
+    will_retry: bool
+
+
 E = TypeVar("E", bound=Event)
 Handler = Callable[[Event], None]
 

@@ -1,0 +1,70 @@
+"""Recovery on the real engine: a package killed at its memory limit is built again with the
+limit raised, and `lfsorch status` tells attempt by attempt what failed and what changed."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from orchestrator.workspace import Workspace
+from tests.helpers import BASE_IMAGE, run_build, start_cli
+
+pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]
+
+WriteStage = Callable[[str, str], Path]
+
+
+def test_memory_kill_is_retried_with_a_raised_limit_on_the_same_checkpoint(
+    workspace: Workspace, lfs_dir: Path, stage_file: WriteStage
+) -> None:
+    path = stage_file(
+        "hungry.yaml",
+        f"""
+        stage: hungry
+        image: {BASE_IMAGE}
+        checkpoint: package
+        resources: {{memory: 128m}}
+        recovery: {{memory_factor: 4}}
+        packages:
+          - name: before
+            script: echo kept > /mnt/lfs/before
+          - name: eater
+            depends: [before]
+            environment: {{MAKEFLAGS: -j1}}
+            script: |
+              echo "$LFSORCH_ATTEMPT" >> /mnt/lfs/eater-attempts
+              # tail keeps a line without newline whole: about 300 MB in memory.
+              head -c 300000000 /dev/zero | tail -n 1 | wc -c > /mnt/lfs/eaten
+        """,
+    )
+    state, recorded = run_build([path], lfs_dir, workspace)
+    assert state.outcome == "succeeded"
+    eater = state.find("hungry", "eater")
+    assert eater is not None
+    first, second = eater.attempts
+    assert (first.failure_class, first.strategy) == ("memory", "more-memory")
+    assert first.oom_killed and first.error and first.error.startswith("killed by the kernel's")
+    assert first.change == "memory limit 512MiB (was 128MiB)"
+    assert (second.exit_code, second.failure_class) == (0, None)
+    assert (lfs_dir / "eaten").read_text().strip() == "300000000"
+    # The retry started from the checkpoint before the package: its first attempt's writes
+    # are gone, and the package before it was not built again.
+    assert (lfs_dir / "eater-attempts").read_text() == "2\n"
+    assert [e.data["attempt"] for e in recorded if e.name == "build.start"] == [1, 1, 2]
+    decisions = [e.data for e in recorded if e.name == "recovery.decision"]
+    assert [(d["failure_class"], d["strategy"], d["will_retry"]) for d in decisions] == [
+        ("memory", "more-memory", True)
+    ]
+
+    process = start_cli("status")
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    lines = output.splitlines()
+    at = lines.index("hungry/eater:")
+    assert lines[at + 1].startswith(
+        "  attempt 1: memory failure, killed by the kernel's OOM killer (exit status 137)"
+    )
+    assert lines[at + 1].endswith("; next: memory limit 512MiB (was 128MiB)")
+    assert lines[at + 2] == "  attempt 2: succeeded"

@@ -66,6 +66,8 @@ class PackageAttempts:
                 self._report_failure(record, result, will_retry=False)
                 raise KeyboardInterrupt
             decision = recovery.decide(result, job)
+            if decision.failure_class == "system" and decision.retry:
+                decision = self._await_engine(job, decision, recovery.policy.engine_wait)
             self._record_decision(record, decision)
             self._report_failure(record, result, decision.retry)
             if not decision.retry:
@@ -75,6 +77,15 @@ class PackageAttempts:
             time.sleep(decision.delay_s)
             if before_retry is not None:
                 before_retry()
+
+    def _await_engine(self, job: BuildJob, decision: Decision, wait_s: float) -> Decision:
+        """The engine went away mid-package: once it answers, what is left of the package's
+        container is removed and the package built again (from its checkpoint, where it has
+        one of its own); a run never ends for an engine that came back in time."""
+        if self.environment.recover(job, wait_s):
+            return decision
+        reason = f"{decision.reason}; no answer within {wait_s:g}s"
+        return Decision("system", "fail", reason)
 
     def _record_decision(self, record: PackageState, decision: Decision) -> None:
         attempt = record.attempts[-1]

@@ -120,5 +120,10 @@ class BuildEnvironment(Protocol):
     def interrupt(self) -> None:
         """Stop every running attempt now; later ones end at once as interrupted."""
 
+    def recover(self, job: BuildJob, wait_s: float) -> bool:
+        """After an attempt ended with `engine_lost`: wait up to `wait_s` seconds, with
+        backoff, for the engine to answer, then remove what is left of `job`'s attempts.
+        False when it did not answer in time."""
+
     def close(self) -> None:
         """Wait until what finished attempts left behind is cleaned up."""

@@ -33,7 +33,10 @@ DATA_ROOT = ROOT / "data"
 
 
 def _dockerd_command() -> list[str]:
+    # In a network namespace of its own: `--bridge none` makes dockerd delete the interface
+    # docker0 where it starts, which is the machine's engine's bridge in the host's namespace.
     return [
+        "unshare", "--net", "--",
         "dockerd",
         "--host", HOST,
         "--data-root", str(DATA_ROOT),
@@ -105,7 +108,10 @@ def test_engine() -> Iterator[OwnEngine]:
         pytest.skip("dockerd is not installed: cannot start a second engine for this test")
     if os.geteuid() != 0:
         pytest.skip("starting a second Docker engine needs root")
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is missing: the second engine needs a network namespace of its own")
     ROOT.mkdir(parents=True, exist_ok=True)
+    machine_bridge = Path("/sys/class/net/docker0").exists()
     owned = OwnEngine()
     try:
         owned.start()
@@ -130,6 +136,7 @@ def test_engine() -> Iterator[OwnEngine]:
             subprocess.run(["umount", point], check=False)
         if not _mounts_under(ROOT):
             shutil.rmtree(ROOT, ignore_errors=True)
+    assert Path("/sys/class/net/docker0").exists() == machine_bridge, "the host's bridge changed"
 
 
 def test_engine_killed_mid_package_the_run_goes_on(

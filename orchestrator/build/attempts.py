@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from orchestrator.build.diskspace import SpaceGuard
 from orchestrator.build.inputs import InputsOf
 from orchestrator.build.recorder import RunRecorder
 from orchestrator.build.recovery import Decision, PackageRecovery
@@ -42,6 +43,7 @@ class PackageAttempts:
     lfs_dir: Path  # resolved
     sources_dir: Path | None
     asset_dirs: dict[str, Path]
+    space: SpaceGuard | None = None  # free space checked before each attempt
 
     def build(
         self,
@@ -53,10 +55,11 @@ class PackageAttempts:
         (`build.recovery`); `before_retry` runs before each retry."""
         stage = stage_plan.file.stage
         record = self.recorder.find(stage.stage, package.name)
-        recovery = PackageRecovery(
-            stage.recovery_for(package, self.settings.recovery), stage.retries_for(package)
-        )
+        policy = stage.recovery_for(package, self.settings.recovery)
+        recovery = PackageRecovery(policy, stage.retries_for(package))
         while True:
+            if self.space is not None:
+                self.space.with_policy(policy).ensure(f"before {stage.stage}/{package.name}")
             job = self.job(stage_plan, package, len(record.attempts) + 1)
             job = recovery.adjustment.apply(job)
             result = self._attempt(job, record)

@@ -20,6 +20,7 @@ import networkx as nx
 from orchestrator.build import records
 from orchestrator.build.attempts import PackageAttempts
 from orchestrator.build.checkpointing import Checkpointer, policy_of
+from orchestrator.build.diskspace import SpaceGuard
 from orchestrator.build.inputs import InputsOf
 from orchestrator.build.recorder import RunRecorder
 from orchestrator.build.state import PackageState, RunState, now_iso
@@ -111,6 +112,7 @@ class Build:
         self.partition = Partition.checked(options.lfs_dir, workspace)
         self.recorder = RunRecorder(self.run_id, plan, self.partition, workspace, self.inputs_of)
         self.attempts: PackageAttempts  # made once the stages' assets are copied
+        self.space: SpaceGuard  # made with the attempts
         self._check_from_stage()
 
     @property
@@ -179,6 +181,7 @@ class Build:
         self.workspace.ensure(self.workspace.run_dir(self.run_id))
         files = [stage_plan.file for stage_plan in self.plan.stages]
         asset_dirs = copy_stage_assets(files, self.workspace.run_dir(self.run_id) / "assets")
+        self.space = self._space_guard()
         self.attempts = PackageAttempts(
             run_id=self.run_id,
             settings=self.settings,
@@ -190,6 +193,17 @@ class Build:
             lfs_dir=self.options.lfs_dir.resolve(),
             sources_dir=self.sources_dir,
             asset_dirs=asset_dirs,
+            space=self.space,
+        )
+
+    def _space_guard(self) -> SpaceGuard:
+        recovery = self.settings.recovery
+        keep = recovery.keep_snapshots
+        return SpaceGuard(
+            {"partition": self.partition.path, "workspace": self.workspace.root},
+            recovery.min_free_space,
+            recovery.space_wait,
+            prune=(lambda: self.checkpoints.store.prune(keep_last=keep)) if keep else None,
         )
 
     def _start_record(self, reserve: records.SpaceReserve) -> None:
@@ -417,6 +431,8 @@ class Build:
     ) -> None:
         """Snapshot the partition after a stage or, with `packages`, after a group of them."""
         lfs = self.options.lfs_dir.resolve()
+        what = "/".join([stage, ", ".join(packages)]) if packages else stage
+        self.space.ensure(f"before the checkpoint of {what}")
         fresh = self.checkpoints.take(
             lfs,
             key,

@@ -173,6 +173,15 @@ class Recovery(StrictModel):
     timeout_factor: float | None = Field(
         default=None, gt=1.0, le=100.0, description="timeout multiplier for one retry; none: fail"
     )
+    min_free_space: Size = Field(
+        default=1 << 30, description="free space the partition's and workspace's filesystems keep"
+    )
+    space_wait: Duration = Field(
+        default=60.0, description="how long to wait for free space before stopping the run"
+    )
+    keep_snapshots: int | None = Field(
+        default=None, ge=1, description="when space runs short, prune to this many snapshots"
+    )
     engine_wait: Duration = Field(
         default=300.0, description="how long to wait for an engine gone away"
     )

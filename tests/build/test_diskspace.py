@@ -4,6 +4,8 @@ space."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 from orchestrator import api
 from orchestrator.build.diskspace import DiskFull, SpaceGuard, mount_point
 from orchestrator.workspace import Workspace
-from tests.helpers import BASE_IMAGE, run_build
+from tests.helpers import BASE_IMAGE, run_build, run_cli
 
 WriteStage = Callable[[str, str], Path]
 MIB = 1 << 20
@@ -100,3 +102,33 @@ def test_full_partition_stops_the_run_which_resumes_once_there_is_space(
     assert state.outcome == "succeeded"
     assert (small_partition / "after").read_text() == "built\n"
     assert (small_partition / "filler").stat().st_size == 13000000
+
+
+@pytest.mark.docker
+@pytest.mark.usefixtures("no_leftovers")
+def test_full_workspace_stops_the_run_before_the_first_package(
+    tmp_path: Path, lfs_dir: Path, stage_file: WriteStage
+) -> None:
+    path = stage_file(
+        "ws.yaml",
+        f"stage: ws\nimage: {BASE_IMAGE}\npackages: [{{name: p, script: 'echo x > /mnt/lfs/p'}}]\n",
+    )
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    root = tmp_path / "home"
+    root.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "lfsorch-test", str(root)], check=True)
+    try:
+        result = run_cli(
+            "run", str(path), "--lfs", str(lfs_dir), "-o", "recovery.space_wait=1s", home=root
+        )
+        status = run_cli("status", "--json", home=root)
+    finally:
+        subprocess.run(["umount", str(root)], check=False)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.startswith(
+        f"error: stopped before ws/p: the workspace's filesystem ({root}, holding {root}) has "
+    )
+    assert "less than min_free_space 1024.0 MiB" in result.stderr
+    assert json.loads(status.stdout)["packages"][0]["status"] == "pending"
+    assert sorted(p.name for p in lfs_dir.iterdir() if not p.name.startswith(".")) == []

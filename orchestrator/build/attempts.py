@@ -8,9 +8,9 @@ learns whether the package was built in the end.
 from __future__ import annotations
 
 import functools
-import time
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ class PackageAttempts:
     sources_dir: Path | None
     asset_dirs: dict[str, Path]
     space: SpaceGuard | None = None  # free space checked before each attempt
+    # Set when the run stops: a retry's backoff ends at once.
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def build(
         self,
@@ -77,7 +79,8 @@ class PackageAttempts:
                 return False
             next_attempt = len(record.attempts) + 1
             self.bus.emit(events.BuildRetry(attempt=next_attempt, **self._about(record)))
-            time.sleep(decision.delay_s)
+            if self.stopping.wait(decision.delay_s):
+                raise KeyboardInterrupt
             if before_retry is not None:
                 before_retry()
 

@@ -151,19 +151,26 @@ class Build:
             try:
                 self._run_stages()
             except KeyboardInterrupt:
-                self.environment.interrupt()
+                self._stop_builds()
                 self.state.outcome = "interrupted"
                 raise BuildInterrupted(
                     "interrupted: running containers were stopped and removed",
                     hint="run the same command again to continue where it stopped",
                 ) from None
             except BaseException:
-                self.environment.interrupt()
+                self._stop_builds()
                 self.state.outcome = "failed"
                 raise
             finally:
                 self._finish(reserve)
         return self.state
+
+    def _stop_builds(self) -> None:
+        """Every running attempt ends now, and none waits out a retry's backoff."""
+        attempts = getattr(self, "attempts", None)
+        if attempts is not None:
+            attempts.stopping.set()
+        self.environment.interrupt()
 
     def _prepare(self) -> None:
         """Clear what dead runs left, check the images, copy the stages' assets."""
@@ -609,7 +616,7 @@ class Build:
             except BaseException as caught:
                 # Every other build stops now; what they raise in turn (interrupted) is a
                 # consequence, unless `caught` was one itself and they hold the real cause.
-                self.environment.interrupt()
+                self._stop_builds()
                 error = _first_error(running)
                 consequence = isinstance(caught, KeyboardInterrupt)
                 if consequence and error is not None and not isinstance(error, KeyboardInterrupt):

@@ -3,11 +3,14 @@ limit raised, and `lfsorch status` tells attempt by attempt what failed and what
 
 from __future__ import annotations
 
+import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from orchestrator import api
 from orchestrator.workspace import Workspace
 from tests.helpers import BASE_IMAGE, run_build, start_cli
 
@@ -68,3 +71,31 @@ def test_memory_kill_is_retried_with_a_raised_limit_on_the_same_checkpoint(
     )
     assert lines[at + 1].endswith("; next: memory limit 512MiB (was 128MiB)")
     assert lines[at + 2] == "  attempt 2: succeeded"
+
+
+def test_ctrl_c_ends_a_retry_backoff_at_once(
+    workspace: Workspace, lfs_dir: Path, stage_file: WriteStage
+) -> None:
+    path = stage_file(
+        "patient.yaml",
+        f"""
+        stage: patient
+        image: {BASE_IMAGE}
+        recovery: {{backoff: 10m, backoff_max: 10m}}
+        packages:
+          - {{name: flaky, retries: 1, script: "exit 3"}}
+        """,
+    )
+    process = start_cli("run", str(path), "--lfs", str(lfs_dir))
+    assert process.stdout is not None
+    for line in process.stdout:
+        if "build failure of patient/flaky (attempt 1), retry" in line:
+            break
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, output
+    assert time.monotonic() - started < 30  # not the 10 minutes of the backoff
+    state = api.last_run(workspace)
+    assert state is not None and state.outcome == "interrupted"
+    assert len(state.packages[0].attempts) == 1

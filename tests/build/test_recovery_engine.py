@@ -99,3 +99,53 @@ def test_ctrl_c_ends_a_retry_backoff_at_once(
     state = api.last_run(workspace)
     assert state is not None and state.outcome == "interrupted"
     assert len(state.packages[0].attempts) == 1
+
+
+def test_timeout_is_retried_once_with_the_factor(
+    workspace: Workspace, lfs_dir: Path, stage_file: WriteStage
+) -> None:
+    path = stage_file(
+        "slowish.yaml",
+        f"""
+        stage: slowish
+        image: {BASE_IMAGE}
+        recovery: {{timeout_factor: 4}}
+        packages:
+          - {{name: slow, timeout: 2s, script: "sleep 4; echo done > /mnt/lfs/slow"}}
+          - {{name: endless, timeout: 1s, script: "sleep 300"}}
+        """,
+    )
+    state, _ = run_build([path], lfs_dir, workspace)
+    slow, endless = state.packages
+    assert slow.status == "done"
+    assert [(a.failure_class, a.change) for a in slow.attempts] == [
+        ("time", "timeout 8s (was 2s)"),
+        (None, None),
+    ]
+    assert endless.status == "failed"
+    assert [(a.failure_class, a.strategy) for a in endless.attempts] == [
+        ("time", "longer-timeout"),
+        ("time", "fail"),
+    ]
+    assert endless.attempts[-1].error == "timed out after 4s (container killed)"
+
+
+def test_a_missing_user_is_never_retried(
+    workspace: Workspace, lfs_dir: Path, stage_file: WriteStage
+) -> None:
+    path = stage_file(
+        "nouser.yaml",
+        f"""
+        stage: nouser
+        image: {BASE_IMAGE}
+        user: nobody-here
+        retries: 3
+        packages:
+          - {{name: p, script: "true"}}
+        """,
+    )
+    state, recorded = run_build([path], lfs_dir, workspace)
+    (attempt,) = state.packages[0].attempts
+    assert (attempt.failure_class, attempt.strategy) == ("configuration", "fail")
+    assert attempt.error == "the stage's user does not exist in the image (see the log)"
+    assert [e.name for e in recorded].count("build.start") == 1

@@ -20,7 +20,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from orchestrator.errors import ConfigError
-from orchestrator.spec.models import CheckpointPolicy, Duration, Environment, Size
+from orchestrator.spec.models import CheckpointPolicy, Duration, Environment, Recovery, Size
 
 SYSTEM_FILE = Path("/etc/lfsorch/config.yaml")
 ENV_PREFIX = "LFSORCH_"
@@ -71,15 +71,16 @@ class Settings(BaseModel):
     monitor_interval: Duration = Field(
         10.0, ge=0.5, description="how often the host's load, memory and free space are sampled"
     )
-    min_free_space: Size = Field(
-        1 << 30, description="free space below which a filesystem is reported depleted"
-    )
     min_free_memory: Size = Field(
         256 << 20, description="available memory below which memory is reported depleted"
     )
     log_tail_lines: int = Field(20, ge=0, description="log lines shown for a failed package")
     log_max_bytes: int = Field(10 << 20, ge=1024, description="JSON event log size before rotation")
     log_backups: int = Field(5, ge=0, description="rotated, compressed event logs kept")
+    recovery: Recovery = Field(
+        default_factory=lambda: Recovery(),
+        description="how failed attempts are handled by failure class (see the README)",
+    )
     output_neutral: list[str] = Field(
         default_factory=lambda: list(NEUTRAL_DEFAULT),
         description=f"build inputs left out of checkpoint keys ({NEUTRAL_CHOICES}); "
@@ -211,6 +212,8 @@ def _from_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         key = key.strip()
         if key.startswith("environment."):
             layer.setdefault("environment", {})[key.split(".", 1)[1]] = value
+        elif key.startswith("recovery."):
+            layer.setdefault("recovery", {})[key.split(".", 1)[1]] = _parse_scalar(value)
         else:
             layer[key] = _parse_scalar(value)
     return layer
@@ -258,8 +261,8 @@ def load_config(
     ordered = [named_layers[0], (f"profile {profile}", PROFILES[profile]), *named_layers[1:]]
     for origin, layer in ordered:
         for key, value in layer.items():
-            if key == "environment" and isinstance(value, dict):
-                merged.setdefault("environment", {}).update(value)
+            if key in ("environment", "recovery") and isinstance(value, dict):
+                merged.setdefault(key, {}).update(value)  # entry by entry, layer over layer
             elif key == "output_neutral" and isinstance(value, list):
                 known = merged.setdefault("output_neutral", list(NEUTRAL_DEFAULT))
                 known.extend(item for item in value if item not in known)

@@ -8,13 +8,16 @@ learns whether the package was built in the end.
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from orchestrator.build.diskspace import SpaceGuard
 from orchestrator.build.inputs import InputsOf
 from orchestrator.build.recorder import RunRecorder
+from orchestrator.build.recovery import Decision, PackageRecovery
 from orchestrator.build.state import Attempt, PackageState, now_iso
 from orchestrator.config import Settings
 from orchestrator.execution.environment import BuildEnvironment, BuildJob, BuildResult
@@ -41,6 +44,9 @@ class PackageAttempts:
     sources_dir: Path | None
     asset_dirs: dict[str, Path]
     disk_added: DiskAddedMeter = field(default_factory=DiskAddedMeter)
+    space: SpaceGuard | None = None  # free space checked before each attempt
+    # Set when the run stops: a retry's backoff ends at once.
+    stopping: threading.Event = field(default_factory=threading.Event)
 
     def build(
         self,
@@ -48,31 +54,67 @@ class PackageAttempts:
         package: Package,
         before_retry: Callable[[], None] | None = None,
     ) -> bool:
-        """Build one package, with the stage's retries; `before_retry` runs before each."""
+        """Build one package, each failure classified and handled by its class's strategy
+        (`build.recovery`); `before_retry` runs before each retry."""
         stage = stage_plan.file.stage
         record = self.recorder.find(stage.stage, package.name)
-        tries = stage.retries_for(package) + 1
-        for try_index in range(tries):
-            result = self._attempt(stage_plan, package, record)
+        policy = stage.recovery_for(package, self.settings.recovery)
+        recovery = PackageRecovery(policy, stage.retries_for(package))
+        while True:
+            if self.space is not None:
+                self.space.with_policy(policy).ensure(f"before {stage.stage}/{package.name}")
+            job = self.job(stage_plan, package, len(record.attempts) + 1)
+            job = recovery.adjustment.apply(job)
+            result = self._attempt(job, record)
             if result.succeeded:
                 return True
-            will_retry = try_index < tries - 1 and not result.interrupted
-            self._report_failure(record, result, will_retry)
             if result.interrupted:
+                self._report_failure(record, result, will_retry=False)
                 raise KeyboardInterrupt
-            if will_retry:
-                attempt = len(record.attempts) + 1
-                self.bus.emit(events.BuildRetry(attempt=attempt, **self._about(record)))
-                if before_retry is not None:
-                    before_retry()
-        return False
+            decision = recovery.decide(result, job)
+            if decision.failure_class == "system" and decision.retry:
+                decision = self._await_engine(job, decision, recovery.policy.engine_wait)
+            self._record_decision(record, decision)
+            self._report_failure(record, result, decision.retry)
+            if not decision.retry:
+                return False
+            next_attempt = len(record.attempts) + 1
+            self.bus.emit(events.BuildRetry(attempt=next_attempt, **self._about(record)))
+            if self.stopping.wait(decision.delay_s):
+                raise KeyboardInterrupt
+            if before_retry is not None:
+                before_retry()
 
-    def _attempt(
-        self, stage_plan: StagePlan, package: Package, record: PackageState
-    ) -> BuildResult:
+    def _await_engine(self, job: BuildJob, decision: Decision, wait_s: float) -> Decision:
+        """The engine went away mid-package: once it answers, what is left of the package's
+        container is removed and the package built again (from its checkpoint, where it has
+        one of its own); a run never ends for an engine that came back in time."""
+        if self.environment.recover(job, wait_s):
+            return decision
+        reason = f"{decision.reason}; no answer within {wait_s:g}s"
+        return Decision("system", "fail", reason)
+
+    def _record_decision(self, record: PackageState, decision: Decision) -> None:
+        attempt = record.attempts[-1]
+        with self.recorder.recording():
+            attempt.failure_class = decision.failure_class
+            attempt.strategy = decision.strategy
+            attempt.change = decision.change
+        self.bus.emit(
+            events.RecoveryDecision(
+                attempt=attempt.number,
+                failure_class=decision.failure_class,
+                strategy=decision.strategy,
+                reason=decision.reason,
+                change=decision.change,
+                will_retry=decision.retry,
+                **self._about(record),
+            )
+        )
+
+    def _attempt(self, job: BuildJob, record: PackageState) -> BuildResult:
         """Run the next attempt and record how it went."""
-        number = len(record.attempts) + 1
-        job = self.job(stage_plan, package, number)
+        number = job.attempt
         job.log_path.parent.mkdir(parents=True, exist_ok=True)
         with job.log_path.open("a") as log:
             log.write(f"=== lfsorch: {job.stage}/{job.package} attempt {number} ===\n")

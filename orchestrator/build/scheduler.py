@@ -20,6 +20,7 @@ import networkx as nx
 from orchestrator.build import records
 from orchestrator.build.attempts import PackageAttempts
 from orchestrator.build.checkpointing import Checkpointer, policy_of
+from orchestrator.build.diskspace import SpaceGuard
 from orchestrator.build.inputs import InputsOf
 from orchestrator.build.recorder import RunRecorder
 from orchestrator.build.state import PackageState, RunState, now_iso
@@ -112,6 +113,7 @@ class Build:
         self.partition = Partition.checked(options.lfs_dir, workspace)
         self.recorder = RunRecorder(self.run_id, plan, self.partition, workspace, self.inputs_of)
         self.attempts: PackageAttempts  # made once the stages' assets are copied
+        self.space: SpaceGuard  # made with the attempts
         self._check_from_stage()
 
     @property
@@ -152,14 +154,14 @@ class Build:
             try:
                 self._run_stages()
             except KeyboardInterrupt:
-                self.environment.interrupt()
+                self._stop_builds()
                 self.state.outcome = "interrupted"
                 raise BuildInterrupted(
                     "interrupted: running containers were stopped and removed",
                     hint="run the same command again to continue where it stopped",
                 ) from None
             except BaseException:
-                self.environment.interrupt()
+                self._stop_builds()
                 self.state.outcome = "failed"
                 raise
             finally:
@@ -175,9 +177,16 @@ class Build:
             self.run_id,
             {"partition": self.options.lfs_dir, "workspace": self.workspace.root},
             self.settings.monitor_interval,
-            Thresholds(self.settings.min_free_space, self.settings.min_free_memory),
+            Thresholds(self.settings.recovery.min_free_space, self.settings.min_free_memory),
             engine_ping=self.client.ping,
         )
+
+    def _stop_builds(self) -> None:
+        """Every running attempt ends now, and none waits out a retry's backoff."""
+        attempts = getattr(self, "attempts", None)
+        if attempts is not None:
+            attempts.stopping.set()
+        self.environment.interrupt()
 
     def _prepare(self) -> None:
         """Clear what dead runs left, check the images, copy the stages' assets."""
@@ -195,6 +204,7 @@ class Build:
         self.workspace.ensure(self.workspace.run_dir(self.run_id))
         files = [stage_plan.file for stage_plan in self.plan.stages]
         asset_dirs = copy_stage_assets(files, self.workspace.run_dir(self.run_id) / "assets")
+        self.space = self._space_guard()
         self.attempts = PackageAttempts(
             run_id=self.run_id,
             settings=self.settings,
@@ -206,6 +216,17 @@ class Build:
             lfs_dir=self.options.lfs_dir.resolve(),
             sources_dir=self.sources_dir,
             asset_dirs=asset_dirs,
+            space=self.space,
+        )
+
+    def _space_guard(self) -> SpaceGuard:
+        recovery = self.settings.recovery
+        keep = recovery.keep_snapshots
+        return SpaceGuard(
+            {"partition": self.partition.path, "workspace": self.workspace.root},
+            recovery.min_free_space,
+            recovery.space_wait,
+            prune=(lambda: self.checkpoints.store.prune(keep_last=keep)) if keep else None,
         )
 
     def _start_record(self, reserve: records.SpaceReserve) -> None:
@@ -433,6 +454,8 @@ class Build:
     ) -> None:
         """Snapshot the partition after a stage or, with `packages`, after a group of them."""
         lfs = self.options.lfs_dir.resolve()
+        what = "/".join([stage, ", ".join(packages)]) if packages else stage
+        self.space.ensure(f"before the checkpoint of {what}")
         fresh = self.checkpoints.take(
             lfs,
             key,
@@ -609,7 +632,7 @@ class Build:
             except BaseException as caught:
                 # Every other build stops now; what they raise in turn (interrupted) is a
                 # consequence, unless `caught` was one itself and they hold the real cause.
-                self.environment.interrupt()
+                self._stop_builds()
                 error = _first_error(running)
                 consequence = isinstance(caught, KeyboardInterrupt)
                 if consequence and error is not None and not isinstance(error, KeyboardInterrupt):

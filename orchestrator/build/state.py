@@ -31,6 +31,11 @@ class Attempt(BaseModel):
     timed_out: bool = False
     interrupted: bool = False
     error: str | None = None
+    # The recovery decision after a failed attempt: its class, the strategy, and what the
+    # next attempt changed (`-j1`, `memory 512MiB`); None for attempts that succeeded.
+    failure_class: str | None = None
+    strategy: str | None = None
+    change: str | None = None
 
 
 class PackageState(BaseModel):

@@ -197,6 +197,29 @@ def status(
         print(json.dumps(state.status_json(), indent=2))
     else:
         out.print(_status_table(state))
+        for line in _attempt_lines(state):
+            out.print(line, markup=False)
+
+
+def _attempt_lines(state: RunState) -> list[str]:
+    """Attempt by attempt, for packages that failed once or more: what failed, why, and what
+    the next attempt changed."""
+    lines: list[str] = []
+    for package in state.packages:
+        failed = [a for a in package.attempts if a.error or a.failure_class]
+        if not failed:
+            continue
+        lines.append(f"{package.stage}/{package.name}:")
+        for attempt in package.attempts:
+            if not attempt.error and not attempt.failure_class:
+                lines.append(f"  attempt {attempt.number}: succeeded")
+                continue
+            what = f"{attempt.failure_class} failure" if attempt.failure_class else "failed"
+            then = f"; next: {attempt.change}" if attempt.change else ""
+            lines.append(
+                f"  attempt {attempt.number}: {what}, {printable(attempt.error or '')}{then}"
+            )
+    return lines
 
 
 def _mib(value: int | None) -> str:

@@ -30,6 +30,7 @@ from typing import BinaryIO
 
 import docker
 import docker.errors
+import requests.exceptions
 from docker.models.containers import Container
 from docker.types import LogConfig, Mount
 from docker.types.daemon import CancellableStream
@@ -62,6 +63,11 @@ LOG_TAIL_BYTES = 1 << 20
 # a silence means the engine lost the stream, and the log says so.
 _STREAM_SILENCE_S = 30.0
 _DISK_CHECK_INTERVAL_S = 10.0
+# The engine went away: its socket refused or closed mid-request, or, restarted, it no longer
+# knows the container. Other engine errors (a refused container) are the stage's.
+_ENGINE_GONE = (requests.exceptions.RequestException, docker.errors.NotFound)
+_ENGINE_WAIT_FIRST_S = 0.5
+_ENGINE_WAIT_LONGEST_S = 10.0
 # The engine keeps its own copy of the output (for `docker logs` on a live build); lfsorch never
 # reads it, so it only needs to be bounded.
 ENGINE_LOG_CONFIG = LogConfig(
@@ -448,6 +454,28 @@ class ContainerRunner:
             with contextlib.suppress(docker.errors.APIError):
                 container.kill()
 
+    def recover(self, job: BuildJob, wait_s: float) -> bool:
+        deadline = time.monotonic() + wait_s
+        delay = _ENGINE_WAIT_FIRST_S
+        while not self._answers():
+            if self._interrupted.is_set() or time.monotonic() + delay > deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, _ENGINE_WAIT_LONGEST_S)
+        labels = [f"{engine.RUN}={job.run_id}", f"{engine.STAGE}={job.stage}"]
+        labels.append(f"{engine.PACKAGE}={job.package}")
+        with contextlib.suppress(*_ENGINE_GONE, docker.errors.APIError):
+            for listed in self._client.api.containers(all=True, filters={"label": labels}):
+                with contextlib.suppress(docker.errors.APIError):
+                    self._client.api.remove_container(listed["Id"], force=True)
+        return self._answers()
+
+    def _answers(self) -> bool:
+        try:
+            return bool(self._client.ping())
+        except (docker.errors.DockerException, requests.exceptions.RequestException):
+            return False
+
     def _create(self, job: BuildJob, figures_dir: Path) -> Container:
         resources = job.resources
         labels = engine.owner_labels(
@@ -494,14 +522,20 @@ class ContainerRunner:
         figures = ContainerFigures()
         if self._interrupted.is_set():
             return BuildResult(None, 0.0, figures, interrupted=True)
+        started = time.monotonic()
         # Next to the log, in the run's own directory; gone once the figures are read.
         figures_dir = Path(tempfile.mkdtemp(prefix=".counters-", dir=job.log_path.parent))
         try:
-            container = self._create(job, figures_dir)
+            try:
+                container = self._create(job, figures_dir)
+            except _ENGINE_GONE as exc:
+                return _engine_lost(job, "creating its container", started, figures, exc)
             with self._lock:
                 self._live[container.id] = container
             try:
                 result = self._follow(job, container, figures, progress)
+            except _ENGINE_GONE as exc:
+                return _engine_lost(job, "the build", started, figures, exc)
             finally:
                 with self._lock:
                     self._live.pop(container.id, None)
@@ -562,7 +596,22 @@ class ContainerRunner:
             timeout_s=job.timeout_s if timed_out.is_set() else None,
             interrupted=self._interrupted.is_set() and not timed_out.is_set(),
             error=disk.describe() if disk and disk.exceeded else _wrapper_error(status),
+            space_exceeded=bool(disk and disk.exceeded),
+            misconfigured=status.get("StatusCode") == EXIT_BAD_USER,
         )
+
+
+def _engine_lost(
+    job: BuildJob, during: str, started: float, figures: ContainerFigures, exc: Exception
+) -> BuildResult:
+    return BuildResult(
+        exit_code=None,
+        duration_s=time.monotonic() - started,
+        figures=figures,
+        engine_lost=True,
+        error=f"the engine at {engine.endpoint()} stopped answering during {during} "
+        f"({exc.__class__.__name__})",
+    )
 
 
 def _wrapper_error(status: dict[str, object]) -> str | None:

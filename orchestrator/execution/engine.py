@@ -45,12 +45,12 @@ def connect(timeout: int | None = 600) -> docker.DockerClient:
         client.ping()
     except docker.errors.DockerException:
         raise EngineUnavailable(
-            f"no Docker engine answers at {_endpoint()}: {_ENGINE_HINT}"
+            f"no Docker engine answers at {endpoint()}: {_ENGINE_HINT}"
         ) from None
     return client
 
 
-def _endpoint() -> str:
+def endpoint() -> str:
     return os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
 
 

@@ -71,6 +71,9 @@ class BuildResult:
     interrupted: bool = False
     error: str | None = None
     timeout_s: float | None = None  # the limit that was reached, when timed out
+    space_exceeded: bool = False  # the build filled its build space (`error` says how)
+    misconfigured: bool = False  # the stage cannot run as written (its user is missing)
+    engine_lost: bool = False  # the engine stopped answering or the container vanished
 
     @property
     def succeeded(self) -> bool:
@@ -116,6 +119,11 @@ class BuildEnvironment(Protocol):
 
     def interrupt(self) -> None:
         """Stop every running attempt now; later ones end at once as interrupted."""
+
+    def recover(self, job: BuildJob, wait_s: float) -> bool:
+        """After an attempt ended with `engine_lost`: wait up to `wait_s` seconds, with
+        backoff, for the engine to answer, then remove what is left of `job`'s attempts.
+        False when it did not answer in time."""
 
     def close(self) -> None:
         """Wait until what finished attempts left behind is cleaned up."""

@@ -140,6 +140,13 @@ class ConsoleView:
     def _on_build_retry(self, event: events.BuildRetry) -> None:
         self.print(f"  retry  {self._label(event)} (attempt {event.attempt})")
 
+    def _on_recovery_decision(self, event: events.RecoveryDecision) -> None:
+        then = f": {event.change}" if event.change else ""
+        self.print(
+            f"  {event.failure_class} failure of {self._label(event)} (attempt {event.attempt}),"
+            f" {event.strategy}{then}"
+        )
+
     def _on_stage_cached(self, event: events.StageCached) -> None:
         key = event.key[:12]
         if event.covered:
@@ -185,6 +192,7 @@ class ConsoleView:
         events.BuildComplete: _on_build_complete,
         events.BuildError: _on_build_error,
         events.BuildRetry: _on_build_retry,
+        events.RecoveryDecision: _on_recovery_decision,
         events.StageCached: _on_stage_cached,
         events.SnapshotCreate: _on_snapshot_create,
         events.SnapshotRestore: _on_snapshot_restore,

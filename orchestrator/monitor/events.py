@@ -319,6 +319,19 @@ class SystemShutdown(SystemEvent):
         return "warning" if self.reason == "interrupted" else "info"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RecoveryDecision(PackageEvent):
+    """What a failed attempt was classified as and what follows it."""
+
+    name: ClassVar[str] = "recovery.decision"
+    attempt: int  # the attempt that failed
+    failure_class: str  # configuration, build, memory, time, disk or system
+    strategy: str  # retry, retry-fewer-jobs, retry-more-memory, retry-longer, wait-engine, fail
+    reason: str
+    change: str | None  # what the next attempt changes; None when there is none
+    will_retry: bool
+
+
 E = TypeVar("E", bound=Event)
 Handler = Callable[[Event], None]
 

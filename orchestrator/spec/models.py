@@ -156,6 +156,37 @@ class Resources(StrictModel):
     pids: Annotated[int, AfterValidator(_pids_in_range)] | None = None
 
 
+class Recovery(StrictModel):
+    """How failed attempts are handled, by failure class; the configuration's `recovery`
+    holds the defaults, a stage's or package's `recovery` changes single entries."""
+
+    backoff: Duration = Field(
+        default=1.0, description="wait before a build retry; doubles each time"
+    )
+    backoff_max: Duration = Field(default=30.0, description="longest wait between build retries")
+    memory_factor: float = Field(
+        default=2.0, ge=1.0, le=64.0, description="memory limit multiplier after an OOM kill at -j1"
+    )
+    memory_cap: Annotated[Size, AfterValidator(_memory_in_range)] = Field(
+        default=4 << 30, description="highest memory limit a retry may raise to"
+    )
+    timeout_factor: float | None = Field(
+        default=None, gt=1.0, le=100.0, description="timeout multiplier for one retry; none: fail"
+    )
+    min_free_space: Size = Field(
+        default=1 << 30, description="free space the partition's and workspace's filesystems keep"
+    )
+    space_wait: Duration = Field(
+        default=60.0, description="how long to wait for free space before stopping the run"
+    )
+    keep_snapshots: int | None = Field(
+        default=None, ge=1, description="when space runs short, prune to this many snapshots"
+    )
+    engine_wait: Duration = Field(
+        default=300.0, description="how long to wait for an engine gone away"
+    )
+
+
 class Package(StrictModel):
     name: Name
     version: str | None = None
@@ -166,6 +197,7 @@ class Package(StrictModel):
     timeout: Duration | None = None
     retries: int | None = Field(default=None, ge=0, le=100)
     network: bool | None = None
+    recovery: Recovery | None = None  # entries set here win over the stage's and defaults
     # Passed to the container as one argument: Linux caps a single argument at 128 KiB.
     script: str = Field(min_length=1, max_length=100_000)
 
@@ -190,6 +222,7 @@ class Stage(StrictModel):
         default_factory=list, description="capabilities beyond the base set (see the README)"
     )
     checkpoint: CheckpointPolicy | None = None  # None: the configuration's `checkpoint`
+    recovery: Recovery | None = None  # entries set here win over the configuration's
     packages: list[Package] = Field(min_length=1)
 
     def package(self, name: str) -> Package:
@@ -203,6 +236,14 @@ class Stage(StrictModel):
 
     def retries_for(self, package: Package) -> int:
         return self.retries if package.retries is None else package.retries
+
+    def recovery_for(self, package: Package, default: Recovery) -> Recovery:
+        """The configuration's table, then the stage's entries, then the package's."""
+        merged = default
+        for layer in (self.recovery, package.recovery):
+            if layer is not None:
+                merged = merged.model_copy(update=layer.model_dump(exclude_unset=True))
+        return merged
 
     def network_for(self, package: Package) -> bool:
         return self.network if package.network is None else package.network

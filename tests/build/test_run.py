@@ -188,8 +188,10 @@ def test_memory_limit_kill_is_recorded(
         stage: oom
         image: {BASE_IMAGE}
         resources: {{memory: 64m}}
+        recovery: {{memory_cap: 64m}}
         packages:
           - name: hog
+            environment: {{MAKEFLAGS: -j1}}
             script: |
               # A child is killed; a careless script would carry on and exit 0.
               big=$(head -c 300000000 /dev/zero | tr '\\0' x) || true
@@ -201,6 +203,9 @@ def test_memory_limit_kill_is_recorded(
     assert package.oom_killed is True
     assert package.status == "failed"
     assert package.attempts[-1].error.startswith("killed by the kernel's OOM killer")
+    # At -j1 and at its cap: nothing a retry could change.
+    assert len(package.attempts) == 1
+    assert (package.attempts[0].failure_class, package.attempts[0].strategy) == ("memory", "fail")
 
 
 def test_timeout_kills_the_container(

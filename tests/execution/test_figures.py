@@ -101,7 +101,7 @@ def test_a_filesystem_below_its_threshold_is_shown_and_logged(
         """,
     )
     result = run_cli(
-        "run", str(path), "--lfs", str(lfs_dir), "-o", "min_free_space=1000000g", check=True
+        "run", str(path), "--lfs", str(lfs_dir), "-o", "recovery.min_free_space=1000000g", check=True
     )
     assert f"  host   partition ({lfs_dir}): low, " in result.stdout
     assert "(threshold 976TiB)" in result.stdout

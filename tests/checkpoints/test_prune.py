@@ -20,7 +20,7 @@ from orchestrator.checkpoints.manifest import REBASED_ARCHIVE
 from orchestrator.checkpoints.store import MANIFEST, SnapshotStore
 from orchestrator.checkpoints.treescan import verify_tree
 from orchestrator.workspace import Workspace, WorkspaceBusy
-from tests.helpers import BASE_IMAGE, REPO, make_tree, run_cli, start_cli, wait_for_container
+from tests.helpers import BASE_IMAGE, REPO, run_cli, start_cli, wait_for_container
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]
 
@@ -73,19 +73,6 @@ def chain_of_four(tree: Path, store: SnapshotStore) -> None:
     assert [store.manifest(k).delta_of for k in ("s1", "s2", "s3", "s4")] == [
         None, "s1", "s2", "s3"
     ]  # fmt: skip
-
-
-@pytest.fixture
-def tree(tmp_path: Path) -> Path:
-    root = tmp_path / "tree"
-    root.mkdir()
-    make_tree(root)
-    return root
-
-
-@pytest.fixture(params=["host-tar", "container-tar"])
-def store(tmp_path: Path, request: pytest.FixtureRequest) -> SnapshotStore:
-    return SnapshotStore(tmp_path / "snapshots", isolate=request.param == "container-tar")
 
 
 def test_keep_one_of_four_chained_snapshots_rebases_it_and_it_restores_exactly(

@@ -21,22 +21,9 @@ from orchestrator.checkpoints.manifest import ARCHIVE, SnapshotError, snapshot_k
 from orchestrator.checkpoints.store import KEY_LABEL, MANIFEST, MANIFEST_MEMBER, SnapshotStore
 from orchestrator.checkpoints.tarstream import UnsafeArchiveError
 from orchestrator.checkpoints.treescan import scan_tree, verify_tree
-from tests.helpers import assert_tree_kinds, make_tree, tree_state
+from tests.helpers import assert_tree_kinds, tree_state
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]
-
-
-@pytest.fixture
-def tree(tmp_path: Path) -> Path:
-    root = tmp_path / "lfs"
-    root.mkdir()
-    make_tree(root)
-    return root
-
-
-@pytest.fixture(params=["host-tar", "container-tar"])
-def store(tmp_path: Path, request: pytest.FixtureRequest) -> SnapshotStore:
-    return SnapshotStore(tmp_path / "snapshots", isolate=request.param == "container-tar")
 
 
 def test_round_trip_keeps_every_kind_of_entry(

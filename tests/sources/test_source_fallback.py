@@ -10,10 +10,9 @@ import hashlib
 import io
 import shutil
 import tarfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,7 @@ from orchestrator.sources.download import PlainProgress
 from orchestrator.sources.errors import ChecksumMismatch
 from orchestrator.sources.sets import DebianOrig, Source, SourceSet
 from orchestrator.workspace import Workspace
+from tests.helpers import loopback_http
 
 pytestmark = pytest.mark.skipif(shutil.which("apt-get") is None, reason="needs apt (Debian)")
 
@@ -79,28 +79,20 @@ class Archives:
 def archives() -> Iterator[Archives]:
     served = Archives()
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
+    def get(handler: BaseHTTPRequestHandler) -> None:
+        data = served.files.get(handler.path)
+        served.log.append((handler.path, 404 if data is None else 200))
+        if data is None:
+            handler.send_error(404)
+            return
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
 
-        def do_GET(self) -> None:
-            data = served.files.get(self.path)
-            served.log.append((self.path, 404 if data is None else 200))
-            if data is None:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    served.base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield served
-    httpd.shutdown()
-    httpd.server_close()
+    with loopback_http(get) as base:
+        served.base = base
+        yield served
 
 
 def _machine_apt(tmp_path: Path, archives: Archives) -> Path:

@@ -6,10 +6,9 @@ import hashlib
 import io
 import re
 import tarfile
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -25,6 +24,7 @@ from orchestrator.sources.errors import (
 )
 from orchestrator.sources.sets import DebianOrig, Source, SourceSet, load_source_set
 from orchestrator.workspace import Workspace
+from tests.helpers import loopback_http
 from tests.samples import DEB822, DEB822_SRC
 
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, not all-same bytes so offsets matter
@@ -46,41 +46,33 @@ class Served:
 def server() -> Iterator[Served]:
     served = Served()
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
-
-        def do_GET(self) -> None:
-            rng = self.headers.get("Range")
-            served.requests.append((self.path, rng))
-            data = served.files.get(self.path)
-            if data is None:
-                self.send_error(404)
+    def get(handler: BaseHTTPRequestHandler) -> None:
+        rng = handler.headers.get("Range")
+        served.requests.append((handler.path, rng))
+        data = served.files.get(handler.path)
+        if data is None:
+            handler.send_error(404)
+            return
+        start = 0
+        if rng:
+            m = re.fullmatch(r"bytes=(\d+)-", rng)
+            assert m, rng
+            start = int(m[1])
+            if start >= len(data):
+                handler.send_response(416)
+                handler.end_headers()
                 return
-            start = 0
-            if rng:
-                m = re.fullmatch(r"bytes=(\d+)-", rng)
-                assert m, rng
-                start = int(m[1])
-                if start >= len(data):
-                    self.send_response(416)
-                    self.end_headers()
-                    return
-                self.send_response(206)
-                self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-            else:
-                self.send_response(200)
-            self.send_header("Content-Length", str(len(data) - start))
-            self.end_headers()
-            self.wfile.write(data[start:])
+            handler.send_response(206)
+            handler.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            handler.send_response(200)
+        handler.send_header("Content-Length", str(len(data) - start))
+        handler.end_headers()
+        handler.wfile.write(data[start:])
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    served.base = f"http://127.0.0.1:{httpd.server_address[1]}"
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield served
-    httpd.shutdown()
-    httpd.server_close()
+    with loopback_http(get) as base:
+        served.base = base
+        yield served
 
 
 @pytest.fixture

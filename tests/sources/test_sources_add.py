@@ -8,9 +8,8 @@ import io
 import os
 import random
 import tarfile
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -22,7 +21,7 @@ from orchestrator.sources.download import PlainProgress
 from orchestrator.sources.errors import SourceError, UnsafeArchive
 from orchestrator.sources.sets import DebianOrig, Source, SourceSet
 from orchestrator.workspace import Workspace
-from tests.helpers import run_cli
+from tests.helpers import loopback_http, run_cli
 
 
 def sha(data: bytes) -> str:
@@ -223,26 +222,18 @@ def test_cli_add_prints_what_it_took_and_fails_on_a_refusal(tmp_path: Path) -> N
 def http() -> Iterator[tuple[str, dict[str, bytes]]]:
     files: dict[str, bytes] = {}
 
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, *args: object) -> None:
-            pass
+    def get(handler: BaseHTTPRequestHandler) -> None:
+        data = files.get(handler.path)
+        if data is None:
+            handler.send_error(404)
+            return
+        handler.send_response(200)
+        handler.send_header("Content-Length", str(len(data)))
+        handler.end_headers()
+        handler.wfile.write(data)
 
-        def do_GET(self) -> None:
-            data = files.get(self.path)
-            if data is None:
-                self.send_error(404)
-                return
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", files
-    httpd.shutdown()
-    httpd.server_close()
+    with loopback_http(get) as base:
+        yield base, files
 
 
 @pytest.mark.parametrize(

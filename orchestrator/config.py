@@ -39,6 +39,11 @@ _NEUTRAL = re.compile(
 )
 
 
+# LFS 11.3's release day (2023-03-01 00:00 UTC): a fixed date, so tools that embed a build
+# date (gzip headers, Python's .pyc, man pages) give the same bytes on every build.
+LFS_RELEASE_EPOCH = 1677628800
+
+
 def _default_makeflags() -> str:
     return f"-j{os.cpu_count() or 1}"
 
@@ -64,6 +69,11 @@ class Settings(BaseModel):
     )
     checkpoint: CheckpointPolicy = Field("stage", description="when to snapshot the partition")
     run_tests: bool = Field(False, description="LFSORCH_RUN_TESTS=1 in builds (book's tests)")
+    source_date_epoch: int = Field(
+        LFS_RELEASE_EPOCH,
+        ge=0,
+        description="SOURCE_DATE_EPOCH in every build: the date tools embed instead of now",
+    )
     source_set: str = Field("upstream", description="where sources come from (upstream, debian12)")
     plugins: list[str] = Field(
         default_factory=list, description="plugin modules whose hooks see every run"

@@ -52,11 +52,13 @@ def merged_environment(
     stage: Stage, package: Package, settings: Settings, attempt: int
 ) -> dict[str, str]:
     """The variables a build's container gets, lowest layer first: the configuration's
-    `environment`, MAKEFLAGS, LFSORCH_ATTEMPT and LFSORCH_RUN_TESTS, then the stage's and the
-    package's variables, then what the command line set, which wins over a stage file."""
+    `environment`, MAKEFLAGS, SOURCE_DATE_EPOCH, LFSORCH_ATTEMPT and LFSORCH_RUN_TESTS, then
+    the stage's and the package's variables, then what the command line set, which wins over
+    a stage file."""
     command_line = settings.command_line_environment
     base = {n: v for n, v in settings.environment.items() if n not in command_line}
     base["MAKEFLAGS"] = settings.makeflags
+    base["SOURCE_DATE_EPOCH"] = str(settings.source_date_epoch)
     base["LFSORCH_ATTEMPT"] = str(attempt)  # scripts may build differently on a retry
     if settings.run_tests:
         base["LFSORCH_RUN_TESTS"] = "1"

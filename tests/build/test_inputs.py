@@ -177,3 +177,18 @@ def test_package_names_keep_the_key_apart() -> None:
     under = stage_of(package={"name": "gtk_"})
     assert key_of(Settings(), plus) != key_of(Settings(), under)
     assert isinstance(plus.stage.packages[0], Package)
+
+
+def test_every_build_gets_a_fixed_source_date_epoch_that_is_part_of_the_key(
+    tmp_path: Path,
+) -> None:
+    stage = stage_of().stage
+    package = stage.packages[0]
+    default = settings_from(tmp_path)
+    assert merged_environment(stage, package, default, 1)["SOURCE_DATE_EPOCH"] == "1677628800"
+    assert merged_environment(stage, package, default, 2)["SOURCE_DATE_EPOCH"] == "1677628800"
+    other = settings_from(tmp_path, ["source_date_epoch=0"])
+    assert merged_environment(stage, package, other, 1)["SOURCE_DATE_EPOCH"] == "0"
+    # A stage that sets its own date wins over the configuration's, as for any variable.
+    own = stage_of(environment={"SOURCE_DATE_EPOCH": "5"}).stage
+    assert merged_environment(own, own.packages[0], default, 1)["SOURCE_DATE_EPOCH"] == "5"

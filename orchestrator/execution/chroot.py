@@ -185,9 +185,12 @@ class ChrootRunner(ContainerRunner):
         image = self.root_image()
         scratch = job.scratch_dir or job.log_path.parent
         scratch.mkdir(parents=True, exist_ok=True)
-        build_dir = Path(tempfile.mkdtemp(prefix=CHROOT_BUILD_PREFIX, dir=scratch))
+        # mkdtemp's 0700 keeps the host's users out of what root builds there (setuid
+        # programs, say); inside, /build is the open directory below it.
+        private = Path(tempfile.mkdtemp(prefix=CHROOT_BUILD_PREFIX, dir=scratch))
+        build_dir = private / "build"
         try:
-            os.chmod(build_dir, 0o755)
+            build_dir.mkdir(mode=0o755)
             for name in job.source_files:
                 os.symlink(f"{SOURCES_MOUNT}/{name}", build_dir / name)
             _note_skipped(job, top)
@@ -198,7 +201,7 @@ class ChrootRunner(ContainerRunner):
                 written_elsewhere=lambda: tree_size(build_dir),
             )
         finally:
-            shutil.rmtree(build_dir, ignore_errors=True)
+            shutil.rmtree(private, ignore_errors=True)
 
 
 def _note_skipped(job: BuildJob, top: chrootroot.ChrootTop) -> None:

@@ -153,6 +153,8 @@ def test_a_chroot_package_sees_the_partition_as_root_with_its_own_proc_and_pts(
     _wait_for(busybox_lfs / "tmp/waiting", outcome)
     attrs = _running(docker_client, "probe")
     mounts_during = _mounts_under(tmp_path)
+    private = list(workspace.runs_dir.glob(f"*/{CHROOT_BUILD_PREFIX}*"))
+    modes = [stat.S_IMODE(os.lstat(p).st_mode) for p in (*private, *(p / "build" for p in private))]
     (busybox_lfs / "tmp/go").touch()
     thread.join(timeout=120)
     assert isinstance(outcome[0], RunState) and outcome[0].outcome == "succeeded"
@@ -166,6 +168,7 @@ def test_a_chroot_package_sees_the_partition_as_root_with_its_own_proc_and_pts(
     sources = {m["Source"] for m in attrs["Mounts"]}  # type: ignore[attr-defined]
     assert not sources & {"/proc", "/dev", "/sys", "/", "/etc"}
     assert mounts_during == before[2] == []  # the binds are the container's, never the host's
+    assert modes == [0o700, 0o755]  # /build is below a directory the host's users cannot enter
 
     probe = busybox_lfs / "usr/share/probe"
     assert "lfsorch_counters" in (probe / "pid1").read_text()  # PID 1 is the entry script

@@ -151,3 +151,15 @@ def test_a_chroot_stage_with_a_user_is_refused(tmp_path: Path) -> None:
         "user: lfs\n", ""
     )
     assert parse_stage_text(allowed, tmp_path / "s.yaml").stage.capabilities == ["setfcap"]
+
+
+def test_the_build_tree_s_size_counts_what_it_holds_and_follows_no_link(tmp_path: Path) -> None:
+    from orchestrator.execution.chroot import tree_size
+
+    (tmp_path / "build/sub").mkdir(parents=True)
+    (tmp_path / "build/sub/big").write_bytes(b"x" * (1 << 20))
+    (tmp_path / "outside").write_bytes(b"y" * (4 << 20))
+    os.symlink(tmp_path / "outside", tmp_path / "build/link")
+    os.symlink(tmp_path, tmp_path / "build/loop")
+    size = tree_size(tmp_path / "build")
+    assert 1 << 20 <= size < 2 << 20

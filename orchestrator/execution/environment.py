@@ -24,7 +24,7 @@ from orchestrator.spec.models import Resources
 # "Security model" gives each one's reason.
 BASE_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "SETGID", "SETUID")
 # What a stage may add by name (`capabilities: [mknod]`); the stage schema allows these alone.
-OPTIONAL_CAPABILITIES = ("fowner", "fsetid", "kill", "mknod", "sys_chroot", "setfcap")
+OPTIONAL_CAPABILITIES = ("fowner", "fsetid", "kill", "mknod", "setfcap", "sys_chroot")
 
 
 @dataclass(frozen=True)

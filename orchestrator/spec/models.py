@@ -143,7 +143,7 @@ Size = Annotated[int, BeforeValidator(parse_size)]
 AssetPath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(check_asset_path)]
 Environment = dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], str]
 CheckpointPolicy = Literal["stage", "package", "none"]
-Capability = Literal["fowner", "fsetid", "kill", "mknod", "sys_chroot", "setfcap"]
+Capability = Literal["fowner", "fsetid", "kill", "mknod", "setfcap", "sys_chroot"]
 # Who a chroot package may run as: it is root in the partition's own system.
 _ROOT_USERS = (None, "root", "0")
 

@@ -44,10 +44,11 @@ from orchestrator.execution.container import (
     ContainerSetup,
 )
 from orchestrator.execution.environment import BuildJob
+from orchestrator.execution.images import IMAGE_LABELS
 from orchestrator.spec.environment import CHROOT_PATH
 
 ROOT_IMAGE = "lfsorch/chroot-root:usrmerge"
-ROOT_CONTENT = f"{engine.LABEL_PREFIX}.content"
+ROOT_CONTENT = f"{engine.LABEL_PREFIX}.image.content"
 # A chroot package's /build, in its run's directory; what a kill leaves, the next run removes
 # (`checkpoints.leftovers`).
 CHROOT_BUILD_PREFIX = ".chroot-build-"
@@ -83,7 +84,8 @@ def ensure_root_image(client: docker.DockerClient) -> str:
         if (image.labels or {}).get(ROOT_CONTENT) == digest:
             return str(image.id)
     repository, tag = ROOT_IMAGE.rsplit(":", 1)
-    labels = {engine.MANAGED: "true", engine.PURPOSE: "chroot-root", ROOT_CONTENT: digest}
+    # Image labels only: containers inherit them, and `managed` marks what lfsorch runs.
+    labels = {**IMAGE_LABELS, ROOT_CONTENT: digest}
     changes = [f"LABEL {name}={value}" for name, value in labels.items()]
     try:
         client.api.import_image_from_data(content, repository=repository, tag=tag, changes=changes)

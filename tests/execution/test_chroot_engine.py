@@ -20,6 +20,7 @@ from pathlib import Path
 import docker
 import pytest
 
+from orchestrator import api
 from orchestrator.build.state import RunState
 from orchestrator.errors import LfsorchError
 from orchestrator.execution import engine
@@ -313,3 +314,70 @@ def test_a_run_killed_in_a_chroot_package_resumes_at_that_package(
 
 def _removed(cleanup: list[Event]) -> list[str]:
     return [name for event in cleanup for name in event.data["removed"]]
+
+
+def test_the_first_tarball_is_unpacked_by_the_partition_s_tar_and_entered(
+    workspace: Workspace, busybox_lfs: Path, stage_file: WriteStage, tmp_path: Path
+) -> None:
+    # Plain tar: Debian's busybox tar does not detect compression as the partition's GNU tar
+    # (chapter 6) does; the entry script's `tar -xf` is the same for both.
+    tarball = tmp_path / "hello-1.0.tar"
+    tree = tmp_path / "tree"
+    (tree / "hello-1.0").mkdir(parents=True)
+    (tree / "hello-1.0/greeting").write_text("hello from the tarball\n")
+    (tree / "extra.txt").write_text("second source\n")
+    subprocess.run(["tar", "-cf", tarball, "-C", tree, "hello-1.0"], check=True)
+    extra = tree / "extra.txt"
+    sources = [
+        {"file": "hello-1.0.tar", "url": "http://127.0.0.1:9/hello-1.0.tar"},
+        {"file": "extra.txt", "url": "http://127.0.0.1:9/extra.txt"},
+    ]
+    for source, local in zip(sources, (tarball, extra), strict=True):
+        source["sha256"] = _digest(local)
+    path = stage_file(
+        "inchroot.yaml",
+        f"""
+        stage: inchroot
+        image: {BASE_IMAGE}
+        chroot: true
+        packages:
+          - name: hello
+            sources: {json.dumps(sources)}
+            script: |
+              pwd > /usr/where
+              cat greeting ../extra.txt >> /usr/where
+              ! touch /sources/new 2>/dev/null
+        """,
+    )
+    added = api.add_sources([tarball, extra], [path], workspace=workspace)
+    assert not added.refused
+    state, _ = run_build([path], busybox_lfs, workspace)
+    assert state.outcome == "succeeded", Path(str(state.packages[0].log)).read_text()
+    assert (busybox_lfs / "usr/where").read_text() == (
+        "/build/hello-1.0\nhello from the tarball\nsecond source\n"
+    )
+
+
+def test_a_failed_chroot_attempt_is_retried_from_a_clean_build_directory(
+    workspace: Workspace, busybox_lfs: Path, stage_file: WriteStage
+) -> None:
+    path = stage_file(
+        "inchroot.yaml",
+        f"""
+        stage: inchroot
+        image: {BASE_IMAGE}
+        chroot: true
+        retries: 1
+        recovery: {{backoff: 0.1}}
+        packages:
+          - name: flaky
+            script: |
+              ls -A /build >> /usr/seen
+              touch /build/left-by-$LFSORCH_ATTEMPT
+              [ "$LFSORCH_ATTEMPT" -gt 1 ]
+        """,
+    )
+    state, _ = run_build([path], busybox_lfs, workspace)
+    assert state.outcome == "succeeded"
+    assert [a.exit_code for a in state.packages[0].attempts] == [1, 0]
+    assert (busybox_lfs / "usr/seen").read_text() == ""  # each attempt's /build was empty

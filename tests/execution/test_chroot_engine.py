@@ -381,3 +381,45 @@ def test_a_failed_chroot_attempt_is_retried_from_a_clean_build_directory(
     assert state.outcome == "succeeded"
     assert [a.exit_code for a in state.packages[0].attempts] == [1, 0]
     assert (busybox_lfs / "usr/seen").read_text() == ""  # each attempt's /build was empty
+
+
+def test_a_chroot_false_package_prepares_the_top_level_for_the_chroot_packages(
+    workspace: Workspace, busybox_lfs: Path, stage_file: WriteStage
+) -> None:
+    # The book's 7.5-7.6 as the stage files write them: outside, then inside.
+    for name in ("hosts", "hostname", "resolv.conf"):
+        (busybox_lfs / "etc" / name).unlink()
+    path = stage_file(
+        "inchroot.yaml",
+        f"""
+        stage: inchroot
+        image: {BASE_IMAGE}
+        chroot: true
+        packages:
+          - name: essentials
+            chroot: false
+            script: |
+              mkdir -p /mnt/lfs/home /mnt/lfs/mnt
+              echo "127.0.0.1 localhost lfs" > /mnt/lfs/etc/hosts
+              echo lfs > /mnt/lfs/etc/hostname
+              : > /mnt/lfs/etc/resolv.conf
+          - name: inside
+            depends: [essentials]
+            script: |
+              test -d /home && test -d /mnt
+              cat /etc/hosts > /home/seen
+        """,
+    )
+    state, _ = run_build([path], busybox_lfs, workspace)
+    assert state.outcome == "succeeded"
+    assert (busybox_lfs / "home/seen").read_text() == "127.0.0.1 localhost lfs\n"
+
+
+def test_build_space_counts_what_a_chroot_package_writes_in_build(
+    workspace: Workspace, busybox_lfs: Path, stage_file: WriteStage
+) -> None:
+    path = _one_package(stage_file, "head -c 3000000 /dev/zero > /build/big; sleep 60")
+    state, _ = run_build([path], busybox_lfs, workspace, overrides=["build_space=1m"])
+    assert state.outcome == "failed"
+    error = state.packages[0].attempts[-1].error or ""
+    assert "outside its mounts" in error and "more than build_space (0.00 GiB)" in error

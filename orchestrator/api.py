@@ -20,8 +20,9 @@ from orchestrator.checkpoints.store import PruneResult, SnapshotInfo, SnapshotSt
 from orchestrator.config import Config, load_config
 from orchestrator.errors import EngineUnavailable, ExitCode, LfsorchError, local_file_error
 from orchestrator.execution import engine, images
+from orchestrator.execution.chroot import ChrootRunner
 from orchestrator.execution.container import ContainerRunner
-from orchestrator.execution.environment import BuildEnvironment
+from orchestrator.execution.environment import BuildEnvironment, ByKind
 from orchestrator.monitor.console import ConsoleView
 from orchestrator.monitor.eventlog import JsonEventLog
 from orchestrator.monitor.events import Event, EventBus
@@ -103,7 +104,7 @@ def run(
         from_stage=from_stage,
     )
     sources_dir = verified_sources(plan, workspace, config.settings.source_set)
-    environment = environment or ContainerRunner(client)
+    environment = environment or ByKind(ContainerRunner(client), ChrootRunner(client))
     with event_bus(workspace, config, view, subscribers) as bus:
         build = Build(
             plan,

@@ -183,6 +183,8 @@ class PackageAttempts:
             network=inputs.network,
             capabilities=inputs.capabilities,
             build_space=self.settings.build_space,
+            chroot=inputs.chroot,
+            scratch_dir=self.workspace.run_dir(self.run_id),
         )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from orchestrator.config import Settings
 from orchestrator.sources.sets import Source
-from orchestrator.spec.environment import expand_environment
+from orchestrator.spec.environment import CHROOT_PATH, expand_environment
 from orchestrator.spec.models import Package, Resources, Stage
 from orchestrator.spec.stagefile import StageFile, asset_digest
 
@@ -52,7 +52,8 @@ def merged_environment(
     stage: Stage, package: Package, settings: Settings, attempt: int
 ) -> dict[str, str]:
     """The variables a build's container gets, lowest layer first: the configuration's
-    `environment`, MAKEFLAGS, SOURCE_DATE_EPOCH, LFSORCH_ATTEMPT and LFSORCH_RUN_TESTS, then
+    `environment`, MAKEFLAGS, SOURCE_DATE_EPOCH, LFSORCH_ATTEMPT and LFSORCH_RUN_TESTS (and the
+    book's PATH for a chroot package), then
     the stage's and the package's variables, then what the command line set, which wins over
     a stage file."""
     command_line = settings.command_line_environment
@@ -62,6 +63,8 @@ def merged_environment(
     base["LFSORCH_ATTEMPT"] = str(attempt)  # scripts may build differently on a retry
     if settings.run_tests:
         base["LFSORCH_RUN_TESTS"] = "1"
+    if stage.chroot_for(package):
+        base.setdefault("PATH", CHROOT_PATH)
     last = dict(command_line)
     if settings.from_command_line("makeflags"):
         last["MAKEFLAGS"] = settings.makeflags
@@ -92,13 +95,14 @@ class PackageInputs:
     # The digest of each source as /sources holds it; a source set may map a file name to
     # other bytes than the stage declares (Debian's repacked tarballs).
     source_digests: dict[str, str] | None = None
+    chroot: bool = False  # the container's root is the partition: an input only when set
 
     def all_inputs(self) -> dict[str, Any]:
         package = self.package.model_dump(
             mode="json",
             include={"name", "version", "depends", "script"},
         )
-        return {
+        inputs = {
             "stage": self.stage,
             **package,
             "assets": self.assets,
@@ -115,6 +119,9 @@ class PackageInputs:
             "resources": self.resources.model_dump(mode="json"),
             "capabilities": sorted(self.capabilities),
         }
+        if self.chroot:  # absent otherwise, so the keys of other stages stay as they were
+            inputs["chroot"] = True
+        return inputs
 
     def split(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """(what is hashed, what was left out as output-neutral, by configuration entry)."""
@@ -207,11 +214,12 @@ class InputsOf:
             workdir=stage.workdir,
             network=stage.network_for(package) or self.settings.network,
             resources=stage.resources,
-            capabilities=tuple(stage.capabilities),
+            capabilities=stage.capabilities_for(package),
             neutral=tuple(self.settings.output_neutral),
             source_digests={
                 s.file: (self.source_digest or _declared_digest)(s) for s in package.sources
             },
+            chroot=stage.chroot_for(package),
         )
 
     def key(self, stage_file: StageFile, packages: Sequence[Package], parent: str | None) -> str:

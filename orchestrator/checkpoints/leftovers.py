@@ -15,6 +15,7 @@ from pathlib import Path
 
 from orchestrator.checkpoints.extract import remove_tree
 from orchestrator.checkpoints.swap import OLD_PREFIX, STAGING_PREFIX
+from orchestrator.execution.chroot import CHROOT_BUILD_PREFIX
 from orchestrator.workspace import Workspace
 
 FIFO_PREFIX = ".lfsorch-fifo-"
@@ -22,6 +23,7 @@ _MKDTEMP = "[a-z0-9_]{8}"
 # In the store: a snapshot being written (".<key>.xxxxxxxx"), an image import, a scratch tree.
 _STORE_STAGING = re.compile(rf"\..+|tmp{_MKDTEMP}")
 _STATE_SCRATCH = re.compile(r"\.state-.+\.json")
+_CHROOT_BUILD = re.compile(rf"{re.escape(CHROOT_BUILD_PREFIX)}{_MKDTEMP}")
 
 
 def _remove(path: Path) -> bool:
@@ -58,7 +60,8 @@ def partition_leftovers(partition: Path) -> list[Path]:
 
 
 def workspace_leftovers(workspace: Workspace) -> list[Path]:
-    """Snapshots never finished, scratch trees, and half-written run records."""
+    """Snapshots never finished, scratch trees, half-written run records, and the /build
+    trees of chroot packages whose run was killed."""
     found = _matching(workspace.snapshots_dir, _STORE_STAGING)
     with contextlib.suppress(OSError):
         for snapshot in workspace.snapshots_dir.iterdir():
@@ -69,6 +72,8 @@ def workspace_leftovers(workspace: Workspace) -> list[Path]:
             for child in directory.iterdir():
                 if directory != workspace.root:
                     found += _matching(child, _STATE_SCRATCH)
+                if directory == workspace.runs_dir:
+                    found += _matching(child, _CHROOT_BUILD)
     return found
 
 

@@ -23,8 +23,9 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -49,7 +50,7 @@ STAGE_MOUNT = "/stage"
 FIGURES_MOUNT = "/run/lfsorch-figures"
 FIGURES_FILE = "counters"
 EXIT_BAD_USER = 219  # unusual on purpose: a script's own 126/127 must not read as this
-_TARBALL = re.compile(r"\.(tar(\.[a-z0-9]+)?|tgz|tbz2|txz)$")
+TARBALL = re.compile(r"\.(tar(\.[a-z0-9]+)?|tgz|tbz2|txz)$")
 _PROGRESS_INTERVAL_S = 0.5
 _CONTAINER_UNSAFE = re.compile(r"[^a-zA-Z0-9_.-]")
 # A progress line is for a glance at the console: longer lines are cut, never held whole.
@@ -75,6 +76,20 @@ ENGINE_LOG_CONFIG = LogConfig(
 )
 
 
+@dataclass(frozen=True)
+class ContainerSetup:
+    """What one attempt's container is made of: its root (an image reference or id), its
+    command and its mounts; and how much it wrote outside them, for `build_space`."""
+
+    image: str
+    command: list[str]
+    mounts: list[Mount]
+    # Bytes the build wrote outside its mounts that are not in the container's own layer
+    # (a /build tree kept on the host); None: none.
+    written_elsewhere: Callable[[], int] | None = None
+    pinned: bool = False  # `image` is the id the run's keys were made with
+
+
 def container_name(job: BuildJob) -> str:
     """Readable and unique: names Docker refuses (`gtk+`) are made safe, and a short hash of
     the real names keeps `gtk+` and `gtk_` apart."""
@@ -86,13 +101,13 @@ def container_name(job: BuildJob) -> str:
 def _entry_script(job: BuildJob) -> str:
     user = job.user or "0"
     main = job.source_files[0] if job.source_files else ""
-    unpack = main if _TARBALL.search(main) else ""
+    unpack = main if TARBALL.search(main) else ""
     links = " ".join(shlex.quote(name) for name in job.source_files)
     workdir = shlex.quote(job.workdir) if job.workdir else ""
     # The script below runs as root in the fresh container; values are quoted by Python.
     return f"""set -eu
 exec 2>&1
-{_COUNTERS_TRAP}
+{COUNTERS_TRAP}
 user={shlex.quote(user)}
 if [ "$user" = 0 ] || [ "$user" = root ]; then
     drop=()
@@ -134,7 +149,7 @@ shift
 # Run as root by PID 1 on every exit it lives to see (a failed build too): the counters of the
 # container's own cgroup, v2 or v1, whichever is mounted, and PID 1's task I/O counters, which
 # include those of every process it reaped. The exit status is kept.
-_COUNTERS_TRAP = f"""lfsorch_counters() {{
+COUNTERS_TRAP = f"""lfsorch_counters() {{
     status=$?
     set +e
     {{
@@ -345,10 +360,17 @@ class _DiskWatch:
     writable layer) passes `limit` bytes. Checked by the engine's size figure at intervals:
     overlay2 on ext4 has no per-container size option."""
 
-    def __init__(self, client: docker.DockerClient, container: Container, limit: int) -> None:
+    def __init__(
+        self,
+        client: docker.DockerClient,
+        container: Container,
+        limit: int,
+        elsewhere: Callable[[], int] | None = None,
+    ) -> None:
         self._client = client
         self._container = container
         self._limit = limit
+        self._elsewhere = elsewhere
         self._stop = threading.Event()
         self.used: int | None = None
         self.exceeded = False
@@ -367,6 +389,9 @@ class _DiskWatch:
                     all=True, filters={"id": self._container.id}, size=True
                 )
                 self.used = int(listed[0].get("SizeRw") or 0) if listed else None
+            if self.used is not None and self._elsewhere is not None:
+                with contextlib.suppress(OSError):
+                    self.used += self._elsewhere()
             if self.used is not None and self.used > self._limit and not self._stop.is_set():
                 self.exceeded = True
                 with contextlib.suppress(docker.errors.APIError):
@@ -476,21 +501,32 @@ class ContainerRunner:
         except (docker.errors.DockerException, requests.exceptions.RequestException):
             return False
 
-    def _create(self, job: BuildJob, figures_dir: Path) -> Container:
+    @contextlib.contextmanager
+    def _setup(self, job: BuildJob, figures_dir: Path) -> Iterator[ContainerSetup]:
+        """The container of a host-image build: the stage's image (pinned to the id the keys
+        were made with), the partition at /mnt/lfs."""
+        pinned = job.image_id if job.image_id and job.image_id.startswith("sha256:") else None
+        yield ContainerSetup(
+            pinned or job.image,
+            container_command(job),
+            _mounts(job, figures_dir),
+            pinned=pinned is not None,
+        )
+
+    def _create(self, job: BuildJob, setup: ContainerSetup) -> Container:
         resources = job.resources
         labels = engine.owner_labels(
             "build", run=job.run_id, stage=job.stage, package=job.package, attempt=str(job.attempt)
         )
-        pinned = job.image_id if job.image_id and job.image_id.startswith("sha256:") else None
         try:
             container = self._client.containers.create(
-                pinned or job.image,
-                command=container_command(job),
+                setup.image,
+                command=setup.command,
                 name=container_name(job),
                 user="0:0",
                 working_dir="/",
                 labels=labels,
-                mounts=_mounts(job, figures_dir),
+                mounts=setup.mounts,
                 network_mode="bridge" if job.network else "none",
                 nano_cpus=int(resources.cpus * 1e9) if resources.cpus else None,
                 mem_limit=resources.memory,
@@ -503,10 +539,10 @@ class ContainerRunner:
             )
         except docker.errors.ImageNotFound:
             self.check_image(job.image)
-            if pinned is None:
+            if not setup.pinned:
                 raise
             raise LfsorchError(
-                f"image {job.image} is no longer the image {pinned} the run started with, "
+                f"image {job.image} is no longer the image {setup.image} the run started with, "
                 "and that one is gone from the engine",
                 hint="run again: the next run uses the image the name points to now",
             ) from None
@@ -522,28 +558,39 @@ class ContainerRunner:
         figures = ContainerFigures()
         if self._interrupted.is_set():
             return BuildResult(None, 0.0, figures, interrupted=True)
-        started = time.monotonic()
         # Next to the log, in the run's own directory; gone once the figures are read.
         figures_dir = Path(tempfile.mkdtemp(prefix=".counters-", dir=job.log_path.parent))
         try:
-            try:
-                container = self._create(job, figures_dir)
-            except _ENGINE_GONE as exc:
-                return _engine_lost(job, "creating its container", started, figures, exc)
-            with self._lock:
-                self._live[container.id] = container
-            try:
-                result = self._follow(job, container, figures, progress)
-            except _ENGINE_GONE as exc:
-                return _engine_lost(job, "the build", started, figures, exc)
-            finally:
-                with self._lock:
-                    self._live.pop(container.id, None)
-                self._removals.submit(engine.remove_quietly, container)
-            figures.read_counters_file(figures_dir / FIGURES_FILE)
+            with self._setup(job, figures_dir) as setup:
+                result = self._run_container(job, setup, figures, progress)
+            if not result.engine_lost:
+                figures.read_counters_file(figures_dir / FIGURES_FILE)
             return result
         finally:
             shutil.rmtree(figures_dir, ignore_errors=True)
+
+    def _run_container(
+        self,
+        job: BuildJob,
+        setup: ContainerSetup,
+        figures: ContainerFigures,
+        progress: ProgressReport,
+    ) -> BuildResult:
+        started = time.monotonic()
+        try:
+            container = self._create(job, setup)
+        except _ENGINE_GONE as exc:
+            return _engine_lost(job, "creating its container", started, figures, exc)
+        with self._lock:
+            self._live[container.id] = container
+        try:
+            return self._follow(job, container, figures, progress, setup.written_elsewhere)
+        except _ENGINE_GONE as exc:
+            return _engine_lost(job, "the build", started, figures, exc)
+        finally:
+            with self._lock:
+                self._live.pop(container.id, None)
+            self._removals.submit(engine.remove_quietly, container)
 
     def _follow(
         self,
@@ -551,6 +598,7 @@ class ContainerRunner:
         container: Container,
         figures: ContainerFigures,
         progress: ProgressReport,
+        elsewhere: Callable[[], int] | None = None,
     ) -> BuildResult:
         """Start the container and follow it to its end: output, stats, disk, timeout."""
         timed_out = threading.Event()
@@ -565,7 +613,9 @@ class ContainerRunner:
         # Attached before the start, so not one byte of output is missed.
         stream = container.attach(stdout=True, stderr=True, stream=True, logs=False)
         logs = _LogPump(stream, job.log_path, container.name or container_name(job), progress)
-        disk = _DiskWatch(self._client, container, job.build_space) if job.build_space else None
+        disk = None
+        if job.build_space:
+            disk = _DiskWatch(self._client, container, job.build_space, elsewhere)
         started = time.monotonic()
         try:
             container.start()

@@ -5,7 +5,8 @@ the partition, sources and assets to mount, where the log goes) and returns a `B
 (exit status, why it ended, the figures measured). It writes the script's output to the job's
 log as printed, reports progress lines to the caller, and can be interrupted from another
 thread. The scheduler and the attempt logic see only this interface; a container on the local
-engine (`execution.container.ContainerRunner`) is the first implementation.
+engine (`execution.container.ContainerRunner`) is the first implementation, and
+`execution.chroot.ChrootRunner` the one of chroot packages (`ByKind` joins the two).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from orchestrator.spec.models import Resources
 # "Security model" gives each one's reason.
 BASE_CAPABILITIES = ("CHOWN", "DAC_OVERRIDE", "SETGID", "SETUID")
 # What a stage may add by name (`capabilities: [mknod]`); the stage schema allows these alone.
-OPTIONAL_CAPABILITIES = ("fowner", "fsetid", "kill", "mknod", "sys_chroot")
+OPTIONAL_CAPABILITIES = ("fowner", "fsetid", "kill", "mknod", "setfcap", "sys_chroot")
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,10 @@ class BuildJob:
     # The id `image` named when the run's keys were made: the container is made from it, so
     # a tag moved to another image during the run cannot change what the keys describe.
     image_id: str | None = None
+    # The container's root filesystem is the partition itself (a chroot stage's package).
+    chroot: bool = False
+    # Where an attempt may keep a tree of its own outside the partition (a chroot's /build).
+    scratch_dir: Path | None = None
 
     def capability_set(self) -> list[str]:
         unknown = set(self.capabilities) - set(OPTIONAL_CAPABILITIES)
@@ -127,3 +132,37 @@ class BuildEnvironment(Protocol):
 
     def close(self) -> None:
         """Wait until what finished attempts left behind is cleaned up."""
+
+
+class ByKind:
+    """One build environment made of two: chroot packages' jobs go to `chroot`, all others
+    to `host`. Interrupts and cleanup reach both."""
+
+    def __init__(self, host: BuildEnvironment, chroot: BuildEnvironment) -> None:
+        self.host = host
+        self.chroot = chroot
+
+    def _for(self, job: BuildJob) -> BuildEnvironment:
+        return self.chroot if job.chroot else self.host
+
+    def check_images(self, images: Sequence[str]) -> None:
+        self.host.check_images(images)
+
+    def image_id(self, image: str) -> str:
+        return self.host.image_id(image)
+
+    def run(self, job: BuildJob, progress: ProgressReport) -> BuildResult:
+        return self._for(job).run(job, progress)
+
+    def interrupt(self) -> None:
+        self.host.interrupt()
+        self.chroot.interrupt()
+
+    def recover(self, job: BuildJob, wait_s: float) -> bool:
+        return self._for(job).recover(job, wait_s)
+
+    def close(self) -> None:
+        try:
+            self.host.close()
+        finally:
+            self.chroot.close()

@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from orchestrator.errors import ExitCode, LfsorchError
 
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The book's PATH inside the chroot (chapter 7 on), where no stage or configuration sets one.
+CHROOT_PATH = "/usr/bin:/usr/sbin"
 
 
 class EnvironmentTooLarge(LfsorchError):

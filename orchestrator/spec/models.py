@@ -15,6 +15,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    model_validator,
 )
 
 from orchestrator.sources.sets import Source
@@ -142,6 +143,9 @@ Size = Annotated[int, BeforeValidator(parse_size)]
 AssetPath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(check_asset_path)]
 Environment = dict[Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")], str]
 CheckpointPolicy = Literal["stage", "package", "none"]
+Capability = Literal["fowner", "fsetid", "kill", "mknod", "setfcap", "sys_chroot"]
+# Who a chroot package may run as: it is root in the partition's own system.
+_ROOT_USERS = (None, "root", "0")
 
 
 class StrictModel(BaseModel):
@@ -198,6 +202,11 @@ class Package(StrictModel):
     retries: int | None = Field(default=None, ge=0, le=100)
     network: bool | None = None
     recovery: Recovery | None = None  # entries set here win over the stage's and defaults
+    # None: the stage's `chroot`; false in a chroot stage runs in the host image (/mnt/lfs).
+    chroot: bool | None = None
+    capabilities: list[Capability] = Field(
+        default_factory=list, description="capabilities added to the stage's for this package"
+    )
     # Passed to the container as one argument: Linux caps a single argument at 128 KiB.
     script: str = Field(min_length=1, max_length=100_000)
 
@@ -218,12 +227,24 @@ class Stage(StrictModel):
     timeout: Duration | None = None
     retries: int = Field(default=0, ge=0, le=100)
     network: bool = False
-    capabilities: list[Literal["fowner", "fsetid", "kill", "mknod", "sys_chroot"]] = Field(
+    capabilities: list[Capability] = Field(
         default_factory=list, description="capabilities beyond the base set (see the README)"
     )
+    # Each package in a container whose root filesystem is the partition (see the README).
+    chroot: bool = False
     checkpoint: CheckpointPolicy | None = None  # None: the configuration's `checkpoint`
     recovery: Recovery | None = None  # entries set here win over the configuration's
     packages: list[Package] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _chroot_runs_as_root(self) -> Stage:
+        chrooted = [p.name for p in self.packages if self.chroot_for(p)]
+        if chrooted and self.user not in _ROOT_USERS:
+            raise ValueError(
+                f"user {self.user!r} cannot apply to chroot packages ({', '.join(chrooted)}): "
+                "they run as root in the partition's own system"
+            )
+        return self
 
     def package(self, name: str) -> Package:
         for package in self.packages:
@@ -247,6 +268,14 @@ class Stage(StrictModel):
 
     def network_for(self, package: Package) -> bool:
         return self.network if package.network is None else package.network
+
+    def chroot_for(self, package: Package) -> bool:
+        return self.chroot if package.chroot is None else package.chroot
+
+    def capabilities_for(self, package: Package) -> tuple[str, ...]:
+        """The stage's, then those only the package adds (the stage's order is its key's)."""
+        added = [name for name in package.capabilities if name not in self.capabilities]
+        return (*self.capabilities, *dict.fromkeys(added))
 
 
 def stage_json_schema() -> dict[str, Any]:

@@ -192,3 +192,43 @@ def test_every_build_gets_a_fixed_source_date_epoch_that_is_part_of_the_key(
     # A stage that sets its own date wins over the configuration's, as for any variable.
     own = stage_of(environment={"SOURCE_DATE_EPOCH": "5"}).stage
     assert merged_environment(own, own.packages[0], default, 1)["SOURCE_DATE_EPOCH"] == "5"
+
+
+def test_keys_of_stages_without_chroot_are_those_of_before(tmp_path: Path) -> None:
+    # The key this stage had before chroot stages existed: it must not change.
+    settings = settings_from(tmp_path)
+    before = "98f8c59e26b9670509bf310bfb79f976366b72deae2850e01880f5a169055497"
+    assert key_of(settings, stage_of()) == before
+    assert key_of(settings, stage_of(chroot=False, package={"chroot": False})) == before
+    assert (
+        "chroot"
+        not in InputsOf(settings, IMAGES.__getitem__)
+        .of(stage_of(), stage_of().stage.packages[0])
+        .all_inputs()
+    )
+
+
+def test_a_chroot_package_has_its_own_key_and_the_book_s_path(tmp_path: Path) -> None:
+    settings = settings_from(tmp_path)
+    chrooted = stage_of(chroot=True)
+    inputs = InputsOf(settings, IMAGES.__getitem__).of(chrooted, chrooted.stage.packages[0])
+    assert inputs.all_inputs()["chroot"] is True
+    assert inputs.environment["PATH"] == "/usr/bin:/usr/sbin"
+    assert key_of(settings, chrooted) != key_of(settings, stage_of())
+    # A package leaving a chroot stage is built as in any other stage.
+    assert key_of(settings, stage_of(chroot=True, package={"chroot": False})) == key_of(
+        settings, stage_of()
+    )
+    overridden = stage_of(chroot=True, environment={"PATH": "/usr/bin:/tools/bin"})
+    of = InputsOf(settings, IMAGES.__getitem__)
+    assert of.of(overridden, overridden.stage.packages[0]).environment["PATH"] == (
+        "/usr/bin:/tools/bin"
+    )
+
+
+def test_a_package_adds_capabilities_to_its_stage_s(tmp_path: Path) -> None:
+    settings = settings_from(tmp_path)
+    stage = stage_of(capabilities=["kill"], package={"capabilities": ["setfcap", "kill"]})
+    inputs = InputsOf(settings, IMAGES.__getitem__).of(stage, stage.stage.packages[0])
+    assert inputs.capabilities == ("kill", "setfcap")
+    assert key_of(settings, stage) != key_of(settings, stage_of(capabilities=["kill"]))

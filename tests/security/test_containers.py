@@ -105,7 +105,7 @@ def test_validate_refuses_a_capability_outside_the_allowlist(stage_file, tmp_pat
     assert result.returncode == 2
     assert result.stderr.strip().endswith(
         f"{path}:2: capabilities[1]: Input should be "
-        "'fowner', 'fsetid', 'kill', 'mknod' or 'sys_chroot'"
+        "'fowner', 'fsetid', 'kill', 'mknod', 'setfcap' or 'sys_chroot'"
     )
     assert sorted(tmp_path.rglob("*")) == before
 

@@ -19,9 +19,20 @@ from orchestrator.checkpoints.manifest import Manifest, SnapshotError
 from orchestrator.checkpoints.store import PruneResult, SnapshotInfo, SnapshotStore
 from orchestrator.config import Config, load_config
 from orchestrator.errors import EngineUnavailable, ExitCode, LfsorchError, local_file_error
-from orchestrator.execution import engine, images
+from orchestrator.execution import engine, images, registry
 from orchestrator.execution.container import ContainerRunner
 from orchestrator.execution.environment import BuildEnvironment
+from orchestrator.lockfile import (
+    Lock,
+    LockedImage,
+    LockMismatch,
+    differences,
+    lock_beside,
+    make_lock,
+    plan_images,
+    read_lock,
+    write_lock,
+)
 from orchestrator.monitor.console import ConsoleView
 from orchestrator.monitor.eventlog import JsonEventLog
 from orchestrator.monitor.events import Event, EventBus
@@ -84,14 +95,22 @@ def run(
     view: ConsoleView | None = None,
     subscribers: Sequence[Callable[[Event], None]] = (),
     environment: BuildEnvironment | None = None,
+    lock: Path | None = None,
+    no_lock: bool = False,
+    stop_after: str | None = None,
 ) -> RunState:
     """Build every package of the given stages (and the stages they require).
 
     `subscribers` receive every event of the run, before the event log and the console;
     `environment` is where packages build (default: a container each on the local engine).
+    `lock` (default: `lfsorch.lock` beside the first stage file, unless `no_lock`) pins the
+    inputs: the run uses exactly them or refuses before anything starts. `stop_after`
+    (`STAGE` or `STAGE/PACKAGE`) ends the run once that checkpoint is taken.
     """
     config = config or load_config(overrides)
     plan = load_plan(paths)
+    lock_path = find_lock(paths, lock, no_lock)
+    pinned = read_lock(lock_path) if lock_path is not None else None
     workspace = checked_workspace(workspace)
     Partition.checked(lfs_dir, workspace)  # before any engine, source or workspace work
     client = engine.connect(timeout=None)
@@ -101,8 +120,11 @@ def run(
         rebuild=rebuild,
         rebuild_stages=tuple(rebuild_stages),
         from_stage=from_stage,
+        stop_after=stop_after,
     )
     sources_dir = verified_sources(plan, workspace, config.settings.source_set)
+    if pinned is not None and lock_path is not None:
+        enforce_lock(pinned, lock_path, plan, config, client, sources_dir)
     environment = environment or ContainerRunner(client)
     with event_bus(workspace, config, view, subscribers) as bus:
         build = Build(
@@ -116,6 +138,90 @@ def run(
             environment=environment,
         )
         return build.run()
+
+
+def find_lock(paths: Sequence[Path], lock: Path | None, no_lock: bool) -> Path | None:
+    """The lock a run uses: the one given, else `lfsorch.lock` beside the first stage file."""
+    if lock is not None:
+        return lock
+    beside = lock_beside(paths[0]) if paths and not no_lock else None
+    return beside if beside is not None and os.path.lexists(beside) else None
+
+
+def create_lock(
+    paths: Sequence[Path],
+    *,
+    output: Path | None = None,
+    push: str | None = None,
+    config: Config | None = None,
+    workspace: Workspace | None = None,
+) -> tuple[Path, Lock]:
+    """Write the lock of the plan's inputs (beside the first stage file, or `output`); with
+    `push` (`REGISTRY/REPO`) the build-host images are pushed there first and locked with
+    the digest they can be pulled by."""
+    config = config or load_config()
+    plan = load_plan(paths)
+    workspace = checked_workspace(workspace)
+    sources_dir = verified_sources(plan, workspace, config.settings.source_set)
+    client = engine.connect(timeout=None)
+    locked: dict[str, LockedImage] = {}
+    for reference in plan_images(plan, config.settings):
+        image_id = engine.image_digest(client, reference)
+        pulled_by = None
+        if push is not None:
+            pulled_by = registry.push(client, reference, push, image_id.split(":")[1][:16])
+        locked[reference] = LockedImage(id=image_id, pull=pulled_by)
+    the_lock = make_lock(plan, config.settings, locked, _digests(sources_dir))
+    path = output or lock_beside(paths[0])
+    write_lock(the_lock, path)
+    return path, the_lock
+
+
+def _digests(sources_dir: Path | None) -> Callable[[Source], str]:
+    if sources_dir is not None:
+        return sources.digest_in_view(sources_dir)
+    return lambda source: source.sha256 or source.md5 or ""
+
+
+def enforce_lock(
+    pinned: Lock,
+    lock_path: Path,
+    plan: Plan,
+    config: Config,
+    client: docker.DockerClient,
+    sources_dir: Path | None,
+) -> None:
+    """Make the engine hold the lock's images under the stages' names (pulling them by
+    digest where it lacks them), then refuse with every difference that is left."""
+    found: dict[str, LockedImage] = {}
+    missing: list[str] = []
+    for reference in plan_images(plan, config.settings):
+        locked = pinned.images.get(reference)
+        if locked is not None and engine.image_id_or_none(client, reference) != locked.id:
+            _bring_image(client, reference, locked)
+        image_id = engine.image_id_or_none(client, reference)
+        if image_id is None:
+            missing.append(f"image {reference}: not in the engine, and the lock has no "
+                           "reference to pull it by")  # fmt: skip
+        else:
+            found[reference] = LockedImage(id=image_id)
+    # The images as found (possibly none): not validated as a lock's, only compared.
+    current = make_lock(plan, config.settings, pinned.images, _digests(sources_dir))
+    current = current.model_copy(update={"images": found})
+    problems = missing + differences(pinned, current)
+    if problems:
+        raise LockMismatch(lock_path, problems)
+
+
+def _bring_image(client: docker.DockerClient, reference: str, locked: LockedImage) -> None:
+    """Tag the lock's image as `reference`: from the engine's own images when it has that
+    id, else pulled by the lock's digest reference. Without either, nothing changes (and
+    the difference is reported)."""
+    present = engine.image_id_or_none(client, locked.id)
+    if present == locked.id:
+        client.images.get(locked.id).tag(*registry.split_reference(reference))
+    elif locked.pull is not None:
+        registry.pull_as(client, locked.pull, locked.id, reference)
 
 
 def verified_sources(plan: Plan, workspace: Workspace, source_set: str) -> Path | None:

@@ -12,6 +12,7 @@ from typing import Any
 import docker
 
 from orchestrator.build import records
+from orchestrator.build.checkpointing import tree_key
 from orchestrator.build.scheduler import Build, RunOptions
 from orchestrator.build.state import PackageState, RunState, load_state, save_state
 from orchestrator.checkpoints import leftovers
@@ -738,14 +739,14 @@ def ci_job(
     if lock_path is None:
         raise LockMismatch(lock_beside(paths[0]), ["no lock: a CI job builds a lock's inputs"])
     pinned = read_lock(lock_path)
-    keys = ci_keys.checkpoint_keys(plan, config.settings, pinned)
+    workspace = checked_workspace(workspace)
+    keys = ci_keys.checkpoint_keys(plan, config.settings, pinned, _base_key(lfs_dir, workspace))
     for option, name in (("--until", until), ("--after", after)):
         if name is not None and name not in keys:
             raise ci_slices.CiPlanError(
                 f"{option} {name}: no such stage or package in this plan",
                 hint="name STAGE or STAGE/PACKAGE as `lfsorch ci plan` writes them",
             )
-    workspace = checked_workspace(workspace)
     client = engine.connect(timeout=None)
     target = f"{registry_repo}/{SNAPSHOT_REPOSITORY}:{keys[until]}"
     if registry.has_tag(client, target):
@@ -772,6 +773,21 @@ def ci_job(
         _push_checkpoint(client, workspace, keys[until], until, target)
         notify(f"pushed {target}")
     return CiJob(keys[until], target, state)
+
+
+def _base_key(lfs_dir: Path, workspace: Workspace) -> str:
+    """The partition's key before the plan's first stage: its record's, else its content's
+    now (a new runner's empty partition)."""
+    partition = Partition.checked(lfs_dir, workspace)
+    if not partition.path.is_dir():
+        raise LfsorchError(
+            f"the LFS partition {lfs_dir} is not a directory",
+            hint="create the (empty) directory and pass it with --lfs",
+        )
+    record = records.peek_record(partition)
+    if record is not None and record.base_key is not None:
+        return record.base_key
+    return tree_key(partition.path)
 
 
 def _push_checkpoint(

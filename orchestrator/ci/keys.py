@@ -2,16 +2,13 @@
 (no build, no engine): the key a CI job's checkpoint image is tagged with, so a job can see
 before building that its checkpoint is already in the registry.
 
-The keys are those a run with the lock's inputs takes on an empty partition at `-j 1` with a
-checkpoint after each package (the same inputs, the same chaining as the scheduler's).
+The keys are those a run with the lock's inputs takes at `-j 1` with a checkpoint after each
+package (the same inputs, the same chaining as the scheduler's), from the partition's key
+before the first stage: its content's, mode and owner of its top directory included.
 """
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
-from orchestrator.build.checkpointing import tree_key
 from orchestrator.build.inputs import InputsOf, inputs_key
 from orchestrator.ci.slices import stage_order
 from orchestrator.config import Settings
@@ -20,13 +17,9 @@ from orchestrator.sources.sets import Source
 from orchestrator.spec.graph import Plan
 
 
-def empty_partition_key() -> str:
-    with tempfile.TemporaryDirectory(prefix="lfsorch-empty-") as empty:
-        return tree_key(Path(empty))
-
-
-def checkpoint_keys(plan: Plan, settings: Settings, lock: Lock) -> dict[str, str]:
-    """`STAGE/PACKAGE` and `STAGE` -> the key of the checkpoint after it."""
+def checkpoint_keys(plan: Plan, settings: Settings, lock: Lock, base: str) -> dict[str, str]:
+    """`STAGE/PACKAGE` and `STAGE` -> the key of the checkpoint after it, on a partition
+    whose key before the first stage is `base`."""
 
     def image_id(reference: str) -> str:
         locked = lock.images.get(reference)
@@ -42,7 +35,7 @@ def checkpoint_keys(plan: Plan, settings: Settings, lock: Lock) -> dict[str, str
 
     inputs_of = InputsOf(settings, image_id, source_digest)
     keys: dict[str, str] = {}
-    parent = empty_partition_key()
+    parent = base
     for stage_plan in plan.stages:
         stage_file = stage_plan.file
         start = parent

@@ -34,7 +34,7 @@ import docker
 import pytest
 import yaml
 
-from orchestrator.checkpoints.store import SnapshotStore
+from orchestrator.checkpoints.store import IMAGE_REPOSITORY, SnapshotStore
 from tests.helpers import BASE_IMAGE, run_cli
 
 pytestmark = [pytest.mark.docker]
@@ -192,12 +192,18 @@ def runners(docker_client: docker.DockerClient) -> Iterator[tuple[Registry, Runn
     finally:
         runner_b.stop()
         registry.stop()
-        # Only the names this test gave images in the machine's engine.
+        # Only the names this test gave images in the machine's engine: the pushed ones,
+        # and the local snapshot images of the checkpoints it pushed.
+        pushed = f"127.0.0.1:{port}/"
         for image in docker_client.images.list():
             for tag in image.tags:
-                if tag.startswith(f"127.0.0.1:{port}/"):
-                    with contextlib.suppress(docker.errors.APIError):
-                        docker_client.images.remove(tag)
+                if tag.startswith(pushed):
+                    own = [tag]
+                    if tag.startswith(f"{pushed}lfsorch/snapshot:"):
+                        own.append(f"{IMAGE_REPOSITORY}:{tag.rsplit(':', 1)[1]}")
+                    for name in own:
+                        with contextlib.suppress(docker.errors.APIError):
+                            docker_client.images.remove(name)
         if not _mounts_under(root):
             shutil.rmtree(root, ignore_errors=True)
     assert not _mounts_under(root), "runner B's data root is still mounted"

@@ -135,11 +135,12 @@ def _read_bytes(path: Path) -> bytes:
         descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise LockError(f"{path}: cannot read the lock ({exc.strerror})") from None
+    info = os.fstat(descriptor)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(descriptor)
+        kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
+        raise LockError(f"{path}: {kind} (a lock is a JSON file `lfsorch lock` writes)")
     with open(descriptor, "rb", closefd=True) as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            kind = "a directory" if stat.S_ISDIR(info.st_mode) else "not a regular file"
-            raise LockError(f"{path}: {kind} (a lock is a JSON file `lfsorch lock` writes)")
         data = handle.read(MAX_LOCK_BYTES + 1)
     if len(data) > MAX_LOCK_BYTES:
         raise LockError(f"{path}: larger than {MAX_LOCK_BYTES >> 20} MiB (a lock is short)")

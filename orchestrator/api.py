@@ -16,6 +16,7 @@ from orchestrator.build.checkpointing import tree_key
 from orchestrator.build.scheduler import Build, RunOptions
 from orchestrator.build.state import PackageState, RunState, load_state, save_state
 from orchestrator.checkpoints import leftovers
+from orchestrator.checkpoints.extract import EXTRACT_IMAGE
 from orchestrator.checkpoints.manifest import Manifest, SnapshotError
 from orchestrator.checkpoints.store import (
     IMAGE_REPOSITORY,
@@ -174,7 +175,7 @@ def create_lock(
     sources_dir = verified_sources(plan, workspace, config.settings.source_set)
     client = engine.connect(timeout=None)
     locked: dict[str, LockedImage] = {}
-    for reference in plan_images(plan, config.settings):
+    for reference in _lock_images(plan, config):
         image_id = engine.image_digest(client, reference)
         pulled_by = None
         if push is not None:
@@ -184,6 +185,12 @@ def create_lock(
     path = output or lock_beside(paths[0])
     write_lock(the_lock, path)
     return path, the_lock
+
+
+def _lock_images(plan: Plan, config: Config) -> list[str]:
+    """The images a lock pins: those the builds start from (their ids are in the keys), and
+    the one checkpoint images are unpacked in, which a new runner pulls with them."""
+    return sorted({*plan_images(plan, config.settings), EXTRACT_IMAGE})
 
 
 def _digests(sources_dir: Path | None) -> Callable[[Source], str]:
@@ -204,7 +211,7 @@ def enforce_lock(
     digest where it lacks them), then refuse with every difference that is left."""
     found: dict[str, LockedImage] = {}
     missing: list[str] = []
-    for reference in plan_images(plan, config.settings):
+    for reference in _lock_images(plan, config):
         locked = pinned.images.get(reference)
         if locked is not None and engine.image_id_or_none(client, reference) != locked.id:
             _bring_image(client, reference, locked)
@@ -737,7 +744,10 @@ def ci_job(
     plan = load_plan(paths)
     lock_path = find_lock(paths, lock, no_lock=False)
     if lock_path is None:
-        raise LockMismatch(lock_beside(paths[0]), ["no lock: a CI job builds a lock's inputs"])
+        raise ci_slices.CiPlanError(
+            f"no lock beside {paths[0]}: a CI job builds a lock's inputs",
+            hint="give --lock FILE, as `lfsorch ci plan` writes it in the workflow",
+        )
     pinned = read_lock(lock_path)
     workspace = checked_workspace(workspace)
     keys = ci_keys.checkpoint_keys(plan, config.settings, pinned, _base_key(lfs_dir, workspace))

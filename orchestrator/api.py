@@ -751,12 +751,7 @@ def ci_job(
     pinned = read_lock(lock_path)
     workspace = checked_workspace(workspace)
     keys = ci_keys.checkpoint_keys(plan, config.settings, pinned, _base_key(lfs_dir, workspace))
-    for option, name in (("--until", until), ("--after", after)):
-        if name is not None and name not in keys:
-            raise ci_slices.CiPlanError(
-                f"{option} {name}: no such stage or package in this plan",
-                hint="name STAGE or STAGE/PACKAGE as `lfsorch ci plan` writes them",
-            )
+    _check_slice_names(keys, until, after)
     client = engine.connect(timeout=None)
     target = f"{registry_repo}/{SNAPSHOT_REPOSITORY}:{keys[until]}"
     if registry.has_tag(client, target):
@@ -783,6 +778,15 @@ def ci_job(
         _push_checkpoint(client, workspace, keys[until], until, target)
         notify(f"pushed {target}")
     return CiJob(keys[until], target, state)
+
+
+def _check_slice_names(keys: dict[str, str], until: str, after: str | None) -> None:
+    for option, name in (("--until", until), ("--after", after)):
+        if name is not None and name not in keys:
+            raise ci_slices.CiPlanError(
+                f"{option} {name}: no such stage or package in this plan",
+                hint="name STAGE or STAGE/PACKAGE as `lfsorch ci plan` writes them",
+            )
 
 
 def _base_key(lfs_dir: Path, workspace: Workspace) -> str:

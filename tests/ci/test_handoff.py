@@ -24,6 +24,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -53,15 +54,25 @@ def _free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def _wait_for(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
-    deadline = time.monotonic() + 30
+def _answers(url: str, prefix: list[str]) -> bool:
+    """Whether `url` answers 200, asked from the namespace `prefix` enters (none: this one)."""
+    if not prefix:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as answer:
+            return bool(answer.status == 200)
+        return False
+    probe = f"import urllib.request; urllib.request.urlopen({url!r}, timeout=2)"
+    asked = subprocess.run([*prefix, sys.executable, "-c", probe], capture_output=True)
+    return asked.returncode == 0
+
+
+def _wait_for(url: str, prefix: list[str], process: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         assert process.poll() is None, log.read_text()[-2000:]
-        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as answer:
-            if answer.status == 200:
-                return
+        if _answers(url, prefix):
+            return
         time.sleep(0.2)
-    raise AssertionError(f"the registry at {url} did not answer within 30s")
+    raise AssertionError(f"the registry at {url} did not answer within 60s")
 
 
 def _stop(process: subprocess.Popen[bytes] | None) -> None:
@@ -111,8 +122,7 @@ class Registry:
             stderr=subprocess.STDOUT,
         )
         self.processes.append(process)
-        if not prefix:
-            _wait_for(f"http://127.0.0.1:{self.port}/v2/", process, log)
+        _wait_for(f"http://127.0.0.1:{self.port}/v2/", prefix, process, log)
 
     def stop(self) -> None:
         for process in self.processes:
@@ -145,9 +155,14 @@ class RunnerB:
         self.process = subprocess.Popen(
             ["unshare", "--net", "--", "sh", "-c", script], stdout=log, stderr=log
         )
-        # B's own registry server: the same storage, on B's loopback.
+        client = self._wait()
+        # B's own registry server: the same storage, on B's loopback (up once dockerd runs).
         self.registry.serve(["nsenter", "--target", str(self.process.pid), "--net", "--"], "b")
-        deadline = time.monotonic() + 60
+        return client
+
+    def _wait(self) -> docker.DockerClient:
+        assert self.process is not None
+        deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             assert self.process.poll() is None, (self.root / "dockerd.log").read_text()[-2000:]
             with contextlib.suppress(Exception):
@@ -155,7 +170,7 @@ class RunnerB:
                 client.ping()
                 return client
             time.sleep(0.2)
-        raise AssertionError("runner B's engine did not answer within 60s")
+        raise AssertionError("runner B's engine did not answer within 120s")
 
     def stop(self) -> None:
         _stop(self.process)

@@ -18,6 +18,7 @@ route between the namespaces.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import shlex
 import shutil
@@ -25,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -290,8 +292,20 @@ def _ok(result: subprocess.CompletedProcess[str]) -> str:
     return result.stdout + result.stderr
 
 
+def _one_file_tar() -> bytes:
+    data = io.BytesIO()
+    with tarfile.open(fileobj=data, mode="w") as archive:
+        member = tarfile.TarInfo("etc/made-elsewhere")
+        member.size = 3
+        archive.addfile(member, io.BytesIO(b"yes"))
+    return data.getvalue()
+
+
 def test_two_runners_hand_a_build_over_through_a_registry(
-    runners: tuple[Registry, RunnerB], stage_file: WriteStage, tmp_path: Path
+    runners: tuple[Registry, RunnerB],
+    stage_file: WriteStage,
+    tmp_path: Path,
+    docker_client: docker.DockerClient,
 ) -> None:
     registry, runner_b = runners
     plan = _stage_files(stage_file)
@@ -319,15 +333,22 @@ def test_two_runners_hand_a_build_over_through_a_registry(
     assert "start  one/a" in built_a and "start  two/b" in built_a
     assert "two/c" not in built_a
 
-    # Runner B: a fresh engine with no images, in a namespace of its own.
+    # Runner B: a fresh engine in a namespace of its own, whose own base image (made
+    # elsewhere, as a second debootstrap would) is not A's.
     client_b = runner_b.start()
     assert client_b.images.list() == []
+    client_b.api.import_image_from_data(
+        _one_file_tar(), repository=BASE_IMAGE.split(":")[0], tag=BASE_IMAGE.split(":")[1]
+    )
+    base_a = docker_client.images.get(BASE_IMAGE).id
+    assert client_b.images.get(BASE_IMAGE).id != base_a
     env_b = {"DOCKER_HOST": runner_b.host}
     second_b = [*second[: second.index("--lfs") + 1], str(lfs_b)]
     built_b = _ok(run_cli(*second_b, home=home_b, env=env_b))
     assert "start  two/c" in built_b and "start  two/d" in built_b
     assert "start  one/a" not in built_b and "start  two/b" not in built_b
     assert f"pushed {repo}/snapshot:" in built_b
+    assert client_b.images.get(BASE_IMAGE).id == base_a  # pulled by the lock's digest
     assert os.readlink(lfs_b / "d") == "usr/c"
     assert (lfs_b / "usr" / "c").read_text() == "a\nb\n"
 

@@ -128,3 +128,26 @@ def test_stop_after_ends_the_run_at_a_checkpoint(
         "error: --stop-after whole/x: no checkpoint follows each package of whole in this run",
     )
     assert partition_text(lfs_dir) == {"a": "a\n", "b": "b\n", "c": "c\n"}
+
+
+def test_a_ci_job_names_what_it_cannot_use(
+    workspace: Workspace, lfs_dir: Path, three: Path, tmp_path: Path
+) -> None:
+    home = workspace.root
+    base = ["ci", "job", str(three), "--lfs", str(lfs_dir), "--registry", "127.0.0.1:9/x"]
+    no_lock = run_cli(*base, "--until", "three", home=home)
+    assert (no_lock.returncode, no_lock.stderr.splitlines()[0]) == (
+        2, f"error: no lock beside {three}: a CI job builds a lock's inputs"
+    )  # fmt: skip
+    assert run_cli("lock", str(three), home=home).returncode == 0
+    unknown = run_cli(*base, "--until", "three/zzz", home=home)
+    assert (unknown.returncode, unknown.stderr.splitlines()[0]) == (
+        2, "error: --until three/zzz: no such stage or package in this plan"
+    )  # fmt: skip
+    before = tree_state(lfs_dir)
+    unreachable = run_cli(*base, "--until", "three", home=home)
+    assert unreachable.returncode == 3
+    assert unreachable.stderr.startswith(
+        "error: cannot ask the registry for 127.0.0.1:9/x/snapshot:"
+    )
+    assert tree_state(lfs_dir) == before and not workspace.runs_dir.exists()

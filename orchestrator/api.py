@@ -121,6 +121,8 @@ def run(
     plan = load_plan(paths)
     lock_path = find_lock(paths, lock, no_lock)
     pinned = read_lock(lock_path) if lock_path is not None else None
+    if lock is None and pinned is not None and not {s.name for s in plan.stages} & {*pinned.stages}:
+        pinned = None  # found beside the stage file, but a lock of other stages there
     workspace = checked_workspace(workspace)
     Partition.checked(lfs_dir, workspace)  # before any engine, source or workspace work
     client = engine.connect(timeout=None)

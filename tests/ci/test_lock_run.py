@@ -151,3 +151,24 @@ def test_a_ci_job_names_what_it_cannot_use(
         "error: cannot ask the registry for 127.0.0.1:9/x/snapshot:"
     )
     assert tree_state(lfs_dir) == before and not workspace.runs_dir.exists()
+
+
+def test_a_lock_of_other_stages_beside_is_left_alone(
+    workspace: Workspace, lfs_dir: Path, three: Path, stage_file: WriteStage
+) -> None:
+    home = workspace.root
+    assert run_cli("lock", str(three), home=home).returncode == 0
+    other = stage_file(
+        "other.yaml",
+        f"stage: other\nimage: {BASE_IMAGE}\npackages:\n  - {{name: x, script: 'true'}}\n",
+    )
+    alone = run_cli("run", str(other), "--lfs", str(lfs_dir), home=home)
+    assert alone.returncode == 0, alone.stdout + alone.stderr
+    after = stage_file(
+        "after.yaml",
+        f"stage: after\nimage: {BASE_IMAGE}\nrequires: [three]\n"
+        "packages:\n  - {name: y, script: 'true'}\n",
+    )
+    partly = run_cli("run", str(after), "--lfs", str(lfs_dir), home=home)
+    assert partly.returncode == 2
+    assert partly.stderr.splitlines()[1] == "  stage after: not in the lock (it locks three)"

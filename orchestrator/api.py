@@ -12,17 +12,38 @@ from typing import Any
 import docker
 
 from orchestrator.build import records
+from orchestrator.build.checkpointing import tree_key
 from orchestrator.build.scheduler import Build, RunOptions
 from orchestrator.build.state import PackageState, RunState, load_state, save_state
 from orchestrator.checkpoints import leftovers
+from orchestrator.checkpoints.extract import EXTRACT_IMAGE
 from orchestrator.checkpoints.manifest import Manifest, SnapshotError
-from orchestrator.checkpoints.store import PruneResult, SnapshotInfo, SnapshotStore
+from orchestrator.checkpoints.store import (
+    IMAGE_REPOSITORY,
+    PruneResult,
+    SnapshotInfo,
+    SnapshotStore,
+)
+from orchestrator.ci import keys as ci_keys
+from orchestrator.ci import slices as ci_slices
+from orchestrator.ci import workflow as ci_workflow
 from orchestrator.config import Config, load_config
 from orchestrator.errors import EngineUnavailable, ExitCode, LfsorchError, local_file_error
-from orchestrator.execution import engine, images
+from orchestrator.execution import engine, images, registry
 from orchestrator.execution.chroot import ChrootRunner
 from orchestrator.execution.container import ContainerRunner
 from orchestrator.execution.environment import BuildEnvironment, ByKind
+from orchestrator.lockfile import (
+    Lock,
+    LockedImage,
+    LockMismatch,
+    differences,
+    lock_beside,
+    make_lock,
+    plan_images,
+    read_lock,
+    write_lock,
+)
 from orchestrator.monitor.console import ConsoleView
 from orchestrator.monitor.eventlog import JsonEventLog
 from orchestrator.monitor.events import Event, EventBus
@@ -85,14 +106,24 @@ def run(
     view: ConsoleView | None = None,
     subscribers: Sequence[Callable[[Event], None]] = (),
     environment: BuildEnvironment | None = None,
+    lock: Path | None = None,
+    no_lock: bool = False,
+    stop_after: str | None = None,
 ) -> RunState:
     """Build every package of the given stages (and the stages they require).
 
     `subscribers` receive every event of the run, before the event log and the console;
     `environment` is where packages build (default: a container each on the local engine).
+    `lock` (default: `lfsorch.lock` beside the first stage file, unless `no_lock`) pins the
+    inputs: the run uses exactly them or refuses before anything starts. `stop_after`
+    (`STAGE` or `STAGE/PACKAGE`) ends the run once that checkpoint is taken.
     """
     config = config or load_config(overrides)
     plan = load_plan(paths)
+    lock_path = find_lock(paths, lock, no_lock)
+    pinned = read_lock(lock_path) if lock_path is not None else None
+    if lock is None and pinned is not None and not {s.name for s in plan.stages} & {*pinned.stages}:
+        pinned = None  # found beside the stage file, but a lock of other stages there
     workspace = checked_workspace(workspace)
     Partition.checked(lfs_dir, workspace)  # before any engine, source or workspace work
     client = engine.connect(timeout=None)
@@ -102,8 +133,11 @@ def run(
         rebuild=rebuild,
         rebuild_stages=tuple(rebuild_stages),
         from_stage=from_stage,
+        stop_after=stop_after,
     )
     sources_dir = verified_sources(plan, workspace, config.settings.source_set)
+    if pinned is not None and lock_path is not None:
+        enforce_lock(pinned, lock_path, plan, config, client, sources_dir)
     environment = environment or ByKind(ContainerRunner(client), ChrootRunner(client))
     with event_bus(workspace, config, view, subscribers) as bus:
         build = Build(
@@ -117,6 +151,96 @@ def run(
             environment=environment,
         )
         return build.run()
+
+
+def find_lock(paths: Sequence[Path], lock: Path | None, no_lock: bool) -> Path | None:
+    """The lock a run uses: the one given, else `lfsorch.lock` beside the first stage file."""
+    if lock is not None:
+        return lock
+    beside = lock_beside(paths[0]) if paths and not no_lock else None
+    return beside if beside is not None and os.path.lexists(beside) else None
+
+
+def create_lock(
+    paths: Sequence[Path],
+    *,
+    output: Path | None = None,
+    push: str | None = None,
+    config: Config | None = None,
+    workspace: Workspace | None = None,
+) -> tuple[Path, Lock]:
+    """Write the lock of the plan's inputs (beside the first stage file, or `output`); with
+    `push` (`REGISTRY/REPO`) the build-host images are pushed there first and locked with
+    the digest they can be pulled by."""
+    config = config or load_config()
+    plan = load_plan(paths)
+    workspace = checked_workspace(workspace)
+    sources_dir = verified_sources(plan, workspace, config.settings.source_set)
+    client = engine.connect(timeout=None)
+    locked: dict[str, LockedImage] = {}
+    for reference in _lock_images(plan, config):
+        image_id = engine.image_digest(client, reference)
+        pulled_by = None
+        if push is not None:
+            pulled_by = registry.push(client, reference, push, image_id.split(":")[1][:16])
+        locked[reference] = LockedImage(id=image_id, pull=pulled_by)
+    the_lock = make_lock(plan, config.settings, locked, _digests(sources_dir))
+    path = output or lock_beside(paths[0])
+    write_lock(the_lock, path)
+    return path, the_lock
+
+
+def _lock_images(plan: Plan, config: Config) -> list[str]:
+    """The images a lock pins: those the builds start from (their ids are in the keys), and
+    the one checkpoint images are unpacked in, which a new runner pulls with them."""
+    return sorted({*plan_images(plan, config.settings), EXTRACT_IMAGE})
+
+
+def _digests(sources_dir: Path | None) -> Callable[[Source], str]:
+    if sources_dir is not None:
+        return sources.digest_in_view(sources_dir)
+    return lambda source: source.sha256 or source.md5 or ""
+
+
+def enforce_lock(
+    pinned: Lock,
+    lock_path: Path,
+    plan: Plan,
+    config: Config,
+    client: docker.DockerClient,
+    sources_dir: Path | None,
+) -> None:
+    """Make the engine hold the lock's images under the stages' names (pulling them by
+    digest where it lacks them), then refuse with every difference that is left."""
+    found: dict[str, LockedImage] = {}
+    missing: list[str] = []
+    for reference in _lock_images(plan, config):
+        locked = pinned.images.get(reference)
+        if locked is not None and engine.image_id_or_none(client, reference) != locked.id:
+            _bring_image(client, reference, locked)
+        image_id = engine.image_id_or_none(client, reference)
+        if image_id is None:
+            missing.append(f"image {reference}: not in the engine, and the lock has no "
+                           "reference to pull it by")  # fmt: skip
+        else:
+            found[reference] = LockedImage(id=image_id)
+    # The images as found (possibly none): not validated as a lock's, only compared.
+    current = make_lock(plan, config.settings, pinned.images, _digests(sources_dir))
+    current = current.model_copy(update={"images": found})
+    problems = missing + differences(pinned, current)
+    if problems:
+        raise LockMismatch(lock_path, problems)
+
+
+def _bring_image(client: docker.DockerClient, reference: str, locked: LockedImage) -> None:
+    """Tag the lock's image as `reference`: from the engine's own images when it has that
+    id, else pulled by the lock's digest reference. Without either, nothing changes (and
+    the difference is reported)."""
+    present = engine.image_id_or_none(client, locked.id)
+    if present == locked.id:
+        client.images.get(locked.id).tag(*registry.split_reference(reference))
+    elif locked.pull is not None:
+        registry.pull_as(client, locked.pull, locked.id, reference)
 
 
 def verified_sources(plan: Plan, workspace: Workspace, source_set: str) -> Path | None:
@@ -524,3 +648,174 @@ def list_images() -> list[images.ImageInfo]:
 
 
 __all__ = ["PartitionBusy"]
+
+
+# --------------------------------------------------------------------------- CI runners
+
+SNAPSHOT_REPOSITORY = "snapshot"  # under the registry given to `ci plan` and `ci job`
+
+
+@dataclasses.dataclass(frozen=True)
+class CiPlan:
+    slices: list[ci_slices.Slice]
+    estimates: dict[str, ci_slices.Estimate]
+    budget_s: float
+    text: str  # the workflow file
+
+
+def ci_plan(
+    paths: Sequence[Path],
+    *,
+    max_minutes: int,
+    kind: ci_workflow.Format,
+    sbu_seconds: float | None = None,
+    margin: float = 0.25,
+    lock: Path | None = None,
+    registry_repo: str | None = None,
+    overrides: Sequence[str] = (),
+    command: str = "lfsorch ci plan",
+    workspace: Workspace | None = None,
+) -> CiPlan:
+    """The plan split into consecutive jobs that each fit `max_minutes` after `margin`, and
+    the workflow that runs them: estimated from the workspace's earlier runs, else from the
+    stage files' `sbu:` times `sbu_seconds`. Needs the lock the jobs build with."""
+    if not 0 <= margin < 1:
+        raise ci_slices.CiPlanError(f"--margin {margin}: must be at least 0 and below 1")
+    load_config(overrides)  # a wrong -o fails here, not in the jobs
+    plan = load_plan(paths)
+    lock_path = find_lock(paths, lock, no_lock=False)
+    if lock_path is None:
+        raise ci_slices.CiPlanError(
+            f"no lock beside {paths[0]}: jobs build from a lock's inputs",
+            hint="write one with `lfsorch lock --push REGISTRY/REPO STAGE_FILE...`",
+        )
+    pinned = read_lock(lock_path)
+    repository = registry_repo or _registry_of(pinned, lock_path)
+    history = ci_slices.History.read(checked_workspace(workspace).runs_dir)
+    steps = ci_slices.plan_steps(plan)
+    found = ci_slices.estimates(plan, steps, history, sbu_seconds)
+    budget = max_minutes * 60 * (1 - margin)
+    slices = ci_slices.split(steps, found, budget)
+    jobs = ci_workflow.Jobs(
+        stage_files=[str(path) for path in paths],
+        lock=str(lock_path),
+        registry=repository,
+        source_set=pinned.source_set,
+        overrides=list(overrides),
+        max_minutes=max_minutes,
+        command=command,
+    )
+    return CiPlan(slices, found, budget, ci_workflow.render(kind, jobs, slices))
+
+
+def _registry_of(pinned: Lock, lock_path: Path) -> str:
+    """Where the lock's host image was pushed (`REGISTRY/NS/REPO@...` -> `REGISTRY/NS`)."""
+    for image in pinned.images.values():
+        if image.pull is not None:
+            repository = image.pull.split("@", 1)[0]
+            return repository.rsplit("/", 1)[0] if "/" in repository else repository
+    raise ci_slices.CiPlanError(
+        f"{lock_path}: its image was never pushed, so no runner can pull it",
+        hint="write the lock with `lfsorch lock --push REGISTRY/REPO ...`, or give --registry",
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class CiJob:
+    key: str  # the checkpoint after the slice
+    image: str  # its snapshot image in the registry
+    state: RunState | None  # None: the registry had it, nothing was built
+
+
+def ci_job(
+    paths: Sequence[Path],
+    lfs_dir: Path,
+    *,
+    registry_repo: str,
+    until: str,
+    after: str | None = None,
+    lock: Path | None = None,
+    overrides: Sequence[str] = (),
+    workspace: Workspace | None = None,
+    view: ConsoleView | None = None,
+    notify: Callable[[str], None] = lambda _: None,
+) -> CiJob:
+    """One CI job: build the plan from the checkpoint after `after` (pulled from the
+    registry) up to the one after `until`, and push that one; nothing when the registry
+    already holds it. Always with the lock's inputs, `-j 1` and a checkpoint per package."""
+    config = load_config([*overrides, "checkpoint=package"])
+    plan = load_plan(paths)
+    lock_path = find_lock(paths, lock, no_lock=False)
+    if lock_path is None:
+        raise ci_slices.CiPlanError(
+            f"no lock beside {paths[0]}: a CI job builds a lock's inputs",
+            hint="give --lock FILE, as `lfsorch ci plan` writes it in the workflow",
+        )
+    pinned = read_lock(lock_path)
+    workspace = checked_workspace(workspace)
+    keys = ci_keys.checkpoint_keys(plan, config.settings, pinned, _base_key(lfs_dir, workspace))
+    _check_slice_names(keys, until, after)
+    client = engine.connect(timeout=None)
+    target = f"{registry_repo}/{SNAPSHOT_REPOSITORY}:{keys[until]}"
+    if registry.has_tag(client, target):
+        notify(f"{target} is in the registry: the checkpoint after {until} is built already")
+        return CiJob(keys[until], target, None)
+    for reference, locked in pinned.images.items():
+        if engine.image_id_or_none(client, reference) != locked.id:
+            _bring_image(client, reference, locked)
+    if after is not None:
+        previous = f"{registry_repo}/{SNAPSHOT_REPOSITORY}:{keys[after]}"
+        notify(f"pulling the checkpoint after {after}: {previous}")
+        pull_snapshot(previous, workspace=workspace)
+    state = run(
+        paths,
+        lfs_dir,
+        config=config,
+        parallel=1,
+        workspace=workspace,
+        view=view,
+        lock=lock_path,
+        stop_after=until,
+    )
+    if state.outcome == "succeeded":
+        _push_checkpoint(client, workspace, keys[until], until, target)
+        notify(f"pushed {target}")
+    return CiJob(keys[until], target, state)
+
+
+def _check_slice_names(keys: dict[str, str], until: str, after: str | None) -> None:
+    for option, name in (("--until", until), ("--after", after)):
+        if name is not None and name not in keys:
+            raise ci_slices.CiPlanError(
+                f"{option} {name}: no such stage or package in this plan",
+                hint="name STAGE or STAGE/PACKAGE as `lfsorch ci plan` writes them",
+            )
+
+
+def _base_key(lfs_dir: Path, workspace: Workspace) -> str:
+    """The partition's key before the plan's first stage: its record's, else its content's
+    now (a new runner's empty partition)."""
+    partition = Partition.checked(lfs_dir, workspace)
+    if not partition.path.is_dir():
+        raise LfsorchError(
+            f"the LFS partition {lfs_dir} is not a directory",
+            hint="create the (empty) directory and pass it with --lfs",
+        )
+    record = records.peek_record(partition)
+    if record is not None and record.base_key is not None:
+        return record.base_key
+    return tree_key(partition.path)
+
+
+def _push_checkpoint(
+    client: docker.DockerClient, workspace: Workspace, key: str, until: str, target: str
+) -> None:
+    if not SnapshotStore(workspace.snapshots_dir).has(key):
+        raise ci_slices.CiPlanError(
+            f"the run took no checkpoint {key[:12]} after {until}: its chain of keys differs "
+            "from the lock's",
+            hint="start each job on an empty partition (`--lfs` a new directory)",
+        )
+    snapshot_key, _ = snapshot_image(key, workspace=workspace)
+    repository, tag = registry.split_reference(target)
+    registry.push(client, f"{IMAGE_REPOSITORY}:{snapshot_key}", repository, tag)

@@ -46,6 +46,10 @@ class BuildInterrupted(LfsorchError):
     exit_code = ExitCode.INTERRUPTED
 
 
+class UsageError(LfsorchError):
+    exit_code = ExitCode.USER_ERROR
+
+
 @dataclass(frozen=True)
 class RunOptions:
     lfs_dir: Path
@@ -53,6 +57,8 @@ class RunOptions:
     rebuild: bool = False  # build every stage even when a checkpoint of its inputs exists
     rebuild_stages: tuple[str, ...] = ()  # build these even when done or checkpointed
     from_stage: str | None = None  # restore the checkpoint before this stage, build from it
+    # `STAGE` or `STAGE/PACKAGE`: stop once the checkpoint after it is taken (a CI job's slice)
+    stop_after: str | None = None
 
 
 def new_run_id() -> str:
@@ -266,6 +272,36 @@ class Build:
                     f"{option} {stage}: no such stage in this plan",
                     hint=f"stages: {', '.join(names)}",
                 )
+        stop_stage, stop_package = self._stop_point()
+        if stop_stage is not None and stop_stage not in names:
+            raise UsageError(
+                f"--stop-after {stop_stage}: no such stage in this plan",
+                hint=f"stages: {', '.join(names)}",
+            )
+        if stop_stage is not None and stop_package is not None:
+            self._check_stop_package(stop_stage, stop_package)
+
+    def _stop_point(self) -> tuple[str | None, str | None]:
+        """(stage, package or None) of `--stop-after`."""
+        if self.options.stop_after is None:
+            return None, None
+        stage, _, package = self.options.stop_after.partition("/")
+        return stage, package or None
+
+    def _check_stop_package(self, stage_name: str, package: str) -> None:
+        stage_plan = next(s for s in self.plan.stages if s.name == stage_name)
+        stage = stage_plan.file.stage
+        if package not in [p.name for p in stage.packages]:
+            raise UsageError(
+                f"--stop-after {stage_name}/{package}: no package {package} in stage {stage_name}",
+                hint=f"packages: {', '.join(p.name for p in stage.packages)}",
+            )
+        if policy_of(stage, self.settings) != "package" or self.options.parallel != 1:
+            raise UsageError(
+                f"--stop-after {stage_name}/{package}: no checkpoint follows each package of "
+                f"{stage_name} in this run",
+                hint="run with `-o checkpoint=package -j 1`, or stop after the whole stage",
+            )
 
     def _base_key(self) -> str:
         """The checkpoint of the partition before the plan's first stage."""
@@ -340,11 +376,17 @@ class Build:
             policy_of(s.file.stage, self.settings) != "none" for s in self.plan.stages
         )
         keys = self._chain_keys(self._base_key()) if checkpointing else []
+        group_keys = self._group_keys(keys)
         # How far along the chain the partition is; None when a build may have changed it.
         at = keys.index(self.state.partition_at) if self.state.partition_at in keys else None
         starting = self.options.from_stage is None
+        stop_stage, stop_package = self._stop_point()
+        stopping = False
         for number, stage_plan in enumerate(self.plan.stages, start=1):
+            if stopping:
+                break
             stage = stage_plan.file.stage
+            stopping = stage.stage == stop_stage
             policy = policy_of(stage, self.settings)
             parent, key = (keys[number - 1], keys[number]) if keys else (None, None)
             forced = stage.stage == self.options.from_stage
@@ -369,19 +411,32 @@ class Build:
                     and self.state.checkpoints.get(stage.stage) == key
                 ):
                     continue
+                later = keys[number + 1 :] + [k for ks in group_keys[number:] for k in ks]
                 cached = self.options.from_stage is None and (
-                    self._cache_hit(stage, key) or self._covered_by_later(stage, keys[number + 1 :])
+                    self._cache_hit(stage, key) or self._covered_by_later(stage, later)
                 )
                 if cached:
                     at = number if self.state.partition_at == key else at
                     continue
             if rebuild:
                 self._reset(self.recorder.stage_records(stage))
-            ok = self._build_stage(stage_plan, policy, parent, key, forced, rebuild)
+            stop = stop_package if stopping else None
+            ok = self._build_stage(stage_plan, policy, parent, key, forced, rebuild, stop)
             # The partition holds what this stage built: later stages are not on it yet.
             at = number if ok else None
             if not ok:
                 broken.add(stage.stage)
+
+    def _group_keys(self, keys: list[str]) -> list[list[str]]:
+        """Per stage, the keys of its group checkpoints (none where the stage is one group)."""
+        if not keys:
+            return [[] for _ in self.plan.stages]
+        found = []
+        for number, stage_plan in enumerate(self.plan.stages, start=1):
+            policy = policy_of(stage_plan.file.stage, self.settings)
+            groups = self._groups(stage_plan, policy, keys[number - 1])
+            found.append([g.key for g in groups if g.key is not None])
+        return found
 
     def _build_stage(
         self,
@@ -391,11 +446,16 @@ class Build:
         key: str | None,
         forced: bool,
         rebuild: bool,
+        stop_package: str | None = None,
     ) -> bool:
         stage = stage_plan.file.stage
         self.bus.emit(events.StageStart(run_id=self.run_id, stage=stage.stage))
         started = time.monotonic()
-        ok, last_group_key = self._run_groups(stage_plan, policy, parent, forced, rebuild)
+        ok, last_group_key = self._run_groups(
+            stage_plan, policy, parent, forced, rebuild, stop_package
+        )
+        if stop_package is not None:  # stopped inside the stage: no stage checkpoint yet
+            key = self._built_at = None
         if ok and key is not None and policy != "none":
             # After groups of its own, the stage's checkpoint is the same tree as its last
             # group's: a delta over that one is empty, where one over the stage before
@@ -516,7 +576,11 @@ class Build:
         return groups
 
     def _resume_point(self, stage: Stage, groups: list[Group], forced: bool) -> int:
-        """How many groups are built and checkpointed, with their checkpoints at hand."""
+        """How many groups are built and checkpointed, with their checkpoints at hand.
+
+        A later group's checkpoint in the store (pulled from another runner's snapshot
+        image, or left by another run of equal inputs) counts as built too, with every group
+        before it: keys chain, so it holds them."""
         built = 0
         for group in groups:
             if forced or group.key is None or not self.checkpoints.store.has(group.key):
@@ -530,7 +594,23 @@ class Build:
             ):
                 break
             built += 1
+        if forced:
+            return built
+        for position in range(len(groups), built, -1):
+            key = groups[position - 1].key
+            if key is not None and self.checkpoints.store.has(key):
+                self._adopt(stage, groups[:position])
+                return position
         return built
+
+    def _adopt(self, stage: Stage, groups: list[Group]) -> None:
+        with self.recorder.recording():
+            for group in groups:
+                for name in group.names:
+                    record = self.state.find(stage.stage, name)
+                    if record is not None:
+                        record.status = "done"
+                    self.state.checkpoints[f"{stage.stage}/{name}"] = str(group.key)
 
     def _run_groups(
         self,
@@ -539,14 +619,19 @@ class Build:
         parent: str | None,
         forced: bool,
         rebuild: bool,
+        stop_package: str | None = None,
     ) -> tuple[bool, str | None]:
         """Build a stage group by group from the last group checkpoint the record knows,
-        never on top of half-installed files.
+        never on top of half-installed files; with `stop_package`, only up to the group
+        that holds it.
 
         Returns whether every package was built, and the key of the last group checkpoint.
         """
         stage = stage_plan.file.stage
         groups = self._groups(stage_plan, policy, parent)
+        if stop_package is not None:
+            end = next(i for i, g in enumerate(groups) if stop_package in g.names)
+            groups = groups[: end + 1]
         resume_at = self._resume_point(stage, groups, forced or rebuild)
         start = groups[resume_at].start if resume_at < len(groups) else groups[-1].key
         if start is not None and policy != "none":

@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from orchestrator import api
+from orchestrator.cli import ci as ci_cli
 from orchestrator.cli import images as images_cli
 from orchestrator.cli import snapshots as snapshots_cli
 from orchestrator.cli import sources as sources_cli
@@ -38,6 +39,7 @@ app.add_typer(images_cli.app, name="images")
 app.add_typer(snapshots_cli.snapshots_app, name="snapshots")
 app.add_typer(sources_cli.app, name="sources")
 app.command("restore")(snapshots_cli.restore)
+app.add_typer(ci_cli.app, name="ci")
 
 # Paths, names and values printed here are text, never rich markup: `[/x]` in a path or a
 # configuration value would be a traceback, `[b]` would vanish.
@@ -75,6 +77,32 @@ def plan(
             out.print(f"  {number:>2}. {'  '.join(level)}")
 
 
+@app.command("lock")
+def lock_command(
+    files: StageFiles,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="where to write it (default: beside FILE)")
+    ] = None,
+    push: Annotated[
+        str | None,
+        typer.Option(
+            "--push",
+            metavar="REGISTRY/REPO",
+            help="push the build-host image there and lock the digest to pull it by",
+        ),
+    ] = None,
+    option: Overrides = None,
+) -> None:
+    """Write lfsorch.lock: the host image by digest, every source by checksum, the source
+    set, the settings in checkpoint keys and SOURCE_DATE_EPOCH."""
+    path, written = api.create_lock(
+        files, output=output, push=push, config=api.configuration(option or [])
+    )
+    out.print(f"wrote {path}: {len(written.stages)} stage(s), {len(written.sources)} source(s)")
+    for reference, image in sorted(written.images.items()):
+        out.print(f"  image {reference} {image.id}" + (f" ({image.pull})" if image.pull else ""))
+
+
 @app.command()
 def schema() -> None:
     """Print the JSON Schema of the stage file format (for editors)."""
@@ -110,9 +138,26 @@ def run(
         str | None,
         typer.Option("--from", help="restore the checkpoint before STAGE and build from it"),
     ] = None,
+    stop_after: Annotated[
+        str | None,
+        typer.Option(
+            "--stop-after",
+            metavar="STAGE[/PACKAGE]",
+            help="stop once the checkpoint after STAGE (or PACKAGE of it) is taken",
+        ),
+    ] = None,
+    lock: Annotated[
+        Path | None,
+        typer.Option("--lock", help="use exactly the inputs of this lock, or refuse"),
+    ] = None,
+    no_lock: Annotated[
+        bool, typer.Option("--no-lock", help="ignore an lfsorch.lock beside the stage file")
+    ] = False,
     option: Overrides = None,
 ) -> None:
-    """Build the stages, each package in a fresh container; resumes after a failure."""
+    """Build the stages, each package in a fresh container; resumes after a failure.
+
+    An `lfsorch.lock` beside the first stage file is used unless --no-lock is given."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
     # -j is checked as the configuration's parallel_builds is, with the same cap.
     jobs = [f"parallel_builds={parallel}"] if parallel is not None else []
@@ -126,6 +171,9 @@ def run(
         rebuild_stages=rebuild_stages or [],
         from_stage=from_stage,
         view=ConsoleView(out),
+        lock=lock,
+        no_lock=no_lock,
+        stop_after=stop_after,
     )
     _print_summary(state, config.settings.log_tail_lines)
     if state.outcome != "succeeded":

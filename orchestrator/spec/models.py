@@ -195,6 +195,9 @@ class Package(StrictModel):
     name: Name
     version: str | None = None
     description: str | None = None
+    # The book's build time in SBUs: `lfsorch ci plan` estimates from it where no earlier run
+    # did; never part of a checkpoint key.
+    sbu: float | None = Field(default=None, ge=0, le=1000)
     depends: list[Name] = Field(default_factory=list)
     sources: list[Source] = Field(default_factory=list)
     environment: Environment = Field(default_factory=dict)

@@ -515,14 +515,18 @@ class _Fetcher:
     def _orig_urls(
         self, entry: DebianOrig, found: AptFile, orig_sha: str | None, prog: Progress
     ) -> Iterator[str]:
-        """The URI apt names, then (only if that one fails) every other copy apt knows of."""
+        """The URI apt names, then (only if that one fails) every other copy apt knows of,
+        then the set's own mirrors of the orig."""
         yield found.uri
         if orig_sha is None:
             return  # without a digest no other copy could be trusted
-        others = self.apt.other_copies(entry.package, entry.orig, orig_sha, found.uri)
+        others = [
+            *self.apt.other_copies(entry.package, entry.orig, orig_sha, found.uri),
+            *entry.mirrors,
+        ]
         prog.note(
             f"warn {entry.orig}: {found.uri} failed; trying {len(others)} other place(s) "
-            f"the apt sources list, each copy checked against sha256 {orig_sha}"
+            f"the apt sources and the set list, each copy checked against sha256 {orig_sha}"
         )
         yield from others
 

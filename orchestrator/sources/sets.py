@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from orchestrator.sources.errors import SourceSetError
 
@@ -49,7 +49,16 @@ class DebianOrig(BaseModel):
     # The orig wraps the real tarball (gcc-12's orig holds gcc-12.2.0-dfsg.tar.xz).
     member: str | None = None
     sha256: str = Field(pattern=_HEX64, description="digest of the file the build uses")
+    # Other places that serve the same orig (a mirror may lack files the index lists): tried
+    # after every place apt knows of, and only a copy with `orig_sha256` is taken.
+    mirrors: list[str] = Field(default_factory=list, max_length=16)
     note: str | None = None
+
+    @model_validator(mode="after")
+    def _mirrors_need_a_digest(self) -> DebianOrig:
+        if self.mirrors and self.orig_sha256 is None:
+            raise ValueError("mirrors need orig_sha256: a copy from elsewhere must be checked")
+        return self
 
 
 class SourceSet(BaseModel):

@@ -188,6 +188,41 @@ def test_no_good_copy_anywhere_names_every_place_tried(archives: Archives, tmp_p
     assert not (ws.sources_dir / "store").exists()
 
 
+def test_the_sets_own_mirror_is_tried_after_every_archive(
+    archives: Archives, tmp_path: Path
+) -> None:
+    _three_archives(archives)
+    del archives.files[f"/a2/{MAIN}/{ORIG}"]
+    archives.files["/elsewhere/hello-1.0.tar.gz"] = GOOD
+    mirrored = SourceSet(
+        name="deb-test",
+        kind="debian",
+        files={
+            "hello-1.0.tar.gz": DebianOrig(
+                package="hello",
+                orig=ORIG,
+                orig_sha256=sha(GOOD),
+                sha256=sha(GOOD),
+                mirrors=[f"{archives.base}/elsewhere/hello-1.0.tar.gz"],
+            )
+        },
+    )
+    ws = Workspace(tmp_path / "ws")
+    apt = AptSources(ws.sources_dir / "apt", etc_apt=_machine_apt(tmp_path, archives))
+
+    result = fetch(NEEDED, ws, mirrored, apt=apt, progress=quiet())
+
+    assert len(archives.pool_requests()) == 6  # every place apt knows of, first
+    assert archives.log[-1] == ("/elsewhere/hello-1.0.tar.gz", 200)
+    assert result.fell_back == {ORIG: f"{archives.base}/elsewhere/hello-1.0.tar.gz"}
+    assert (cache_dir_for(ws, mirrored) / "hello-1.0.tar.gz").read_bytes() == GOOD
+
+
+def test_a_mirror_without_the_origs_digest_is_refused() -> None:
+    with pytest.raises(ValueError, match="mirrors need orig_sha256: a copy from elsewhere"):
+        DebianOrig(package="p", orig="p_1.orig.tar.gz", sha256="a" * 64, mirrors=["http://x/p"])
+
+
 def test_parse_showsrc_reads_every_version() -> None:
     out = (
         "Package: patch\nVersion: 2.7.6-7\nFiles:\n d41d8cd98f00b204e9800998ecf8427e 1 x.dsc\n"

@@ -15,11 +15,12 @@ from orchestrator.build import records
 from orchestrator.build.scheduler import Build, RunOptions
 from orchestrator.build.state import PackageState, RunState, load_state, save_state
 from orchestrator.checkpoints import leftovers
+from orchestrator.checkpoints.extract import EXTRACT_IMAGE
 from orchestrator.checkpoints.manifest import Manifest, SnapshotError
 from orchestrator.checkpoints.store import PruneResult, SnapshotInfo, SnapshotStore
 from orchestrator.config import Config, load_config
 from orchestrator.errors import EngineUnavailable, ExitCode, LfsorchError, local_file_error
-from orchestrator.execution import engine, images
+from orchestrator.execution import engine, hostpaths, images
 from orchestrator.execution.container import ContainerRunner
 from orchestrator.execution.environment import BuildEnvironment
 from orchestrator.monitor.console import ConsoleView
@@ -32,7 +33,7 @@ from orchestrator.sources import cache as sources
 from orchestrator.sources.sets import Source, SourceSet, default_set_dirs, load_source_set
 from orchestrator.spec.graph import Plan, load_plan
 from orchestrator.spec.models import stage_json_schema
-from orchestrator.workspace import Workspace, workspace_lock
+from orchestrator.workspace import HOME_ENV, Workspace, workspace_lock
 
 
 def validate(paths: Sequence[Path]) -> Plan:
@@ -93,8 +94,14 @@ def run(
     config = config or load_config(overrides)
     plan = load_plan(paths)
     workspace = checked_workspace(workspace)
-    Partition.checked(lfs_dir, workspace)  # before any engine, source or workspace work
+    partition = Partition.checked(lfs_dir, workspace)  # before any engine or workspace work
     client = engine.connect(timeout=None)
+    sources_view = sources.cache_dir_for(workspace, config.settings.source_set)
+    hostpaths.check_engine_paths(
+        client,
+        engine_paths(partition, workspace, sources_view),
+        [s.file.stage.image or config.settings.image for s in plan.stages],
+    )
     options = RunOptions(
         lfs_dir=lfs_dir,
         parallel=parallel or config.settings.parallel_builds,
@@ -116,6 +123,25 @@ def run(
             environment=environment,
         )
         return build.run()
+
+
+def engine_paths(
+    partition: Partition, workspace: Workspace, sources_view: Path | None = None
+) -> list[hostpaths.SharedPath]:
+    """The directories the engine bind-mounts for builds and restores of this partition: the
+    partition (or, where it is no mount point, the directory beside it where a restore
+    stages its tree), the workspace (per-attempt directories, stage assets) and the
+    sources view."""
+    paths = [
+        hostpaths.SharedPath("the LFS partition", partition.path, "--lfs"),
+        hostpaths.SharedPath("the workspace", workspace.root, HOME_ENV),
+        hostpaths.SharedPath("the run directories", workspace.runs_dir),
+    ]
+    if not os.path.ismount(partition.path):
+        paths.append(hostpaths.SharedPath("the directory restores stage in", partition.path.parent))
+    if sources_view is not None:
+        paths.append(hostpaths.SharedPath("the sources view", sources_view))
+    return paths
 
 
 def verified_sources(plan: Plan, workspace: Workspace, source_set: str) -> Path | None:
@@ -276,6 +302,7 @@ def restore(
     with workspace_lock(workspace):
         if not image:
             store.resolve(key_or_stage)  # a wrong name fails before anything is touched
+        _check_restore_paths(partition, workspace)
         partition.path.mkdir(parents=True, exist_ok=True)
         with partition.lock():
             client = _clear_for_restore(partition, workspace, notify or (lambda _: None))
@@ -295,6 +322,15 @@ def restore(
             _record_restore(partition, store, info)
             partition.note_last_run(info.key, "restored")
     return info
+
+
+def _check_restore_paths(partition: Partition, workspace: Workspace) -> None:
+    """Where a restore extracts in a container, the engine must mount what lfsorch sees."""
+    try:
+        client = engine.connect(timeout=None)
+    except EngineUnavailable:
+        return  # no engine: the restore extracts in the host's sandbox, or says it cannot
+    hostpaths.check_engine_paths(client, engine_paths(partition, workspace), [EXTRACT_IMAGE])
 
 
 def _clear_for_restore(

@@ -52,22 +52,10 @@ def test_a_partition_the_engine_sees_elsewhere_is_refused(
     # In a private mount namespace a tmpfs hides the partition: lfsorch there sees an empty
     # directory where the engine sees the host's.
     script = f'mount -t tmpfs none "$1" && shift && exec "{sys.executable}" -m orchestrator "$@"'
+    command = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"]
+    command += [str(lfs), "run", str(stages / "one.yaml"), "--lfs", str(lfs)]
     done = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            script,
-            "sh",
-            str(lfs),
-            "run",
-            str(stages / "one.yaml"),
-            "--lfs",
-            str(lfs),
-        ],  # fmt: skip
+        command,
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -11,8 +11,8 @@ from typing import Any
 
 import docker
 
-from orchestrator.build import records
-from orchestrator.build.scheduler import Build, RunOptions
+from orchestrator.build import records, reproducible
+from orchestrator.build.scheduler import Build, RunOptions, new_run_id
 from orchestrator.build.state import PackageState, RunState, load_state, save_state
 from orchestrator.checkpoints import leftovers
 from orchestrator.checkpoints.extract import EXTRACT_IMAGE
@@ -123,6 +123,84 @@ def run(
             environment=environment,
         )
         return build.run()
+
+
+def verify_reproducible(
+    paths: Sequence[Path],
+    *,
+    lfs_a: Path | None = None,
+    lfs_b: Path | None = None,
+    overrides: Sequence[str] = (),
+    parallel: int | None = None,
+    diffoscope: int = 3,
+    keep: bool = False,
+    workspace: Workspace | None = None,
+    make_view: Callable[[], ConsoleView] | None = None,
+    notify: Callable[[str], None] | None = None,
+) -> reproducible.ReproducibilityReport:
+    """Build the stages twice from the same inputs, each time in an empty partition with a
+    workspace of its own (so nothing is a cache hit), and compare their checkpoints stage by
+    stage; diffoscope shows where inside the first `diffoscope` differing files they differ.
+
+    The throwaway workspaces (and partitions made for the builds) are removed afterwards
+    unless `keep`; after a failed build they stay, for its logs.
+    """
+    config = load_config([*overrides, "checkpoint=stage"])  # a checkpoint after every stage
+    plan = load_plan(paths)
+    workspace = checked_workspace(workspace)
+    sites = reproducible.build_sites(workspace, lfs_a, lfs_b, new_run_id())
+
+    def build(site: reproducible.BuildSite) -> RunState:
+        if notify is not None:
+            notify(f"build {site.name}: in {site.lfs}, workspace {site.workspace.root}")
+        view = make_view() if make_view else None
+        return run(paths, site.lfs, config=config, parallel=parallel, workspace=site.workspace,
+                   view=view)  # fmt: skip
+
+    states = _build_twice(sites, build)
+    stores = (
+        SnapshotStore(sites.a.workspace.snapshots_dir),
+        SnapshotStore(sites.b.workspace.snapshots_dir),
+    )
+    stages = [stage_plan.name for stage_plan in plan.stages]
+    report = reproducible.ReproducibilityReport(
+        states[0].run_id,
+        states[1].run_id,
+        reproducible.compare_builds(stages, (stores[0], states[0]), (stores[1], states[1])),
+    )
+    first = report.first_differing
+    if first is not None:
+        report.diffoscope, report.diffoscope_note = reproducible.run_diffoscope(
+            first, stores, diffoscope
+        )
+    if keep:
+        report.kept = sites.root
+    else:
+        sites.remove()
+    return report
+
+
+def _build_twice(
+    sites: reproducible.BuildSites, build: Callable[[reproducible.BuildSite], RunState]
+) -> tuple[RunState, RunState]:
+    """Build a, then b. A failed build keeps both sites, for its logs; anything else that
+    stops them (a refusal, an interrupt) removes them."""
+    states = []
+    try:
+        for site in (sites.a, sites.b):
+            state = build(site)
+            if state.outcome != "succeeded":
+                raise reproducible.BuildFailed(
+                    f"build {site.name} {state.outcome}: nothing to compare",
+                    hint=f"its record and logs are under {site.workspace.root} "
+                    f"(remove {sites.root} when done)",
+                )
+            states.append(state)
+    except BaseException as exc:
+        if not isinstance(exc, reproducible.BuildFailed):
+            sites.remove()
+        raise
+    return states[0], states[1]
 
 
 def engine_paths(

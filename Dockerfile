@@ -1,6 +1,11 @@
 # lfsorch itself, for CI runners that mount the Docker socket:
 #   docker build --build-arg BASE=lfsorch/base:bookworm -t lfsorch/lfsorch:latest .
 #   docker run --rm -v /var/run/docker.sock:/var/run/docker.sock lfsorch/lfsorch images build
+# The workspace and the partition must be at the same path inside and out (the engine mounts
+# them into build containers by the path lfsorch gives it); lfsorch checks this before a run:
+#   docker run --rm -v /var/run/docker.sock:/var/run/docker.sock \
+#     -v /srv/lfsorch:/srv/lfsorch -e LFSORCH_HOME=/srv/lfsorch -v /srv/lfs:/srv/lfs \
+#     -v "$PWD/stages:/stages" lfsorch/lfsorch run /stages/ch6.yaml --lfs /srv/lfs
 # The base defaults to the local (possibly debootstrapped) image so that no registry is needed.
 ARG BASE=lfsorch/base:bookworm
 FROM ${BASE}
@@ -20,8 +25,10 @@ ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 
 # python3-venv: Debian marks its python "externally managed", so lfsorch gets its own venv.
 # debootstrap: `lfsorch images bootstrap` works from here too (needs --privileged).
+# diffoscope-minimal: `lfsorch verify-reproducible` shows where inside two files they differ.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates debootstrap python3 python3-venv \
+        diffoscope-minimal \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
  && if [ -n "$EXTRA_CA_CERT" ]; then \

@@ -28,6 +28,7 @@ from orchestrator.workspace import Workspace
 VERIFY_DIR = "verify"
 DIFFOSCOPE_TIMEOUT_S = 300
 DIFFOSCOPE_MAX_LINES = 200
+DIFFOSCOPE_MAX_BYTES = 256 * 1024
 
 
 class NotReproducibleSetup(LfsorchError):
@@ -73,6 +74,11 @@ def build_sites(
     for given in (lfs_a, lfs_b):
         if given is not None:
             _refuse_used(given)
+    if lfs_a is not None and lfs_b is not None and os.path.samefile(lfs_a, lfs_b):
+        raise NotReproducibleSetup(
+            f"--lfs-a and --lfs-b name the same directory {lfs_a}: each build needs its own",
+            hint="give two empty directories",
+        )
     root = workspace.root / VERIFY_DIR / run_tag
     root.mkdir(parents=True)
     sites = []
@@ -202,27 +208,29 @@ def run_diffoscope(
     program = shutil.which("diffoscope")
     if program is None:
         return [], "diffoscope is not installed (Debian: apt-get install diffoscope-minimal)"
-    results = []
     with tempfile.TemporaryDirectory(prefix="lfsorch-diffoscope-") as scratch:
-        for number, path in enumerate(candidates):
-            pair = []
-            for side, store in zip(("a", "b"), stores, strict=True):
-                # The file keeps its name: diffoscope recognises formats by it too.
-                dest = Path(side) / Path(path).name
-                (Path(scratch) / str(number) / side).mkdir(parents=True)
-                extracted = Path(scratch) / str(number) / dest
-                compare.extract_file(store, store.manifest(first.key), path, extracted)
-                pair.append(dest)
-            output = _diffoscope(program, Path(scratch) / str(number), pair[0], pair[1])
-            results.append(DiffoscopeResult(path, output))
+        # Each file keeps its name (diffoscope recognises formats by it too), in a directory
+        # per file and build: 0/a/NAME, 0/b/NAME.
+        places = {path: Path(scratch) / str(number) for number, path in enumerate(candidates)}
+        for side, store in zip(("a", "b"), stores, strict=True):
+            wanted = {path: place / side / Path(path).name for path, place in places.items()}
+            for dest in wanted.values():
+                dest.parent.mkdir(parents=True)
+            compare.extract_files(store, store.manifest(first.key), wanted)
+        results = [
+            DiffoscopeResult(path, _diffoscope(program, place, Path(path).name))
+            for path, place in places.items()
+        ]
     return results, None
 
 
-def _diffoscope(program: str, cwd: Path, a: Path, b: Path) -> str:
-    """Its report on `a` and `b`, relative to `cwd`, so it names them a/NAME and b/NAME."""
+def _diffoscope(program: str, cwd: Path, name: str) -> str:
+    """Its report on `a/NAME` and `b/NAME` in `cwd`, which it names so."""
+    command = [program, "--text", "-", "--no-progress"]
+    command += ["--max-text-report-size", str(DIFFOSCOPE_MAX_BYTES), f"a/{name}", f"b/{name}"]
     try:
         done = subprocess.run(
-            [program, "--text", "-", "--no-progress", str(a), str(b)],
+            command,
             cwd=cwd,
             capture_output=True,
             timeout=DIFFOSCOPE_TIMEOUT_S,

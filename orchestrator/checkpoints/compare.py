@@ -9,6 +9,7 @@ differ there and comparing mtimes would report every file.
 
 from __future__ import annotations
 
+import shutil
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,29 +119,40 @@ def content_differs(difference: EntryDifference) -> bool:
     return CONTENT in difference.kinds
 
 
-def extract_file(store: SnapshotStore, manifest: Manifest, path: str, dest: Path) -> None:
-    """Write the content regular file `path` has in snapshot `manifest` to `dest`.
+def extract_files(store: SnapshotStore, manifest: Manifest, wanted: dict[str, Path]) -> None:
+    """Write the content each regular file `path` of `wanted` has in snapshot `manifest` to
+    `wanted[path]`.
 
-    The bytes come from the archive of the snapshot that carries the entry (or, for a hard
-    link, its group's first path); only that member's data is written, under a name the
-    caller chose, so nothing in the archive decides where anything goes.
+    The bytes come from the archive of the snapshot that carries each entry (for a hard link,
+    its group's first path), read once per archive; only those members' data is written,
+    under names the caller chose, so nothing in an archive decides where anything goes.
     """
-    entry = manifest.entries.get(path)
-    if entry is None or entry.type != "file":
-        raise SnapshotError(f"{manifest.label}: {path!r} is no regular file")
-    wanted = entry.hardlink or path
-    layer = store.manifest(entry.layer) if entry.layer and entry.layer != manifest.key else None
-    carrier = layer or manifest
+    by_layer: dict[str, dict[str, list[Path]]] = {}
+    for path, dest in wanted.items():
+        entry = manifest.entries.get(path)
+        if entry is None or entry.type != "file":
+            raise SnapshotError(f"{manifest.label}: {path!r} is no regular file")
+        members = by_layer.setdefault(entry.layer or manifest.key, {})
+        members.setdefault(entry.hardlink or path, []).append(dest)
+    for layer, members in by_layer.items():
+        carrier = manifest if layer == manifest.key else store.manifest(layer)
+        _copy_members(store, carrier, members)
+
+
+def _copy_members(store: SnapshotStore, carrier: Manifest, members: dict[str, list[Path]]) -> None:
+    left = dict(members)
     stream = archive.chunk_stream(store.archive_chunks(carrier))
-    with tarfile.open(fileobj=stream, mode="r|") as members:
-        for member in members:
-            if canonical_name(member.name) != wanted or not member.isfile():
+    with tarfile.open(fileobj=stream, mode="r|") as archived:
+        for member in archived:
+            dests = left.pop(canonical_name(member.name), None)
+            data = archived.extractfile(member) if dests else None
+            if dests is None or data is None:
                 continue
-            data = members.extractfile(member)
-            if data is None:
-                break
-            with dest.open("wb") as out:
+            with dests[0].open("wb") as out:
                 while chunk := data.read(1 << 20):
                     out.write(chunk)
-            return
-    raise SnapshotError(f"{carrier.label}: the archive lacks {wanted!r}")
+            for other in dests[1:]:
+                shutil.copyfile(dests[0], other)
+            if not left:
+                return
+    raise SnapshotError(f"{carrier.label}: the archive lacks {', '.join(map(repr, left))}")

@@ -101,18 +101,17 @@ def test_a_file_is_read_back_from_the_layer_that_carries_it(tmp_path: Path) -> N
     manifest = store.manifest(KEY)
     assert manifest.delta_of == "base" and manifest.entries["usr/bin/bash"].layer == "base"
 
-    for path, expected in [
-        ("usr/bin/bash", b"\x7fELF bash " * 500),
-        ("usr/bin/bash-hl", b"\x7fELF bash " * 500),  # a hard link: its group's data
-        ("late", b"written by the second stage\n"),
-    ]:
-        dest = tmp_path / "out" / path.replace("/", "_")
-        dest.parent.mkdir(exist_ok=True)
-        compare.extract_file(store, manifest, path, dest)
-        assert dest.read_bytes() == expected
+    expected = {
+        "usr/bin/bash": b"\x7fELF bash " * 500,
+        "usr/bin/bash-hl": b"\x7fELF bash " * 500,  # a hard link: its group's data
+        "late": b"written by the second stage\n",
+    }
+    wanted = {path: tmp_path / path.replace("/", "_") for path in expected}
+    compare.extract_files(store, manifest, wanted)
+    assert {path: wanted[path].read_bytes() for path in expected} == expected
 
     with pytest.raises(SnapshotError, match="'usr/bin/sh' is no regular file"):
-        compare.extract_file(store, manifest, "usr/bin/sh", tmp_path / "out" / "sh")
+        compare.extract_files(store, manifest, {"usr/bin/sh": tmp_path / "sh"})
 
 
 def _state(run_id: str, checkpoints: dict[str, str]) -> RunState:

@@ -25,10 +25,11 @@ ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt
 
 # python3-venv: Debian marks its python "externally managed", so lfsorch gets its own venv.
 # debootstrap: `lfsorch images bootstrap` works from here too (needs --privileged).
-# diffoscope-minimal: `lfsorch verify-reproducible` shows where inside two files they differ.
+# diffoscope-minimal (and xxd, its hex dumps): where inside two files verify-reproducible
+# finds them differing.
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates debootstrap python3 python3-venv \
-        diffoscope-minimal \
+        diffoscope-minimal xxd \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin \
  && if [ -n "$EXTRA_CA_CERT" ]; then \

@@ -170,3 +170,38 @@ def test_a_workspace_only_inside_the_container_is_refused(
     )
     assert tree_state(lfs) == before
     assert list(workspace.iterdir()) == []
+
+
+def test_verify_reproducible_runs_from_the_image(
+    docker_client: docker.DockerClient, self_image: str, tmp_path: Path
+) -> None:
+    """The two builds' partitions are made inside the workspace's `verify/`, which the
+    engine sees at the same path: both builds run, and diffoscope (in the image) shows the
+    difference."""
+    workspace, stages = tmp_path / "ws", tmp_path / "stages"
+    workspace.mkdir()
+    stages.mkdir()
+    (stages / "clock.yaml").write_text(
+        f"stage: clock\nimage: {images.BASE_IMAGE}\npackages:\n"
+        "  - name: clock\n    script: date +%s%N > /mnt/lfs/stamp\n"
+    )
+    binds = {str(workspace): str(workspace), str(stages): "/stages"}
+
+    code, output = _lfsorch_in_image(
+        docker_client,
+        self_image,
+        ["verify-reproducible", "/stages/clock.yaml"],
+        binds,
+        {"LFSORCH_HOME": str(workspace)},
+    )
+
+    assert code == 1, output
+    assert output.count("done   clock/clock") == 2
+    report = output[output.index("not reproducible") :].splitlines()
+    assert report[:3] == [
+        "not reproducible: the first stage that differs is clock",
+        "clock: 1 differ",
+        "  stamp: content (20 bytes / 20 bytes)",
+    ]
+    assert report[4:7] == ["diffoscope stamp:", "  | --- a/stamp", "  | +++ b/stamp"]
+    assert list((workspace / "verify").iterdir()) == []

@@ -37,17 +37,19 @@ RUN apt-get update \
         && update-ca-certificates; \
     fi
 
-# Dependencies first, from pyproject alone, so editing the code does not reinstall them.
+# Dependencies first, from pyproject alone, so editing the code does not reinstall them; the
+# build backend too, so installing the code below needs no isolated build environment (that
+# would fetch setuptools from the index on every code change).
 WORKDIR /opt/lfsorch/src
 COPY pyproject.toml ./
 RUN python3 -m venv /opt/lfsorch/venv \
- && python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' > /tmp/requirements.txt \
+ && python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb")); print("\n".join(p["project"]["dependencies"] + p["build-system"]["requires"]))' > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt \
  && rm /tmp/requirements.txt
 
 # Editable, so lfsorch finds images/ and stages/ next to its package as in a checkout.
 COPY . ./
-RUN pip install --no-deps -e . \
+RUN pip install --no-deps --no-build-isolation -e . \
  && lfsorch --help >/dev/null
 
 ENTRYPOINT ["lfsorch"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from orchestrator.execution import hostpaths
+from orchestrator.execution import engine, hostpaths
 from orchestrator.execution.hostpaths import EnginePathMismatch, SharedPath
 from tests.helpers import BASE_IMAGE, REPO, tree_state
 
@@ -77,6 +77,25 @@ def test_a_partition_the_engine_sees_elsewhere_is_refused(
     )
     assert tree_state(lfs) == before
     assert not home.exists()
+
+
+def test_an_engine_with_another_kernel_is_refused(
+    docker_client: docker.DockerClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The boot id the probe reads is the engine's kernel's; this process reads another one
+    (as on a runner that talks to an engine elsewhere over tcp://)."""
+    monkeypatch.setattr(hostpaths, "engine_shares_mounts", lambda: False)
+    monkeypatch.setattr(hostpaths, "_read_boot_id", lambda: "another-kernel")
+    paths = [SharedPath("the LFS partition", tmp_path, "--lfs")]
+    with pytest.raises(EnginePathMismatch) as caught:
+        hostpaths.check_engine_paths(docker_client, paths, [BASE_IMAGE])
+    assert str(caught.value) == (
+        f"the Docker engine at {engine.endpoint()} runs on another machine (its "
+        "kernel's boot id is not this one's): it cannot bind-mount this machine's "
+        "directories into build containers\n  hint: run lfsorch on the engine's machine, or "
+        "in a container there with the engine's socket and the directories mounted at the "
+        "same path inside and out"
+    )
 
 
 def test_the_refusal_is_an_error_with_exit_status_2() -> None:

@@ -95,6 +95,7 @@ def test_container_contract(
         "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
         "PWD=/tmp",
         "SHLVL=1",
+        "SOURCE_DATE_EPOCH=1677628800",
         "TOOLS=/mnt/lfs/tools",
         "nobody",
         "/tmp",

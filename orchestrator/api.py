@@ -11,9 +11,9 @@ from typing import Any
 
 import docker
 
-from orchestrator.build import records
+from orchestrator.build import records, reproducible
 from orchestrator.build.checkpointing import tree_key
-from orchestrator.build.scheduler import Build, RunOptions
+from orchestrator.build.scheduler import Build, RunOptions, new_run_id
 from orchestrator.build.state import PackageState, RunState, load_state, save_state
 from orchestrator.checkpoints import leftovers
 from orchestrator.checkpoints.extract import EXTRACT_IMAGE
@@ -29,7 +29,7 @@ from orchestrator.ci import slices as ci_slices
 from orchestrator.ci import workflow as ci_workflow
 from orchestrator.config import Config, load_config
 from orchestrator.errors import EngineUnavailable, ExitCode, LfsorchError, local_file_error
-from orchestrator.execution import engine, images, registry
+from orchestrator.execution import engine, hostpaths, images, registry
 from orchestrator.execution.chroot import ChrootRunner
 from orchestrator.execution.container import ContainerRunner
 from orchestrator.execution.environment import BuildEnvironment, ByKind
@@ -54,7 +54,7 @@ from orchestrator.sources import cache as sources
 from orchestrator.sources.sets import Source, SourceSet, default_set_dirs, load_source_set
 from orchestrator.spec.graph import Plan, load_plan
 from orchestrator.spec.models import stage_json_schema
-from orchestrator.workspace import Workspace, workspace_lock
+from orchestrator.workspace import HOME_ENV, Workspace, workspace_lock
 
 
 def validate(paths: Sequence[Path]) -> Plan:
@@ -125,8 +125,14 @@ def run(
     if lock is None and pinned is not None and not {s.name for s in plan.stages} & {*pinned.stages}:
         pinned = None  # found beside the stage file, but a lock of other stages there
     workspace = checked_workspace(workspace)
-    Partition.checked(lfs_dir, workspace)  # before any engine, source or workspace work
+    partition = Partition.checked(lfs_dir, workspace)  # before any engine or workspace work
     client = engine.connect(timeout=None)
+    sources_view = sources.cache_dir_for(workspace, config.settings.source_set)
+    hostpaths.check_engine_paths(
+        client,
+        engine_paths(partition, workspace, sources_view),
+        [s.file.stage.image or config.settings.image for s in plan.stages],
+    )
     options = RunOptions(
         lfs_dir=lfs_dir,
         parallel=parallel or config.settings.parallel_builds,
@@ -241,6 +247,103 @@ def _bring_image(client: docker.DockerClient, reference: str, locked: LockedImag
         client.images.get(locked.id).tag(*registry.split_reference(reference))
     elif locked.pull is not None:
         registry.pull_as(client, locked.pull, locked.id, reference)
+
+
+def verify_reproducible(
+    paths: Sequence[Path],
+    *,
+    lfs_a: Path | None = None,
+    lfs_b: Path | None = None,
+    overrides: Sequence[str] = (),
+    parallel: int | None = None,
+    diffoscope: int = 3,
+    keep: bool = False,
+    workspace: Workspace | None = None,
+    make_view: Callable[[], ConsoleView] | None = None,
+    notify: Callable[[str], None] | None = None,
+) -> reproducible.ReproducibilityReport:
+    """Build the stages twice from the same inputs, each time in an empty partition with a
+    workspace of its own (so nothing is a cache hit), and compare their checkpoints stage by
+    stage; diffoscope shows where inside the first `diffoscope` differing files they differ.
+
+    The throwaway workspaces (and partitions made for the builds) are removed afterwards
+    unless `keep`; after a failed build they stay, for its logs.
+    """
+    config = load_config([*overrides, "checkpoint=stage"])  # a checkpoint after every stage
+    plan = load_plan(paths)
+    workspace = checked_workspace(workspace)
+    sites = reproducible.build_sites(workspace, lfs_a, lfs_b, new_run_id())
+
+    def build(site: reproducible.BuildSite) -> RunState:
+        if notify is not None:
+            notify(f"build {site.name}: in {site.lfs}, workspace {site.workspace.root}")
+        view = make_view() if make_view else None
+        return run(paths, site.lfs, config=config, parallel=parallel, workspace=site.workspace,
+                   view=view)  # fmt: skip
+
+    states = _build_twice(sites, build)
+    stores = (
+        SnapshotStore(sites.a.workspace.snapshots_dir),
+        SnapshotStore(sites.b.workspace.snapshots_dir),
+    )
+    stages = [stage_plan.name for stage_plan in plan.stages]
+    report = reproducible.ReproducibilityReport(
+        states[0].run_id,
+        states[1].run_id,
+        reproducible.compare_builds(stages, (stores[0], states[0]), (stores[1], states[1])),
+    )
+    first = report.first_differing
+    if first is not None:
+        report.diffoscope, report.diffoscope_note = reproducible.run_diffoscope(
+            first, stores, diffoscope
+        )
+    if keep:
+        report.kept = sites.root
+    else:
+        sites.remove()
+    return report
+
+
+def _build_twice(
+    sites: reproducible.BuildSites, build: Callable[[reproducible.BuildSite], RunState]
+) -> tuple[RunState, RunState]:
+    """Build a, then b. A failed build keeps both sites, for its logs; anything else that
+    stops them (a refusal, an interrupt) removes them."""
+    states = []
+    try:
+        for site in (sites.a, sites.b):
+            state = build(site)
+            if state.outcome != "succeeded":
+                raise reproducible.BuildFailed(
+                    f"build {site.name} {state.outcome}: nothing to compare",
+                    hint=f"its record and logs are under {site.workspace.root} "
+                    f"(remove {sites.root} when done)",
+                )
+            states.append(state)
+    except BaseException as exc:
+        if not isinstance(exc, reproducible.BuildFailed):
+            sites.remove()
+        raise
+    return states[0], states[1]
+
+
+def engine_paths(
+    partition: Partition, workspace: Workspace, sources_view: Path | None = None
+) -> list[hostpaths.SharedPath]:
+    """The directories the engine bind-mounts for builds and restores of this partition: the
+    partition (or, where it is no mount point, the directory beside it where a restore
+    stages its tree), the workspace (per-attempt directories, stage assets) and the
+    sources view."""
+    paths = [
+        hostpaths.SharedPath("the LFS partition", partition.path, "--lfs"),
+        hostpaths.SharedPath("the workspace", workspace.root, HOME_ENV),
+        hostpaths.SharedPath("the run directories", workspace.runs_dir),
+    ]
+    if not os.path.ismount(partition.path):
+        paths.append(hostpaths.SharedPath("the directory restores stage in", partition.path.parent))
+    if sources_view is not None:
+        paths.append(hostpaths.SharedPath("the sources view", sources_view))
+    return paths
 
 
 def verified_sources(plan: Plan, workspace: Workspace, source_set: str) -> Path | None:
@@ -401,6 +504,7 @@ def restore(
     with workspace_lock(workspace):
         if not image:
             store.resolve(key_or_stage)  # a wrong name fails before anything is touched
+        _check_restore_paths(partition, workspace)
         partition.path.mkdir(parents=True, exist_ok=True)
         with partition.lock():
             client = _clear_for_restore(partition, workspace, notify or (lambda _: None))
@@ -420,6 +524,15 @@ def restore(
             _record_restore(partition, store, info)
             partition.note_last_run(info.key, "restored")
     return info
+
+
+def _check_restore_paths(partition: Partition, workspace: Workspace) -> None:
+    """Where a restore extracts in a container, the engine must mount what lfsorch sees."""
+    try:
+        client = engine.connect(timeout=None)
+    except EngineUnavailable:
+        return  # no engine: the restore extracts in the host's sandbox, or says it cannot
+    hostpaths.check_engine_paths(client, engine_paths(partition, workspace), [EXTRACT_IMAGE])
 
 
 def _clear_for_restore(

@@ -19,6 +19,7 @@ from orchestrator.cli import ci as ci_cli
 from orchestrator.cli import images as images_cli
 from orchestrator.cli import snapshots as snapshots_cli
 from orchestrator.cli import sources as sources_cli
+from orchestrator.cli import verify as verify_cli
 from orchestrator.errors import ExitCode, LfsorchError, local_file_error
 from orchestrator.monitor.console import ConsoleView, printable
 from orchestrator.monitor.report import SBU_REFERENCE
@@ -40,6 +41,7 @@ app.add_typer(snapshots_cli.snapshots_app, name="snapshots")
 app.add_typer(sources_cli.app, name="sources")
 app.command("restore")(snapshots_cli.restore)
 app.add_typer(ci_cli.app, name="ci")
+app.command("verify-reproducible")(verify_cli.verify_reproducible)
 
 # Paths, names and values printed here are text, never rich markup: `[/x]` in a path or a
 # configuration value would be a traceback, `[b]` would vanish.

@@ -49,6 +49,9 @@ STAGE_MOUNT = "/stage"
 # of the host, so the figures outlive the container and its writable layer.
 FIGURES_MOUNT = "/run/lfsorch-figures"
 FIGURES_FILE = "counters"
+# The engine names a container's host after its random id, and builds embed it (`uname -n`
+# in config.log, Perl's Config.pm): one fixed name keeps two builds of the same inputs equal.
+BUILD_HOSTNAME = "lfsorch-build"
 EXIT_BAD_USER = 219  # unusual on purpose: a script's own 126/127 must not read as this
 TARBALL = re.compile(r"\.(tar(\.[a-z0-9]+)?|tgz|tbz2|txz)$")
 _PROGRESS_INTERVAL_S = 0.5
@@ -523,6 +526,7 @@ class ContainerRunner:
                 setup.image,
                 command=setup.command,
                 name=container_name(job),
+                hostname=BUILD_HOSTNAME,
                 user="0:0",
                 working_dir="/",
                 labels=labels,

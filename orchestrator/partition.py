@@ -322,7 +322,8 @@ class Partition:
         """
         live: list[str] = []
         for listed in engine.managed_containers(client, running=True):
-            sources = [m.get("Source") or "" for m in listed.get("Mounts") or []]
+            # A tmpfs (a chroot build's /run) has no source: it is no directory of the host.
+            sources = [m["Source"] for m in listed.get("Mounts") or [] if m.get("Source")]
             if any(_overlaps(source, str(self.path)) for source in sources):
                 labels = listed.get("Labels") or {}
                 run = labels.get(engine.RUN) or labels.get(engine.PURPOSE) or "?"

@@ -298,10 +298,25 @@ def test_restore_refuses_while_a_live_container_mounts_the_partition(
         labels=engine.owner_labels("build", run="live-run"),
         mounts=[docker.types.Mount("/mnt/lfs", str(lfs), type="bind")],
     )
+    # A live build of another partition, with a tmpfs (no source) as chroot builds have.
+    elsewhere = docker_client.containers.run(
+        BASE_IMAGE,
+        ["sleep", "120"],
+        name=f"{name}-elsewhere",
+        detach=True,
+        labels=engine.owner_labels("build", run="other-run"),
+        mounts=[docker.types.Mount("/run", None, type="tmpfs")],
+    )
+    other = tmp_path / "other"
+    other.mkdir()
     try:
         result = run_cli("restore", "base", "--lfs", str(lfs))
+        unrelated = run_cli("restore", "base", "--lfs", str(other))
     finally:
         container.remove(force=True)
+        elsewhere.remove(force=True)
+    assert unrelated.returncode == 0, unrelated.stderr
+    assert partition_files(other) == {"mine": b"mine\n"}
     assert result.returncode == 3
     assert result.stderr == (
         f"error: live lfsorch containers use the partition {lfs}: {name} (run live-run)\n"

@@ -15,6 +15,12 @@ memory peak against the limit, the tool's own timer, the engine's errors) as one
 - system: the engine stopped answering or the container vanished; built again once the
   engine answers, without using up the package's retries.
 
+A package that fails beside others (a level of packages at -j N) is not retried in place, on a
+partition its own half-install and its neighbours changed: its level is built again from the
+checkpoint before it, one package at a time, the failed package with its strategy's changes.
+This is also the memory strategy's last step, fewer packages side by side: once -j1 and the
+memory cap are used up, a package killed beside others gets one more attempt alone.
+
 The limits a retry changes are output-neutral, so the retry meets the same checkpoint.
 """
 
@@ -87,6 +93,16 @@ class Decision:
     delay_s: float = 0.0
     adjustment: Adjustment = field(default_factory=Adjustment)
 
+    def alone(self, level_start: str) -> Decision:
+        """The same retry, made on the level rebuilt one package at a time."""
+        rebuilt = level_rebuilt(level_start)
+        change = f"{self.change}; {rebuilt}" if self.change else rebuilt
+        return dataclasses.replace(self, change=change)
+
+
+def level_rebuilt(level_start: str) -> str:
+    return f"level rebuilt one package at a time from checkpoint {level_start[:12]}"
+
 
 def classify(result: BuildResult, job: BuildJob) -> tuple[FailureClass, str]:
     """The class of a failed attempt and the evidence for it."""
@@ -115,12 +131,18 @@ class PackageRecovery:
     build_retries: int = 0
     system_retries: int = 0
     time_retried: bool = False
+    alone_retried: bool = False  # the memory strategy's last step was used
     adjustment: Adjustment = field(default_factory=Adjustment)
 
-    def decide(self, result: BuildResult, job: BuildJob) -> Decision:
-        """`job` is the attempt that failed, with the adjustments it ran with."""
+    def decide(
+        self, result: BuildResult, job: BuildJob, level_start: str | None = None
+    ) -> Decision:
+        """`job` is the attempt that failed, with the adjustments it ran with; `level_start`
+        the checkpoint before its level when it ran beside others."""
         failure_class, reason = classify(result, job)
         decision = self._strategy(failure_class, reason, job)
+        if level_start is not None:
+            decision = self._beside_others(decision, level_start)
         if decision.retry:
             self.adjustment = decision.adjustment
         return decision
@@ -135,6 +157,22 @@ class PackageRecovery:
         if failure_class == "system":
             return self._system(reason)
         return Decision(failure_class, "fail", reason)
+
+    def _beside_others(self, decision: Decision, level_start: str) -> Decision:
+        if decision.retry:
+            return decision.alone(level_start)
+        if decision.failure_class == "memory" and not self.alone_retried:
+            self.alone_retried = True
+            return Decision(
+                "memory",
+                "fewer-packages",
+                decision.reason,
+                level_rebuilt(level_start),
+                True,
+                0.0,
+                self.adjustment,
+            )
+        return decision
 
     def _build(self, reason: str) -> Decision:
         if self.build_retries >= self.retries:

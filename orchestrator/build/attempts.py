@@ -115,6 +115,7 @@ class PackageAttempts:
         with self.recorder.recording():
             attempt.failure_class = decision.failure_class
             attempt.strategy = decision.strategy
+            attempt.reason = decision.reason
             attempt.change = decision.change
         self.bus.emit(
             events.RecoveryDecision(

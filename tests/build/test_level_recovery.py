@@ -5,6 +5,7 @@ same command again, gives the partition a clean build gives."""
 
 from __future__ import annotations
 
+import json
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -71,6 +72,25 @@ def test_a_failure_in_a_level_rebuilds_the_level_one_package_at_a_time(
     )
     reasons = [e.data["reason"] for e in recorded if e.name == "snapshot.restore"]
     assert reasons == ["level steady, flaky: rebuilt one package at a time"]
+    # The report tells the decision, attempt by attempt, for people and for programs.
+    human = run_cli("report", check=True).stdout
+    assert "recovery decisions:" in human
+    step = (
+        "  lvl/flaky attempt 1: build failure (exit status 1), retry; next: retry 1 of 1 "
+        f"after 0.1s; level rebuilt one package at a time from checkpoint {level_start[:12]}"
+    )
+    assert step in human.splitlines()
+    rows = json.loads(run_cli("report", "--json", check=True).stdout)["packages"]
+    assert {row["package"]: row["recovery"] for row in rows}["flaky"] == [
+        {
+            "attempt": 1,
+            "failure_class": "build",
+            "strategy": "retry",
+            "reason": "exit status 1",
+            "change": decision["change"],
+        }
+    ]
+    assert all(row["recovery"] == [] for row in rows if row["package"] != "flaky")
     # The level's checkpoint is the same as a level built side by side: the next run has
     # nothing to do.
     again, recorded = run_build([path], lfs_dir, workspace, parallel=2)

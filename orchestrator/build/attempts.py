@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,19 +77,26 @@ class PackageAttempts:
                 self.space.with_policy(policy).ensure(f"before {stage.stage}/{package.name}")
             job = self.job(stage_plan, package, len(record.attempts) + 1)
             job = recovery.adjustment.apply(job)
+            started = time.monotonic()
             result = self._attempt(job, record)
             if result.succeeded:
                 return True
             if result.interrupted:
                 self._report_failure(record, result, will_retry=False)
                 raise KeyboardInterrupt
-            decision = recovery.decide(result, job, level_start)
+            short = self.space.with_policy(policy).short_since(started) if self.space else None
+            decision = recovery.decide(result, job, level_start, short)
             if decision.failure_class == "system" and decision.retry:
                 decision = self._await_engine(job, decision, recovery.policy.engine_wait)
             self._record_decision(record, decision)
             self._report_failure(record, result, decision.retry)
             if not decision.retry:
                 return False
+            if decision.strategy == "free-space" and self.space is not None:
+                # Before the checkpoint is restored over the half-install: prune, wait, or
+                # stop with the record saved, naming the filesystem.
+                where = f"{stage.stage}/{package.name}"
+                self.space.with_policy(policy).ensure(f"before building {where} again")
             if level_start is not None:
                 if self.stopping.wait(decision.delay_s):
                     raise KeyboardInterrupt

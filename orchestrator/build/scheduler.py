@@ -179,6 +179,7 @@ class Build:
             self.settings.monitor_interval,
             Thresholds(self.settings.recovery.min_free_space, self.settings.min_free_memory),
             engine_ping=self.client.ping,
+            on_space=self.space.observe,
         )
 
     def _stop_builds(self) -> None:

@@ -132,7 +132,7 @@ def test_containers_lfsorch_kills_keep_their_cgroup_figures(
             script: head -c 50000000 /dev/zero | tail -n 1 | sleep 300
         """,
     )
-    state, recorded = run_build([path], lfs_dir, workspace)
+    state, _ = run_build([path], lfs_dir, workspace)
     (endless,) = state.packages
     assert endless.timed_out and endless.status == "failed"
     # Read from its own cgroup before the kill, not Docker's stats frames (a lower bound,

@@ -588,6 +588,11 @@ class Build:
             delta_base = self._rebuild_level_alone(stage_plan, group, level_start)
             built = delta_base is not None
         self._drop_deferred(stage, group.names)
+        if not built:
+            # Packages of the level never started once one of them failed for good.
+            for record in [self.recorder.find(stage.stage, name) for name in group.names]:
+                if record.status == "pending":
+                    self._skip(record, "a package of its level failed")
         if built and group.key is not None:
             self._checkpoint(
                 stage.stage, group.key, group.start, packages=group.names, delta_base=delta_base

@@ -173,3 +173,35 @@ def test_memory_beside_others_is_retried_alone_once_jobs_and_cap_are_used_up(
     assert decision["reason"].endswith("; at -j1 and the cap 128MiB reached")
     # Beside the eater's first attempt, then alone.
     assert started(recorded).count("crowd/neighbour") == 2
+
+
+def test_a_level_with_a_failure_for_good_is_not_rebuilt(
+    workspace: Workspace, lfs_dir: Path, stage_file: WriteStage
+) -> None:
+    path = stage_file(
+        "broken.yaml",
+        f"""
+        stage: broken
+        image: {BASE_IMAGE}
+        checkpoint: package
+        recovery: {{backoff: 0.1s}}
+        packages:
+          - {{name: base, script: "true"}}
+          - {{name: flaky, depends: [base], retries: 1, script: "exit 1"}}
+          - {{name: broken, depends: [base], script: "sleep 2; exit 2"}}
+          - {{name: waiting, depends: [base], script: "true"}}
+        """,
+    )
+    state, recorded = run_build([path], lfs_dir, workspace, parallel=2)
+    assert state.outcome == "failed"
+    statuses = {p.name: (p.status, len(p.attempts)) for p in state.packages}
+    assert statuses == {
+        "base": ("done", 1),
+        "flaky": ("failed", 1),  # its retry waited for a level rebuild that cannot help
+        "broken": ("failed", 1),
+        "waiting": ("skipped", 0),  # never started once a package of the level was deferred
+    }
+    assert [e.data["reason"] for e in recorded if e.name == "build.skipped"] == [
+        "a package of its level failed"
+    ]
+    assert not [e for e in recorded if e.name == "snapshot.restore"]

@@ -172,8 +172,10 @@ def kill_keeping_counters(containers: Sequence[Container]) -> None:
     command = ["bash", "-c", COUNTERS_COPY]
 
     def copy(container: Container) -> None:
+        # Attached to its (empty) output: unattached, the call returns once the copy starts,
+        # and the kill could come before it wrote.
         with contextlib.suppress(*_ENGINE_GONE, docker.errors.APIError):
-            container.exec_run(command, user="0:0", stdout=False, stderr=False)
+            container.exec_run(command, user="0:0")
 
     copies = [threading.Thread(target=copy, args=(c,), daemon=True) for c in containers]
     for thread in copies:

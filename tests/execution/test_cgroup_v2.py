@@ -24,10 +24,11 @@ from tests.helpers import BASE_IMAGE
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]
 
-# About half a second of CPU in a child of PID 1, once PID 1 sits in the v2 cgroup.
+# Some tenths of a second of CPU (counted in work, not in time: the host may be loaded) in a
+# child of PID 1, once PID 1 sits in the v2 cgroup.
 BUSY = f"""
 while [ ! -e {FIGURES_MOUNT}/go ]; do sleep 0.05; done
-bash -c 'end=$((SECONDS + 1)); while [ $SECONDS -lt $end ]; do :; done'
+bash -c 'i=0; while [ $i -lt 300000 ]; do i=$((i + 1)); done'
 {COUNTERS_COPY}
 """
 
@@ -86,9 +87,8 @@ def test_the_counters_routine_reads_a_real_v2_hierarchy(
     text = (figures_dir / FIGURES_FILE).read_text()
     assert "== cpu.stat\nusage_usec " in text  # the v2 branch, the kernel's own file
     counters = CgroupCounters.parse(text)
-    # Up to a busy second (less on a loaded host), and nothing of the host's: the cgroup
-    # holds this container alone.
-    assert counters.cpu_seconds is not None and 0.05 <= counters.cpu_seconds < 5
+    # The busy loop's, and nothing of the host's: the cgroup holds this container alone.
+    assert counters.cpu_seconds is not None and 0.05 <= counters.cpu_seconds < 30
     # Held by v1 on this host: absent from v2, so unknown, never zero or a guess.
     assert (counters.memory_peak_bytes, counters.pids_peak) == (None, None)
     figures = ContainerFigures()

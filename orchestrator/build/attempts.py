@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,36 +48,59 @@ class PackageAttempts:
     space: SpaceGuard | None = None  # free space checked before each attempt
     # Set when the run stops: a retry's backoff ends at once.
     stopping: threading.Event = field(default_factory=threading.Event)
+    # Packages whose retry waits for their level to be rebuilt one package at a time, with
+    # what their earlier attempts decided; `build` takes it up when the package comes again.
+    deferred: dict[tuple[str, str], PackageRecovery] = field(default_factory=dict)
 
     def build(
         self,
         stage_plan: StagePlan,
         package: Package,
         before_retry: Callable[[], None] | None = None,
+        level_start: str | None = None,
     ) -> bool:
         """Build one package, each failure classified and handled by its class's strategy
-        (`build.recovery`); `before_retry` runs before each retry."""
+        (`build.recovery`); `before_retry` runs before each retry.
+
+        With `level_start` (the checkpoint before the level it builds in, beside others), a
+        failure to retry is not retried here: the package is put in `deferred` and False
+        returned, for the caller to rebuild the level one package at a time.
+        """
         stage = stage_plan.file.stage
         record = self.recorder.find(stage.stage, package.name)
         policy = stage.recovery_for(package, self.settings.recovery)
-        recovery = PackageRecovery(policy, stage.retries_for(package))
+        recovery = self.deferred.pop(record.key, None) or PackageRecovery(
+            policy, stage.retries_for(package)
+        )
         while True:
             if self.space is not None:
                 self.space.with_policy(policy).ensure(f"before {stage.stage}/{package.name}")
             job = self.job(stage_plan, package, len(record.attempts) + 1)
             job = recovery.adjustment.apply(job)
+            started = time.monotonic()
             result = self._attempt(job, record)
             if result.succeeded:
                 return True
             if result.interrupted:
                 self._report_failure(record, result, will_retry=False)
                 raise KeyboardInterrupt
-            decision = recovery.decide(result, job)
+            short = self.space.with_policy(policy).short_since(started) if self.space else None
+            decision = recovery.decide(result, job, level_start, short)
             if decision.failure_class == "system" and decision.retry:
                 decision = self._await_engine(job, decision, recovery.policy.engine_wait)
             self._record_decision(record, decision)
             self._report_failure(record, result, decision.retry)
             if not decision.retry:
+                return False
+            if decision.strategy == "free-space" and self.space is not None:
+                # Before the checkpoint is restored over the half-install: prune, wait, or
+                # stop with the record saved, naming the filesystem.
+                where = f"{stage.stage}/{package.name}"
+                self.space.with_policy(policy).ensure(f"before building {where} again")
+            if level_start is not None:
+                if self.stopping.wait(decision.delay_s):
+                    raise KeyboardInterrupt
+                self.deferred[record.key] = recovery
                 return False
             next_attempt = len(record.attempts) + 1
             self.bus.emit(events.BuildRetry(attempt=next_attempt, **self._about(record)))
@@ -99,6 +123,7 @@ class PackageAttempts:
         with self.recorder.recording():
             attempt.failure_class = decision.failure_class
             attempt.strategy = decision.strategy
+            attempt.reason = decision.reason
             attempt.change = decision.change
         self.bus.emit(
             events.RecoveryDecision(

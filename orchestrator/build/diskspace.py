@@ -5,6 +5,10 @@ When one is short, snapshots are pruned by the retention policy (`recovery.keep_
 when set), then the run waits up to `recovery.space_wait` for space; then it stops, its record
 saved, naming the filesystem that is full. Nothing is started that could be cut off half
 written: a package's files or a snapshot's archive.
+
+During builds the host sampler reports what it sees (`observe`): a package that fails while
+its filesystem was below the threshold failed for want of space (ENOSPC), not for its own
+fault, and is handled by this strategy rather than by the build retry.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from orchestrator.errors import ExitCode, LfsorchError
@@ -43,6 +48,9 @@ class SpaceGuard:
     min_free: int
     wait_s: float
     prune: Callable[[], object] | None = None  # the retention policy, when configured
+    # The sampler's last sighting of each place below the threshold: (monotonic time, free).
+    _seen_short: dict[str, tuple[float, int]] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def shortage(self) -> tuple[str, Path, int] | None:
         """The first place whose filesystem is below the threshold: (name, path, free)."""
@@ -52,8 +60,35 @@ class SpaceGuard:
                 return name, path, free
         return None
 
+    def observe(self, name: str, free: int) -> None:
+        """A sample of a place's free space, taken while packages build."""
+        if name in self.places and free < self.min_free:
+            with self._lock:
+                self._seen_short[name] = (time.monotonic(), free)
+
+    def short_since(self, moment: float) -> str | None:
+        """Which filesystem was below the threshold at some point since `moment` (a
+        `time.monotonic()` value), said for people; None when none was seen short."""
+        short = self.shortage()
+        if short is None:
+            with self._lock:
+                seen = [
+                    (name, self.places[name], free)
+                    for name, (when, free) in self._seen_short.items()
+                    if when >= moment
+                ]
+            short = seen[0] if seen else None
+        if short is None:
+            return None
+        name, path, free = short
+        return (
+            f"the {name}'s filesystem ({mount_point(path)}) had {_mib(free)} free, less than "
+            f"min_free_space {_mib(self.min_free)}"
+        )
+
     def with_policy(self, policy: Recovery) -> SpaceGuard:
         """The same places under a stage's or package's own threshold and wait."""
+        # The copy shares the sampler's sightings (the same dict and lock).
         return dataclasses.replace(self, min_free=policy.min_free_space, wait_s=policy.space_wait)
 
     def ensure(self, before: str) -> None:

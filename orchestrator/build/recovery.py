@@ -11,9 +11,19 @@ memory peak against the limit, the tool's own timer, the engine's errors) as one
   limit raised by `memory_factor` up to `memory_cap`;
 - time: the timeout was reached; retried once with the timeout raised by `timeout_factor`
   when one is configured, else failed;
-- disk: the build filled its build space; failed (more space is the user's decision);
+- disk: the build filled its build space: failed (more space is the user's decision); or it
+  failed while its filesystem was below `min_free_space` (ENOSPC): snapshots are pruned by the
+  retention policy, space is waited for up to `space_wait` (then the run stops, its record
+  saved, naming the filesystem), and the package is built again from its checkpoint, without
+  using up its build retries;
 - system: the engine stopped answering or the container vanished; built again once the
   engine answers, without using up the package's retries.
+
+A package that fails beside others (a level of packages at -j N) is not retried in place, on a
+partition its own half-install and its neighbours changed: its level is built again from the
+checkpoint before it, one package at a time, the failed package with its strategy's changes.
+This is also the memory strategy's last step, fewer packages side by side: once -j1 and the
+memory cap are used up, a package killed beside others gets one more attempt alone.
 
 The limits a retry changes are output-neutral, so the retry meets the same checkpoint.
 """
@@ -38,6 +48,8 @@ EXIT_KILLED = 137
 NEAR_LIMIT = 0.9
 # Builds again after the engine came back; a package that keeps losing its engine is failed.
 MAX_SYSTEM_RETRIES = 3
+# Builds again once space came back; a package that fills its filesystem each time is failed.
+MAX_DISK_RETRIES = 3
 _JOBS = re.compile(r"(?:^|\s)(?:-j\s*|--jobs[=\s]\s*)(\d+)(?=\s|$)")
 _BARE_JOBS = re.compile(r"(?:^|\s)(?:-j|--jobs)(?=\s|$)")
 
@@ -87,9 +99,22 @@ class Decision:
     delay_s: float = 0.0
     adjustment: Adjustment = field(default_factory=Adjustment)
 
+    def alone(self, level_start: str) -> Decision:
+        """The same retry, made on the level rebuilt one package at a time."""
+        rebuilt = level_rebuilt(level_start)
+        change = f"{self.change}; {rebuilt}" if self.change else rebuilt
+        return dataclasses.replace(self, change=change)
 
-def classify(result: BuildResult, job: BuildJob) -> tuple[FailureClass, str]:
-    """The class of a failed attempt and the evidence for it."""
+
+def level_rebuilt(level_start: str) -> str:
+    return f"level rebuilt one package at a time from checkpoint {level_start[:12]}"
+
+
+def classify(
+    result: BuildResult, job: BuildJob, short_of_space: str | None = None
+) -> tuple[FailureClass, str]:
+    """The class of a failed attempt and the evidence for it; `short_of_space` says which
+    filesystem was below its threshold during the attempt, if one was."""
     if result.engine_lost:
         return "system", result.error or "the engine stopped answering"
     if result.misconfigured:
@@ -103,6 +128,8 @@ def classify(result: BuildResult, job: BuildJob) -> tuple[FailureClass, str]:
         return "memory", f"killed (exit status 137) with its memory peak {_mib(peak)} at the limit"
     if result.space_exceeded:
         return "disk", result.describe()
+    if short_of_space is not None:
+        return "disk", f"{result.describe()} while {short_of_space}"
     return "build", result.describe()
 
 
@@ -114,13 +141,28 @@ class PackageRecovery:
     retries: int  # build retries allowed (the stage's or package's `retries`)
     build_retries: int = 0
     system_retries: int = 0
+    disk_retries: int = 0
     time_retried: bool = False
+    alone_retried: bool = False  # the memory strategy's last step was used
     adjustment: Adjustment = field(default_factory=Adjustment)
 
-    def decide(self, result: BuildResult, job: BuildJob) -> Decision:
-        """`job` is the attempt that failed, with the adjustments it ran with."""
-        failure_class, reason = classify(result, job)
-        decision = self._strategy(failure_class, reason, job)
+    def decide(
+        self,
+        result: BuildResult,
+        job: BuildJob,
+        level_start: str | None = None,
+        short_of_space: str | None = None,
+    ) -> Decision:
+        """`job` is the attempt that failed, with the adjustments it ran with; `level_start`
+        the checkpoint before its level when it ran beside others; `short_of_space` the
+        filesystem seen below its threshold during the attempt."""
+        failure_class, reason = classify(result, job, short_of_space)
+        if failure_class == "disk" and not result.space_exceeded:
+            decision = self._disk(reason)
+        else:
+            decision = self._strategy(failure_class, reason, job)
+        if level_start is not None:
+            decision = self._beside_others(decision, level_start)
         if decision.retry:
             self.adjustment = decision.adjustment
         return decision
@@ -135,6 +177,22 @@ class PackageRecovery:
         if failure_class == "system":
             return self._system(reason)
         return Decision(failure_class, "fail", reason)
+
+    def _beside_others(self, decision: Decision, level_start: str) -> Decision:
+        if decision.retry:
+            return decision.alone(level_start)
+        if decision.failure_class == "memory" and not self.alone_retried:
+            self.alone_retried = True
+            return Decision(
+                "memory",
+                "fewer-packages",
+                decision.reason,
+                level_rebuilt(level_start),
+                True,
+                0.0,
+                self.adjustment,
+            )
+        return decision
 
     def _build(self, reason: str) -> Decision:
         if self.build_retries >= self.retries:
@@ -171,6 +229,13 @@ class PackageRecovery:
         longer = dataclasses.replace(self.adjustment, timeout_s=job.timeout_s * factor)
         change = f"timeout {longer.timeout_s:g}s (was {job.timeout_s:g}s)"
         return Decision("time", "longer-timeout", reason, change, True, 0.0, longer)
+
+    def _disk(self, reason: str) -> Decision:
+        if self.disk_retries >= MAX_DISK_RETRIES:
+            return Decision("disk", "fail", f"{reason}; out of space {MAX_DISK_RETRIES}x")
+        self.disk_retries += 1
+        change = "built again from its checkpoint once there is space"
+        return Decision("disk", "free-space", reason, change, True, 0.0, self.adjustment)
 
     def _system(self, reason: str) -> Decision:
         if self.system_retries >= MAX_SYSTEM_RETRIES:

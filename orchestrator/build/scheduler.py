@@ -185,6 +185,7 @@ class Build:
             self.settings.monitor_interval,
             Thresholds(self.settings.recovery.min_free_space, self.settings.min_free_memory),
             engine_ping=self.client.ping,
+            on_space=self.space.observe,
         )
 
     def _stop_builds(self) -> None:
@@ -641,21 +642,81 @@ class Build:
         last_key = start if policy == "package" else None
         for position in range(resume_at, len(groups)):
             group = groups[position]
-            retry_on_checkpoint = None
-            if len(group.names) == 1 and group.start is not None and policy == "package":
-                # Alone in its group, a package's retry starts from the checkpoint before it;
-                # beside others still building (or in a stage checkpointed as a whole), it
-                # retries in place.
-                retry_on_checkpoint = functools.partial(
-                    self._restore_for_retry, stage, group.names[0], group.start
-                )
-            if not self._run_packages(stage_plan, group.names, retry_on_checkpoint):
+            if not self._run_group(stage_plan, group, policy):
                 self._skip_later_groups(stage, group, groups[position + 1 :])
                 return False, last_key
-            if group.key is not None:
-                self._checkpoint(stage.stage, group.key, group.start, packages=group.names)
-                last_key = group.key
+            last_key = group.key or last_key
         return True, last_key
+
+    def _run_group(self, stage_plan: StagePlan, group: Group, policy: CheckpointPolicy) -> bool:
+        """Build one group and take its checkpoint.
+
+        Alone in its group, a package's retry starts from the checkpoint before it. Beside
+        others, a package to retry waits until the others end; then the level is built again
+        from its checkpoint one package at a time. Only in a stage checkpointed as a whole (or
+        after a stage that kept no checkpoint) does a retry happen in place.
+        """
+        stage = stage_plan.file.stage
+        by_package = policy == "package" and group.start is not None
+        retry_on_checkpoint = None
+        if by_package and len(group.names) == 1:
+            assert group.start is not None
+            retry_on_checkpoint = functools.partial(
+                self._restore_for_retry, stage, group.names[0], group.start
+            )
+        level_start = None
+        if by_package and len(group.names) > 1 and self.checkpoints.store.has(group.start or ""):
+            level_start = group.start
+        built = self._run_packages(stage_plan, group.names, retry_on_checkpoint, level_start)
+        delta_base = None
+        if not built and level_start is not None and self._only_deferred(stage, group.names):
+            delta_base = self._rebuild_level_alone(stage_plan, group, level_start)
+            built = delta_base is not None
+        self._drop_deferred(stage, group.names)
+        if not built:
+            # Packages of the level never started once one of them failed for good.
+            for record in [self.recorder.find(stage.stage, name) for name in group.names]:
+                if record.status == "pending":
+                    self._skip(record, "a package of its level failed")
+        if built and group.key is not None:
+            self._checkpoint(
+                stage.stage, group.key, group.start, packages=group.names, delta_base=delta_base
+            )
+        return built
+
+    def _only_deferred(self, stage: Stage, names: list[str]) -> bool:
+        """Whether every package of the level that did not build waits for its retry alone
+        (none failed for good), and at least one does."""
+        deferred = {name for name in names if (stage.stage, name) in self.attempts.deferred}
+        records = [self.recorder.find(stage.stage, name) for name in names]
+        ended = {record.name for record in records if record.status in ("failed", "skipped")}
+        return bool(deferred) and ended <= deferred
+
+    def _drop_deferred(self, stage: Stage, names: list[str]) -> None:
+        for name in names:
+            self.attempts.deferred.pop((stage.stage, name), None)
+
+    def _rebuild_level_alone(
+        self, stage_plan: StagePlan, group: Group, level_start: str
+    ) -> str | None:
+        """The level again from the checkpoint before it, each package its own group and
+        checkpoint; the key of the last one, or None when a package failed."""
+        stage = stage_plan.file.stage
+        lfs = self.options.lfs_dir.resolve()
+        reason = f"level {', '.join(group.names)}: rebuilt one package at a time"
+        self.checkpoints.restore(level_start, lfs, stage=stage.stage, reason=reason)
+        self._reset([self.recorder.find(stage.stage, name) for name in group.names])
+        with self.recorder.recording():
+            self.state.partition_at = level_start
+        start = level_start
+        for name in group.names:
+            key = self.checkpoints.key(stage_plan.file, [stage.package(name)], start)
+            retry = functools.partial(self._restore_for_retry, stage, name, start)
+            if not self._run_packages(stage_plan, [name], retry):
+                return None
+            self._checkpoint(stage.stage, key, start, packages=[name])
+            start = key
+        return start
 
     def _skip_later_groups(self, stage: Stage, failed: Group, later: list[Group]) -> None:
         records = [self.state.find(stage.stage, name) for name in failed.names]
@@ -671,9 +732,13 @@ class Build:
         stage_plan: StagePlan,
         names: list[str],
         before_retry: Callable[[], None] | None = None,
+        level_start: str | None = None,
     ) -> bool:
         """Build the packages `names` not yet done: those whose dependencies are done build
-        side by side, up to `parallel`; dependencies outside `names` were built before."""
+        side by side, up to `parallel`; dependencies outside `names` were built before.
+
+        With `level_start`, a package to retry is deferred (`PackageAttempts.build`): no
+        package starts after that, and those running are let finish."""
         stage = stage_plan.file.stage
         graph, _ = package_graph(stage_plan.file)
         order = {name: index for index, name in enumerate(names)}
@@ -700,10 +765,15 @@ class Build:
                         for n in sorted(pending, key=order.__getitem__)
                         if set(graph.predecessors(n)) <= done
                     ]
-                    for name in ready[: parallel - len(running)]:
+                    deferring = level_start is not None and any(
+                        (stage.stage, n) in self.attempts.deferred for n in names
+                    )
+                    for name in [] if deferring else ready[: parallel - len(running)]:
                         pending.discard(name)
                         package = stage.package(name)
-                        future = pool.submit(self.attempts.build, stage_plan, package, before_retry)
+                        future = pool.submit(
+                            self.attempts.build, stage_plan, package, before_retry, level_start
+                        )
                         running[future] = name
                     if not running:
                         break

@@ -35,6 +35,7 @@ class Attempt(BaseModel):
     # next attempt changed (`-j1`, `memory 512MiB`); None for attempts that succeeded.
     failure_class: str | None = None
     strategy: str | None = None
+    reason: str | None = None  # why the strategy decided so (the failure, and what was left)
     change: str | None = None
 
 

@@ -322,6 +322,11 @@ def report(
         )
     out.print(table)
     out.print(f"total wall time of the packages: {result.total_wall_s / 60:.1f} min")
+    steps = [(row, step) for row in result.rows for step in row.recovery]
+    if steps:
+        out.print("recovery decisions:")
+    for row, step in steps:
+        out.print(f"  {row.stage}/{row.package} {printable(step.describe())}", markup=False)
 
 
 @app.command()

@@ -149,31 +149,61 @@ shift
 """
 
 
-# Run as root by PID 1 on every exit it lives to see (a failed build too): the counters of the
-# container's own cgroup, v2 or v1, whichever is mounted, and PID 1's task I/O counters, which
-# include those of every process it reaped. The exit status is kept.
+# The counters of the container's own cgroup, v2 or v1, whichever is mounted, and PID 1's task
+# I/O counters, which include those of every process it reaped; written to the figures mount.
+COUNTERS_COPY = f"""{{
+    if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
+        files="memory.peak cpu.stat io.stat pids.peak"
+        dirs=/sys/fs/cgroup
+    else
+        files="memory/memory.max_usage_in_bytes cpuacct/cpuacct.usage pids/pids.current
+               blkio/blkio.throttle.io_service_bytes"
+        dirs=v1
+    fi
+    for file in $files; do
+        echo "== ${{file##*/}}"
+        if [ "$dirs" = v1 ]; then cat "/sys/fs/cgroup/$file"; else cat "$dirs/$file"; fi
+    done
+    echo "== task.io"
+    cat /proc/1/io
+}} > {FIGURES_MOUNT}/{FIGURES_FILE} 2>/dev/null"""
+
+# Run as root by PID 1 on every exit it lives to see (a failed build too); the exit status is
+# kept. A container lfsorch kills never sees its exit: `kill_keeping_counters` runs the same
+# copy in it first.
 COUNTERS_TRAP = f"""lfsorch_counters() {{
     status=$?
     set +e
-    {{
-        if [ -f /sys/fs/cgroup/cgroup.controllers ]; then
-            files="memory.peak cpu.stat io.stat pids.peak"
-            dirs=/sys/fs/cgroup
-        else
-            files="memory/memory.max_usage_in_bytes cpuacct/cpuacct.usage pids/pids.current
-                   blkio/blkio.throttle.io_service_bytes"
-            dirs=v1
-        fi
-        for file in $files; do
-            echo "== ${{file##*/}}"
-            if [ "$dirs" = v1 ]; then cat "/sys/fs/cgroup/$file"; else cat "$dirs/$file"; fi
-        done
-        echo "== task.io"
-        cat /proc/$$/io
-    }} > {FIGURES_MOUNT}/{FIGURES_FILE} 2>/dev/null
+    {COUNTERS_COPY}
     exit "$status"
 }}
 trap lfsorch_counters EXIT"""
+# How long a kill waits for the counters to be copied: a container under memory pressure may
+# be slow to start one more process, and the kill must come.
+_COUNTERS_COPY_WAIT_S = 10.0
+
+
+def kill_keeping_counters(containers: Sequence[Container]) -> None:
+    """Copy each container's counters with the entry script's own routine (`docker exec`, as
+    root), then kill it: a build killed for its timeout, its build space or an interrupt keeps
+    exact figures. The copies run side by side, each bounded by `_COUNTERS_COPY_WAIT_S`."""
+    command = ["bash", "-c", COUNTERS_COPY]
+
+    def copy(container: Container) -> None:
+        # Attached to its (empty) output: unattached, the call returns once the copy starts,
+        # and the kill could come before it wrote.
+        with contextlib.suppress(*_ENGINE_GONE, docker.errors.APIError):
+            container.exec_run(command, user="0:0")
+
+    copies = [threading.Thread(target=copy, args=(c,), daemon=True) for c in containers]
+    for thread in copies:
+        thread.start()
+    deadline = time.monotonic() + _COUNTERS_COPY_WAIT_S
+    for thread in copies:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    for container in containers:
+        with contextlib.suppress(*_ENGINE_GONE, docker.errors.APIError):
+            container.kill()
 
 
 def container_command(job: BuildJob) -> list[str]:
@@ -397,8 +427,7 @@ class _DiskWatch:
                     self.used += self._elsewhere()
             if self.used is not None and self.used > self._limit and not self._stop.is_set():
                 self.exceeded = True
-                with contextlib.suppress(docker.errors.APIError):
-                    self._container.kill()
+                kill_keeping_counters([self._container])
                 return
 
     def describe(self) -> str:
@@ -478,9 +507,7 @@ class ContainerRunner:
         self._interrupted.set()
         with self._lock:
             containers = list(self._live.values())
-        for container in containers:
-            with contextlib.suppress(docker.errors.APIError):
-                container.kill()
+        kill_keeping_counters(containers)
 
     def recover(self, job: BuildJob, wait_s: float) -> bool:
         deadline = time.monotonic() + wait_s
@@ -609,8 +636,7 @@ class ContainerRunner:
 
         def on_timeout() -> None:
             timed_out.set()
-            with contextlib.suppress(docker.errors.APIError):
-                container.kill()
+            kill_keeping_counters([container])
 
         timer = threading.Timer(job.timeout_s, on_timeout)
         timer.daemon = True

@@ -326,7 +326,8 @@ class RecoveryDecision(PackageEvent):
     name: ClassVar[str] = "recovery.decision"
     attempt: int  # the attempt that failed
     failure_class: str  # configuration, build, memory, time, disk or system
-    strategy: str  # retry, retry-fewer-jobs, retry-more-memory, retry-longer, wait-engine, fail
+    strategy: str  # retry, fewer-jobs, more-memory, fewer-packages, longer-timeout, wait-engine,
+    # free-space, fail
     reason: str
     change: str | None  # what the next attempt changes; None when there is none
     will_retry: bool

@@ -1,12 +1,32 @@
-"""The build report a jhalfs user reads after a build: time, SBU, CPU, memory, disk per package."""
+"""The build report a jhalfs user reads after a build: time, SBU, CPU, memory, disk per package,
+and the recovery decisions taken on the way, attempt by attempt."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from orchestrator.build.state import RunState
+from orchestrator.build.state import PackageState, RunState
 
 SBU_REFERENCE = "binutils-pass1"
+
+
+@dataclass(frozen=True)
+class RecoveryStep:
+    """One failed attempt and what was decided after it."""
+
+    attempt: int
+    failure_class: str | None  # None in records older than failure classes
+    strategy: str | None
+    reason: str | None
+    change: str | None  # what the next attempt changed
+
+    def describe(self) -> str:
+        what = f"{self.failure_class} failure" if self.failure_class else "failed"
+        then = f", {self.strategy}" if self.strategy else ""
+        changed = f"; next: {self.change}" if self.change else ""
+        return (
+            f"attempt {self.attempt}: {what} ({self.reason or 'no reason recorded'}){then}{changed}"
+        )
 
 
 @dataclass(frozen=True)
@@ -19,6 +39,7 @@ class ReportRow:
     cpu_seconds: float | None
     memory_peak_bytes: int | None
     disk_added_bytes: int | None
+    recovery: list[RecoveryStep]
 
 
 @dataclass(frozen=True)
@@ -58,7 +79,22 @@ def build_report(state: RunState, reference: str = SBU_REFERENCE) -> Report:
             cpu_seconds=p.cpu_seconds,
             memory_peak_bytes=p.memory_peak_bytes,
             disk_added_bytes=p.disk_added_bytes,
+            recovery=recovery_steps(p),
         )
         for p in state.packages
     ]
     return Report(state.run_id, reference, sbu, rows)
+
+
+def recovery_steps(package: PackageState) -> list[RecoveryStep]:
+    return [
+        RecoveryStep(
+            attempt.number,
+            attempt.failure_class,
+            attempt.strategy,
+            attempt.reason or attempt.error,
+            attempt.change,
+        )
+        for attempt in package.attempts
+        if attempt.error or attempt.failure_class
+    ]

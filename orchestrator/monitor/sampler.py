@@ -22,6 +22,8 @@ from orchestrator.monitor.events import EventBus
 
 # Called once per sample; raises when the engine does not answer.
 EnginePing = Callable[[], object]
+# Told each filesystem's free space at every sample: (name, free bytes).
+SpaceObserver = Callable[[str, int], object]
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class HostSampler:
         interval: float,
         thresholds: Thresholds,
         engine_ping: EnginePing | None = None,
+        on_space: SpaceObserver | None = None,
     ) -> None:
         self._bus = bus
         self._run_id = run_id
@@ -57,6 +60,7 @@ class HostSampler:
         self._interval = interval
         self._thresholds = thresholds
         self._ping = engine_ping
+        self._on_space = on_space
         self._stop = threading.Event()
         self._depleted: set[str] = set()
         self._engine_answers: bool | None = None
@@ -95,6 +99,8 @@ class HostSampler:
         self._compare("memory", None, memory, self._thresholds.memory_bytes)
         for name, free in space.items():
             if free is not None:
+                if self._on_space is not None:
+                    self._on_space(name, free)
                 path = str(self._filesystems[name])
                 self._compare(name, path, free, self._thresholds.free_space_bytes)
         if self._ping is not None:

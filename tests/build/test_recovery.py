@@ -111,6 +111,27 @@ def test_memory_halves_jobs_then_raises_the_limit_up_to_the_cap() -> None:
     assert last.reason.endswith("at -j1 and the cap 300MiB reached")
 
 
+def test_beside_others_a_retry_rebuilds_the_level_and_memory_gets_one_step_more() -> None:
+    level = "ab" * 32
+    rebuilt = "level rebuilt one package at a time from checkpoint abababababab"
+    build = PackageRecovery(Recovery(backoff=1), retries=1).decide(result_of(2), job_of(), level)
+    assert (build.strategy, build.change) == ("retry", f"retry 1 of 1 after 1s; {rebuilt}")
+    recovery = PackageRecovery(Recovery(memory_cap=128 * MIB), retries=0)
+    oom = result_of(137, oom_killed=True)
+    fewer = recovery.decide(oom, job_of("-j2"), level)
+    assert (fewer.strategy, fewer.change) == ("fewer-jobs", f"MAKEFLAGS -j1 (was -j2); {rebuilt}")
+    job = recovery.adjustment.apply(job_of("-j2"))
+    alone = recovery.decide(oom, job, level)
+    assert (alone.strategy, alone.change, alone.retry) == ("fewer-packages", rebuilt, True)
+    assert alone.reason.endswith("at -j1 and the cap 128MiB reached")
+    assert recovery.adjustment.apply(job_of("-j2")).environment["MAKEFLAGS"] == "-j1"
+    # Once only: the next memory failure beside others, or alone, fails.
+    assert recovery.decide(oom, job, level).strategy == "fail"
+    # Configuration failures are never retried, beside others or not.
+    misconfigured = result_of(219, misconfigured=True)
+    assert PackageRecovery(Recovery(), 3).decide(misconfigured, job_of(), level).retry is False
+
+
 def test_memory_without_a_limit_cannot_be_raised() -> None:
     decision = PackageRecovery(Recovery(), 5).decide(
         result_of(137, oom_killed=True), job_of(memory=None)

@@ -115,3 +115,30 @@ def test_a_filesystem_below_its_threshold_is_shown_and_logged(
     depleted = [m for m in messages if m["event"] == "resource.depleted"]
     assert {m["target"] for m in depleted} == {"partition", "workspace"}
     assert all(m["priority"] == "warning" for m in depleted)
+
+
+def test_containers_lfsorch_kills_keep_their_cgroup_figures(
+    workspace: Workspace, lfs_dir: Path, stage_file: WriteStage
+) -> None:
+    path = stage_file(
+        "killed.yaml",
+        f"""
+        stage: killed
+        image: {BASE_IMAGE}
+        packages:
+          - name: endless
+            timeout: 3s
+            # Busy and holding about 50 MB when its timeout comes.
+            script: head -c 50000000 /dev/zero | tail -n 1 | sleep 300
+        """,
+    )
+    state, _ = run_build([path], lfs_dir, workspace)
+    (endless,) = state.packages
+    assert endless.timed_out and endless.status == "failed"
+    # Read from its own cgroup before the kill, not Docker's stats frames (a lower bound,
+    # none at all for a short package).
+    assert endless.io_source == "cgroup"
+    assert endless.cpu_seconds is not None and endless.cpu_seconds > 0
+    assert endless.memory_peak_bytes is not None and endless.memory_peak_bytes >= 40_000_000
+    assert endless.pids_peak is not None and endless.pids_peak >= 3
+    assert not list(lfs_dir.parent.rglob(".counters-*"))

@@ -32,6 +32,7 @@ def test_sbu_is_relative_to_binutils_pass1_of_the_same_record() -> None:
         "cpu_seconds": 230.0,
         "memory_peak_bytes": 600 << 20,
         "disk_added_bytes": 80 << 20,
+        "recovery": [],
     }
 
 

@@ -78,3 +78,18 @@ def test_a_monitor_interval_too_short_is_refused() -> None:
     with pytest.raises(LfsorchError) as caught:
         load_config(["monitor_interval=0.1s"])
     assert "monitor_interval" in caught.value.message
+
+
+def test_each_filesystem_sample_reaches_the_space_guard(tmp_path: Path) -> None:
+    told: list[tuple[str, int]] = []
+    sampler = HostSampler(
+        EventBus(),
+        "r",
+        {"partition": tmp_path, "workspace": tmp_path / "gone"},
+        60.0,
+        Thresholds(0, 0),
+        on_space=lambda name, free: told.append((name, free)),
+    )
+    sampler.sample()
+    # The missing workspace gives no figure, so nothing to act on.
+    assert [name for name, _ in told] == ["partition"] and told[0][1] > 0

@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import stat
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -165,13 +166,19 @@ def read_lock(path: Path) -> Lock:
 
 
 def write_lock(lock: Lock, path: Path) -> None:
-    """Write the lock atomically: a reader never sees half a lock."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """Write the lock atomically: a reader never sees half a lock. The temporary is made
+    with O_EXCL under a random name: a link planted in a shared directory is not followed."""
+    temporary: Path | None = None
     try:
-        temporary.write_text(lock.text())
+        descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+        temporary = Path(name)
+        with open(descriptor, "w", closefd=True) as handle:
+            os.fchmod(descriptor, 0o644)
+            handle.write(lock.text())
         os.replace(temporary, path)
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
         if exc.errno == errno.EISDIR:
             raise LockError(f"{path}: is a directory; the lock is a file") from None
         raise LockError(f"{path}: cannot write the lock ({exc.strerror})") from None

@@ -201,6 +201,7 @@ class ChrootRunner(ContainerRunner):
                 chroot_command(job),
                 chroot_mounts(job, top, build_dir, figures_dir),
                 written_elsewhere=lambda: tree_size(build_dir),
+                read_only_root=True,
             )
         finally:
             shutil.rmtree(private, ignore_errors=True)

@@ -91,6 +91,8 @@ class ContainerSetup:
     # (a /build tree kept on the host); None: none.
     written_elsewhere: Callable[[], int] | None = None
     pinned: bool = False  # `image` is the id the run's keys were made with
+    # Writes outside the mounts fail instead of landing in a layer removed with the container.
+    read_only_root: bool = False
 
 
 def container_name(job: BuildJob) -> str:
@@ -558,6 +560,7 @@ class ContainerRunner:
                 working_dir="/",
                 labels=labels,
                 mounts=setup.mounts,
+                read_only=setup.read_only_root,
                 network_mode="bridge" if job.network else "none",
                 nano_cpus=int(resources.cpus * 1e9) if resources.cpus else None,
                 mem_limit=resources.memory,

@@ -6,17 +6,20 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
+import docker
 import pytest
 
 from orchestrator import api
 from orchestrator.build.reproducible import VERIFY_DIR
 from orchestrator.build.state import load_state
 from orchestrator.checkpoints.compare import MTIMES_NOT_COMPARED
+from orchestrator.execution import engine
 from orchestrator.workspace import Workspace
-from tests.helpers import BASE_IMAGE, REPO, run_cli, tree_state
+from tests.helpers import BASE_IMAGE, REPO, run_cli, start_cli, tree_state, wait_for_container
 
 pytestmark = pytest.mark.docker
 
@@ -194,3 +197,21 @@ def test_a_failed_build_keeps_its_logs_and_is_not_compared(
     assert not (site / "b" / "workspace" / "state.json").exists(), "b is not built"
     log = site / "a" / "workspace" / "runs"
     assert [p.name for p in log.glob("*/logs/failing/boom.log")] == ["boom.log"]
+
+
+def test_ctrl_c_in_a_build_leaves_no_container_and_no_site(
+    stage_file: Callable[[str, str], Path], workspace: Workspace, docker_client: docker.DockerClient
+) -> None:
+    endless = stage_file(
+        "endless.yaml",
+        f"stage: endless\nimage: {BASE_IMAGE}\npackages:\n"
+        "  - name: vr-sleeper\n    script: sleep 300\n",
+    )
+    process = start_cli("verify-reproducible", str(endless), home=workspace.root)
+    wait_for_container(docker_client, "vr-sleeper", owner=process.pid)
+    process.send_signal(signal.SIGINT)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 130, output
+    owned = {"label": [f"{engine.OWNER_PID}={process.pid}"]}
+    assert docker_client.containers.list(all=True, filters=owned) == []
+    assert list((workspace.root / VERIFY_DIR).iterdir()) == []

@@ -204,3 +204,18 @@ def test_a_source_without_a_known_checksum_cannot_be_locked(
     with pytest.raises(LockError) as caught:
         make_lock(load_plan([path]), settings, {"x": LockedImage(id=IMAGE)}, lambda s: "")
     assert caught.value.message == "no checksum known for m4.tar.xz"
+
+
+def test_writing_a_lock_never_writes_through_a_planted_link(tmp_path: Path) -> None:
+    # In a directory others can write to, the temporary's name is known in advance.
+    victim = tmp_path / "victim"
+    victim.write_text("kept\n")
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.symlink(victim, shared / f".lfsorch.lock.tmp-{os.getpid()}")
+    lock = Lock.model_validate(_valid())
+    write_lock(lock, shared / "lfsorch.lock")
+    assert victim.read_text() == "kept\n"
+    assert read_lock(shared / "lfsorch.lock") == lock
+    planted = f".lfsorch.lock.tmp-{os.getpid()}"
+    assert sorted(p.name for p in shared.iterdir()) == [planted, "lfsorch.lock"]

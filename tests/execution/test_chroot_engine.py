@@ -423,3 +423,43 @@ def test_build_space_counts_what_a_chroot_package_writes_in_build(
     assert state.outcome == "failed"
     error = state.packages[0].attempts[-1].error or ""
     assert "outside its mounts" in error and "more than build_space (0.00 GiB)" in error
+
+
+def test_top_level_names_with_mount_syntax_characters_are_bound_as_they_are(
+    workspace: Workspace, busybox_lfs: Path, stage_file: WriteStage
+) -> None:
+    # Commas, colons, `=` and spaces are field separators of the engine's --mount and -v
+    # syntax; the API's mounts take them as plain names.
+    names = ["a,b=c", "d:e", "f g"]
+    for name in names:
+        (busybox_lfs / name).mkdir()
+        (busybox_lfs / name / "seen").write_text(name)
+    script = " && ".join(f"test -f '/{name}/seen'" for name in names) + " && touch /usr/touched"
+    state, _ = run_build([_one_package(stage_file, script)], busybox_lfs, workspace)
+    assert state.outcome == "succeeded"
+    assert (busybox_lfs / "usr/touched").is_file()
+
+
+def test_a_setuid_program_in_the_partition_gains_no_privilege(
+    workspace: Workspace, busybox_lfs: Path, stage_file: WriteStage
+) -> None:
+    # The partition's setuid programs are the build's own: no-new-privileges holds for every
+    # process of the chroot, so the bit is ignored.
+    os.chmod(busybox_lfs / "usr/bin/busybox", 0o4755)
+    script = "grep NoNewPrivs /proc/self/status > /usr/nnp"
+    state, _ = run_build([_one_package(stage_file, script)], busybox_lfs, workspace)
+    assert state.outcome == "succeeded", Path(str(state.packages[0].log)).read_text()
+    assert (busybox_lfs / "usr/nnp").read_text() == "NoNewPrivs:\t1\n"
+
+
+def test_a_new_top_level_entry_fails_the_package_instead_of_vanishing(
+    workspace: Workspace, busybox_lfs: Path, stage_file: WriteStage
+) -> None:
+    # Outside the bound directories the root is the container's own layer: a write there
+    # would succeed and be lost with the container, so it must fail loudly.
+    script = "mkdir /opt && touch /opt/kept"
+    state, _ = run_build([_one_package(stage_file, script)], busybox_lfs, workspace)
+    assert state.outcome == "failed"
+    assert not (busybox_lfs / "opt").exists()
+    log = Path(str(state.packages[0].log)).read_text()
+    assert "Read-only file system" in log

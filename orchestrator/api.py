@@ -143,7 +143,9 @@ def run(
     )
     sources_dir = verified_sources(plan, workspace, config.settings.source_set)
     if pinned is not None and lock_path is not None:
-        enforce_lock(pinned, lock_path, plan, config, client, sources_dir)
+        enforce_lock(
+            pinned, lock_path, plan, config, client, sources_dir, move_tags=lock is not None
+        )
     environment = environment or ByKind(ContainerRunner(client), ChrootRunner(client))
     with event_bus(workspace, config, view, subscribers) as bus:
         build = Build(
@@ -215,25 +217,38 @@ def enforce_lock(
     config: Config,
     client: docker.DockerClient,
     sources_dir: Path | None,
+    *,
+    move_tags: bool,
 ) -> None:
-    """Make the engine hold the lock's images under the stages' names (pulling them by
-    digest where it lacks them), then refuse with every difference that is left."""
+    """Refuse with every difference between the lock and the run's inputs. The engine is
+    changed only once nothing but images differs: a locked image whose name the engine lacks
+    is tagged there (pulled by digest where needed), and with `move_tags` (a lock the user
+    named) a name the engine gives another image is moved too. An image tag is the machine's,
+    used by every workspace: a lock merely found beside a stage file never moves one."""
+    current = make_lock(plan, config.settings, pinned.images, _digests(sources_dir))
+    if differences(pinned, current.model_copy(update={"images": pinned.images})):
+        as_found = {
+            reference: LockedImage(id=image_id)
+            for reference in _lock_images(plan, config)
+            if (image_id := engine.image_id_or_none(client, reference)) is not None
+        }
+        raise LockMismatch(
+            lock_path, differences(pinned, current.model_copy(update={"images": as_found}))
+        )
     found: dict[str, LockedImage] = {}
     missing: list[str] = []
     for reference in _lock_images(plan, config):
         locked = pinned.images.get(reference)
-        if locked is not None and engine.image_id_or_none(client, reference) != locked.id:
-            _bring_image(client, reference, locked)
         image_id = engine.image_id_or_none(client, reference)
+        if locked is not None and image_id != locked.id and (image_id is None or move_tags):
+            _bring_image(client, reference, locked)
+            image_id = engine.image_id_or_none(client, reference)
         if image_id is None:
             missing.append(f"image {reference}: not in the engine, and the lock has no "
                            "reference to pull it by")  # fmt: skip
         else:
             found[reference] = LockedImage(id=image_id)
-    # The images as found (possibly none): not validated as a lock's, only compared.
-    current = make_lock(plan, config.settings, pinned.images, _digests(sources_dir))
-    current = current.model_copy(update={"images": found})
-    problems = missing + differences(pinned, current)
+    problems = missing + differences(pinned, current.model_copy(update={"images": found}))
     if problems:
         raise LockMismatch(lock_path, problems)
 

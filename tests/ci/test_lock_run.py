@@ -5,6 +5,7 @@ at a checkpoint."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -90,6 +91,65 @@ def test_a_run_uses_the_lock_beside_its_stage_file_or_refuses(
     ignored = run_cli("run", str(three), "--lfs", str(lfs_dir), "--no-lock",
                       "-o", "environment.FOO=1", home=home)  # fmt: skip
     assert ignored.returncode == 0, ignored.stdout + ignored.stderr
+
+
+def test_only_a_lock_the_user_names_moves_an_image_tag_and_never_before_the_rest_matches(
+    workspace: Workspace,
+    lfs_dir: Path,
+    stage_file: WriteStage,
+    docker_client: docker.DockerClient,
+    no_leftovers: None,
+) -> None:
+    # A tag of this test's own, held by the base image; the lock wants the host image there.
+    repository, tag = "lfsorch-test/locktag", f"t{os.getpid()}"
+    name = f"{repository}:{tag}"
+    base_id = docker_client.images.get(BASE_IMAGE).id
+    host_id = docker_client.images.get("lfsorch/host:bookworm").id
+    docker_client.images.get(BASE_IMAGE).tag(repository, tag)
+    stage = stage_file(
+        "tagged.yaml",
+        f"""
+        stage: tagged
+        image: {name}
+        packages:
+          - {{name: a, script: echo a > /mnt/lfs/a}}
+        """,
+    )
+    home = workspace.root
+    try:
+        made = run_cli("lock", str(stage), home=home)
+        assert made.returncode == 0, made.stderr
+        beside = stage.parent / "lfsorch.lock"
+        data = json.loads(beside.read_text())
+        data["images"][name]["id"] = host_id
+        beside.write_text(json.dumps(data))
+        before = tree_state(lfs_dir)
+
+        found = run_cli("run", str(stage), "--lfs", str(lfs_dir), home=home)
+        assert (found.returncode, found.stderr.splitlines()[1]) == (
+            2,
+            f"  image {name}: locked {host_id}, the engine has {base_id}",
+        )
+        assert docker_client.images.get(name).id == base_id  # a found lock moves no tag
+
+        named_but_other = run_cli(
+            "run", str(stage), "--lfs", str(lfs_dir), "--lock", str(beside),
+            "-o", "environment.FOO=1", home=home,
+        )  # fmt: skip
+        assert named_but_other.returncode == 2
+        assert named_but_other.stderr.splitlines()[1:3] == [
+            f"  image {name}: locked {host_id}, the engine has {base_id}",
+            '  environment.FOO: locked (unset), the run uses "1"',
+        ]
+        assert docker_client.images.get(name).id == base_id  # refused before any change
+        assert tree_state(lfs_dir) == before
+
+        named = run_cli("run", str(stage), "--lfs", str(lfs_dir), "--lock", str(beside), home=home)
+        assert named.returncode == 0, named.stdout + named.stderr
+        assert docker_client.images.get(name).id == host_id
+        assert partition_text(lfs_dir) == {"a": "a\n"}
+    finally:
+        docker_client.images.remove(name)
 
 
 def test_stop_after_ends_the_run_at_a_checkpoint(

@@ -264,6 +264,16 @@ def _bring_image(client: docker.DockerClient, reference: str, locked: LockedImag
         registry.pull_as(client, locked.pull, locked.id, reference)
 
 
+def _lock_for_ci(
+    paths: Sequence[Path], lock: Path | None, why: str, hint: str
+) -> tuple[Path, Lock]:
+    """The lock CI work needs (the one given, else the one beside the first stage file)."""
+    lock_path = find_lock(paths, lock, no_lock=False)
+    if lock_path is None:
+        raise ci_slices.CiPlanError(f"no lock beside {paths[0]}: {why}", hint=hint)
+    return lock_path, read_lock(lock_path)
+
+
 def verify_reproducible(
     paths: Sequence[Path],
     *,
@@ -811,13 +821,10 @@ def ci_plan(
         raise ci_slices.CiPlanError(f"--margin {margin}: must be at least 0 and below 1")
     load_config(overrides)  # a wrong -o fails here, not in the jobs
     plan = load_plan(paths)
-    lock_path = find_lock(paths, lock, no_lock=False)
-    if lock_path is None:
-        raise ci_slices.CiPlanError(
-            f"no lock beside {paths[0]}: jobs build from a lock's inputs",
-            hint="write one with `lfsorch lock --push REGISTRY/REPO STAGE_FILE...`",
-        )
-    pinned = read_lock(lock_path)
+    lock_path, pinned = _lock_for_ci(
+        paths, lock, "jobs build from a lock's inputs",
+        "write one with `lfsorch lock --push REGISTRY/REPO STAGE_FILE...`",
+    )  # fmt: skip
     repository = registry_repo or _registry_of(pinned, lock_path)
     history = ci_slices.History.read(checked_workspace(workspace).runs_dir)
     steps = ci_slices.plan_steps(plan)
@@ -873,13 +880,10 @@ def ci_job(
     already holds it. Always with the lock's inputs, `-j 1` and a checkpoint per package."""
     config = load_config([*overrides, "checkpoint=package"])
     plan = load_plan(paths)
-    lock_path = find_lock(paths, lock, no_lock=False)
-    if lock_path is None:
-        raise ci_slices.CiPlanError(
-            f"no lock beside {paths[0]}: a CI job builds a lock's inputs",
-            hint="give --lock FILE, as `lfsorch ci plan` writes it in the workflow",
-        )
-    pinned = read_lock(lock_path)
+    lock_path, pinned = _lock_for_ci(
+        paths, lock, "a CI job builds a lock's inputs",
+        "give --lock FILE, as `lfsorch ci plan` writes it in the workflow",
+    )  # fmt: skip
     workspace = checked_workspace(workspace)
     keys = ci_keys.checkpoint_keys(plan, config.settings, pinned, _base_key(lfs_dir, workspace))
     _check_slice_names(keys, until, after)

@@ -44,6 +44,14 @@ _NEUTRAL = re.compile(
 LFS_RELEASE_EPOCH = 1677628800
 
 
+def known_neutral_inputs(entries: list[str]) -> list[str]:
+    """The entries of an `output_neutral` list, each checked to name an input that can be."""
+    for entry in entries:
+        if not _NEUTRAL.fullmatch(entry):
+            raise ValueError(f"{entry!r} is not an input that can be neutral ({NEUTRAL_CHOICES})")
+    return entries
+
+
 def _default_makeflags() -> str:
     return f"-j{os.cpu_count() or 1}"
 
@@ -104,12 +112,7 @@ class Settings(BaseModel):
     @field_validator("output_neutral")
     @classmethod
     def _known_inputs(cls, entries: list[str]) -> list[str]:
-        for entry in entries:
-            if not _NEUTRAL.fullmatch(entry):
-                raise ValueError(
-                    f"{entry!r} is not an input that can be neutral ({NEUTRAL_CHOICES})"
-                )
-        return entries
+        return known_neutral_inputs(entries)
 
     def from_command_line(self, key: str) -> bool:
         return key in self._command_line

@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from orchestrator.build.inputs import MAKEFLAGS_JOBS, without_job_count
-from orchestrator.config import _NEUTRAL, NEUTRAL_CHOICES, Settings
+from orchestrator.config import Settings, known_neutral_inputs
 from orchestrator.errors import ConfigError, ExitCode, LfsorchError
 from orchestrator.sources.sets import Source
 from orchestrator.spec.graph import Plan
@@ -84,12 +84,7 @@ class LockedSettings(_Strict):
     @field_validator("output_neutral")
     @classmethod
     def _known_inputs(cls, entries: list[str]) -> list[str]:
-        for entry in entries:
-            if not _NEUTRAL.fullmatch(entry):
-                raise ValueError(
-                    f"{entry!r} is not an input that can be neutral ({NEUTRAL_CHOICES})"
-                )
-        return entries
+        return known_neutral_inputs(entries)
 
 
 class Lock(_Strict):

@@ -258,3 +258,13 @@ def loopback_http(get: Callable[[BaseHTTPRequestHandler], None]) -> Iterator[str
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def mounts_under(root: Path) -> list[str]:
+    """Mount points at or below `root`, deepest first (what a second engine left mounted)."""
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4]
+        if point == str(root) or point.startswith(f"{root}/"):
+            points.append(point)
+    return sorted(points, key=len, reverse=True)

@@ -21,7 +21,7 @@ import pytest
 
 from orchestrator.execution import engine
 from orchestrator.workspace import Workspace
-from tests.helpers import BASE_IMAGE, run_cli, start_cli, wait_for_container
+from tests.helpers import BASE_IMAGE, mounts_under, run_cli, start_cli, wait_for_container
 
 pytestmark = [pytest.mark.docker]
 
@@ -83,16 +83,6 @@ class OwnEngine:
             self.process.wait(timeout=30)
 
 
-def _mounts_under(root: Path) -> list[str]:
-    """Mount points at or below `root`, deepest first."""
-    points = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = line.split()[4]
-        if point == str(root) or point.startswith(f"{root}/"):
-            points.append(point)
-    return sorted(points, key=len, reverse=True)
-
-
 def _containerd_pid() -> int | None:
     """The engine's own containerd, which outlives a killed dockerd."""
     with contextlib.suppress(OSError, ValueError):
@@ -132,9 +122,9 @@ def test_engine() -> Iterator[OwnEngine]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(containerd, signal.SIGTERM)
         # dockerd bind-mounts its data root onto itself; nothing may stay mounted here.
-        for point in _mounts_under(ROOT):
+        for point in mounts_under(ROOT):
             subprocess.run(["umount", point], check=False)
-        if not _mounts_under(ROOT):
+        if not mounts_under(ROOT):
             shutil.rmtree(ROOT, ignore_errors=True)
     assert Path("/sys/class/net/docker0").exists() == machine_bridge, "the host's bridge changed"
 

@@ -38,7 +38,7 @@ import pytest
 import yaml
 
 from orchestrator.checkpoints.store import IMAGE_REPOSITORY, SnapshotStore
-from tests.helpers import BASE_IMAGE, run_cli
+from tests.helpers import BASE_IMAGE, mounts_under, run_cli
 
 pytestmark = [pytest.mark.docker]
 
@@ -86,15 +86,6 @@ def _stop(process: subprocess.Popen[bytes] | None) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait(timeout=30)
-
-
-def _mounts_under(root: Path) -> list[str]:
-    points = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = line.split()[4]
-        if point == str(root) or point.startswith(f"{root}/"):
-            points.append(point)
-    return sorted(points, key=len, reverse=True)
 
 
 class Registry:
@@ -180,7 +171,7 @@ class RunnerB:
             containerd = self.root / "exec" / "containerd" / "containerd.pid"
             os.kill(int(containerd.read_text()), signal.SIGTERM)
         # dockerd bind-mounts its data root onto itself; nothing may stay mounted here.
-        for point in _mounts_under(self.root):
+        for point in mounts_under(self.root):
             subprocess.run(["umount", "-l", point], check=False)
 
 
@@ -221,9 +212,9 @@ def runners(docker_client: docker.DockerClient) -> Iterator[tuple[Registry, Runn
                     for name in own:
                         with contextlib.suppress(docker.errors.APIError):
                             docker_client.images.remove(name)
-        if not _mounts_under(root):
+        if not mounts_under(root):
             shutil.rmtree(root, ignore_errors=True)
-    assert not _mounts_under(root), "runner B's data root is still mounted"
+    assert not mounts_under(root), "runner B's data root is still mounted"
     assert Path("/sys/class/net/docker0").exists() == machine_bridge, "the host's bridge changed"
 
 

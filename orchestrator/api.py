@@ -264,6 +264,13 @@ def _bring_image(client: docker.DockerClient, reference: str, locked: LockedImag
         registry.pull_as(client, locked.pull, locked.id, reference)
 
 
+def _as_in_checkout(path: Path) -> str:
+    """A path as a job in a checkout of this directory names it: relative when it is below
+    the current directory (CI runners check the repository out elsewhere)."""
+    resolved, here = path.resolve(), Path.cwd().resolve()
+    return str(resolved.relative_to(here)) if resolved.is_relative_to(here) else str(path)
+
+
 def _lock_for_ci(
     paths: Sequence[Path], lock: Path | None, why: str, hint: str
 ) -> tuple[Path, Lock]:
@@ -833,7 +840,7 @@ def ci_plan(
     slices = ci_slices.split(steps, found, budget)
     jobs = ci_workflow.Jobs(
         stage_files=[str(path) for path in paths],
-        lock=str(lock_path),
+        lock=_as_in_checkout(lock_path),
         registry=repository,
         source_set=pinned.source_set,
         overrides=list(overrides),

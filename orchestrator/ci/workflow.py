@@ -55,7 +55,9 @@ def job_command(jobs: Jobs, piece: Slice, lfsorch: str = "lfsorch") -> str:
     words += ["--until", piece.until]
     if piece.after is not None:
         words += ["--after", piece.after]
-    for override in [f"source_set={jobs.source_set}", *jobs.overrides]:
+    # The lock fixes the set; an `-o source_set=` of the plan's command line is that one.
+    kept = [o for o in jobs.overrides if not o.replace(" ", "").startswith("source_set=")]
+    for override in [f"source_set={jobs.source_set}", *kept]:
         words += ["-o", override]
     return f'{lfsorch} {_q(words)} --lfs "$LFS"'
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestrator import api
 from orchestrator.ci import slices
 from orchestrator.ci.slices import CiPlanError, History
 from orchestrator.config import load_config
@@ -135,7 +136,7 @@ def test_workflows_match_the_published_schemas(kind: str, tmp_path: Path) -> Non
     output = tmp_path / f"{kind}.yml"
     result = run_cli(
         "ci", "plan", str(CH6), "--max-minutes", "45", "--lock", str(lock),
-        "--format", kind, "--output", str(output), home=home,
+        "--format", kind, "--output", str(output), "-o", "source_set=upstream", home=home,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "job 3: ch6/gcc-pass2 .. ch6/temporary-tools-check" in result.stderr
@@ -190,3 +191,13 @@ def test_plan_needs_a_pushed_lock(tmp_path: Path, stage_file: WriteStage) -> Non
     assert bad_margin.returncode == 2
     assert not (home / "runs" / "x").exists() and sorted(p.name for p in home.iterdir()) == ["runs"]
     assert json.loads(lock.read_text())["images"]["lfsorch/host:bookworm"]["pull"] is None
+
+
+def test_the_workflow_names_a_lock_in_the_checkout_relative_to_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "repo" / "stages").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "repo")
+    inside = tmp_path / "repo" / "stages" / "lfsorch.lock"
+    assert api._as_in_checkout(inside) == "stages/lfsorch.lock"
+    assert api._as_in_checkout(tmp_path / "elsewhere.lock") == str(tmp_path / "elsewhere.lock")

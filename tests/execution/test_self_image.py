@@ -1,7 +1,7 @@
 """lfsorch's own image (the top-level Dockerfile) on the real engine, as a CI runner uses it:
 the engine's socket mounted, the workspace and the partition at the same path inside and out.
 
-The image is built once per session; the engine's layer cache keeps the dependencies' layer
+The image is built once per test run; the engine's layer cache keeps the dependencies' layer
 (it depends on pyproject.toml alone), so a rebuild after a code change copies the code and
 installs it without dependencies.
 """

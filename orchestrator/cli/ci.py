@@ -1,4 +1,4 @@
-"""`lfsorch ci plan` and `lfsorch ci job`: thin over the api."""
+"""`lfsorch ci plan` and `lfsorch ci job`: thin over `orchestrator.ci.jobs`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 import typer
 from rich.console import Console
 
-from orchestrator import api
+from orchestrator.ci import jobs
 from orchestrator.errors import ExitCode
 from orchestrator.monitor.console import ConsoleView, printable
 
@@ -62,7 +62,7 @@ def plan(
     """Split the plan into consecutive jobs that each fit --max-minutes, and write the
     workflow that runs them (estimates from earlier runs, else the book's SBUs)."""
     command = shlex.join(["lfsorch", "ci", "plan", *sys.argv[3:]]) if sys.argv else ""
-    result = api.ci_plan(
+    result = jobs.ci_plan(
         files,
         max_minutes=max_minutes,
         kind=kind,
@@ -108,7 +108,7 @@ def job(
     """Run one job of `ci plan`: pull the lock's image and the previous checkpoint, build up
     to --until, push that checkpoint (nothing to do when the registry has it)."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    result = api.ci_job(
+    result = jobs.ci_job(
         files,
         lfs,
         registry_repo=registry,

@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator import api
-from orchestrator.ci import slices
+from orchestrator.ci import jobs, slices
 from orchestrator.ci.slices import CiPlanError, History
 from orchestrator.config import load_config
 from orchestrator.lockfile import LockedImage, make_lock, write_lock
@@ -199,5 +198,5 @@ def test_the_workflow_names_a_lock_in_the_checkout_relative_to_it(
     (tmp_path / "repo" / "stages").mkdir(parents=True)
     monkeypatch.chdir(tmp_path / "repo")
     inside = tmp_path / "repo" / "stages" / "lfsorch.lock"
-    assert api._as_in_checkout(inside) == "stages/lfsorch.lock"
-    assert api._as_in_checkout(tmp_path / "elsewhere.lock") == str(tmp_path / "elsewhere.lock")
+    assert jobs._as_in_checkout(inside) == "stages/lfsorch.lock"
+    assert jobs._as_in_checkout(tmp_path / "elsewhere.lock") == str(tmp_path / "elsewhere.lock")

@@ -36,12 +36,11 @@ from orchestrator.execution import chrootroot, engine
 from orchestrator.execution.container import (
     BUILD_DIR,
     COUNTERS_TRAP,
-    FIGURES_MOUNT,
     SOURCES_MOUNT,
-    STAGE_MOUNT,
     TARBALL,
     ContainerRunner,
     ContainerSetup,
+    lfsorch_mounts,
 )
 from orchestrator.execution.environment import BuildJob
 from orchestrator.execution.images import IMAGE_LABELS
@@ -146,14 +145,9 @@ def chroot_mounts(
     mounts += [Mount(f"/{n}", str(lfs / n), type="bind") for n in chrootroot.ESSENTIAL_FILES]
     mounts += [
         Mount("/run", None, type="tmpfs", tmpfs_size=RUN_TMPFS_BYTES, tmpfs_mode=0o755),
-        Mount(FIGURES_MOUNT, str(figures_dir), type="bind"),
         Mount(BUILD_DIR, str(build_dir), type="bind"),
     ]
-    if job.assets_dir is not None:
-        mounts.append(Mount(STAGE_MOUNT, str(job.assets_dir), type="bind", read_only=True))
-    if job.sources_dir is not None:
-        mounts.append(Mount(SOURCES_MOUNT, str(job.sources_dir), type="bind", read_only=True))
-    return mounts
+    return mounts + lfsorch_mounts(job, figures_dir)
 
 
 def check_partition(lfs: Path) -> chrootroot.ChrootTop:

@@ -221,10 +221,13 @@ def container_command(job: BuildJob) -> list[str]:
 def _mounts(job: BuildJob, figures_dir: Path) -> list[Mount]:
     # Mount(type="bind") refuses a missing source, unlike `volumes=` which would create a
     # root-owned empty directory and build into it.
-    mounts = [
-        Mount(LFS_MOUNT, str(job.lfs_dir), type="bind"),
-        Mount(FIGURES_MOUNT, str(figures_dir), type="bind"),
-    ]
+    return [Mount(LFS_MOUNT, str(job.lfs_dir), type="bind"), *lfsorch_mounts(job, figures_dir)]
+
+
+def lfsorch_mounts(job: BuildJob, figures_dir: Path) -> list[Mount]:
+    """What every build container gets from lfsorch, whatever its root: the attempt's figures
+    directory, and the stage's assets and the verified sources, both read-only."""
+    mounts = [Mount(FIGURES_MOUNT, str(figures_dir), type="bind")]
     if job.assets_dir is not None:
         mounts.append(Mount(STAGE_MOUNT, str(job.assets_dir), type="bind", read_only=True))
     if job.sources_dir is not None:

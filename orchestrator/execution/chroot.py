@@ -16,6 +16,7 @@ Everything else (labels, the attached log stream, the figures trap, the timeout,
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import os
@@ -24,11 +25,13 @@ import shutil
 import tarfile
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import docker
 import docker.errors
+from docker.models.containers import Container
 from docker.types import Mount
 
 from orchestrator.errors import LfsorchError
@@ -60,6 +63,10 @@ BOOK_ENVIRONMENT = (
     f"PATH={CHROOT_PATH}",
 )
 RUN_TMPFS_BYTES = 64 << 20
+# A FIFO in /build the entry script reads one line from before anything else runs: lfsorch
+# writes `go` once it has seen that the engine bound what was checked.
+START_GATE = ".lfsorch-start"
+GATE_WAIT_S = 120.0
 
 
 def root_image_tar() -> bytes:
@@ -108,6 +115,9 @@ def entry_script(job: BuildJob) -> str:
     return f"""set -eu
 exec 2>&1
 {COUNTERS_TRAP}
+gate=
+read -r gate < {BUILD_DIR}/{START_GATE} || true
+if [ "$gate" != go ]; then exit 1; fi
 cd {BUILD_DIR}
 unpack={shlex.quote(unpack)}
 if [ -n "$unpack" ]; then
@@ -189,16 +199,100 @@ class ChrootRunner(ContainerRunner):
             build_dir.mkdir(mode=0o755)
             for name in job.source_files:
                 os.symlink(f"{SOURCES_MOUNT}/{name}", build_dir / name)
+            mounts = chroot_mounts(job, top, build_dir, figures_dir)
+            identities = chrootroot.bound_identities(job.lfs_dir, top)
+            gate = StartGate(job, build_dir, identities, [mount["Target"] for mount in mounts])
             _note_skipped(job, top)
             yield ContainerSetup(
                 image,
                 chroot_command(job),
-                chroot_mounts(job, top, build_dir, figures_dir),
+                mounts,
                 written_elsewhere=lambda: tree_size(build_dir),
                 read_only_root=True,
+                after_start=gate.open,
             )
         finally:
             shutil.rmtree(private, ignore_errors=True)
+
+
+class StartGate:
+    """Holds a chroot container's build until the binds are known to be the checked ones.
+
+    The checks read the partition before the engine binds it; a top-level directory swapped
+    for a symlink in between (by a `chroot: false` package of the same partition running
+    beside, say) would be followed on the host. Once the container runs, its binds are read
+    through /proc/PID/root and compared, by device, inode and type, with what was checked,
+    and its mount table must hold nothing else of the host's; only then does the entry script
+    get its `go`.
+    """
+
+    def __init__(
+        self,
+        job: BuildJob,
+        build_dir: Path,
+        identities: dict[str, chrootroot.Identity],
+        targets: list[str],
+    ):
+        self._job = job
+        self._build_dir = build_dir
+        self._identities = identities
+        self._targets = targets
+        self._fifo = build_dir / START_GATE
+        os.mkfifo(self._fifo, 0o600)
+
+    def open(self, container: Container) -> None:
+        container.reload()
+        pid = int(container.attrs.get("State", {}).get("Pid") or 0)
+        if pid <= 0:
+            return  # it already ended: nothing waits at the gate
+        root = Path(f"/proc/{pid}/root")
+        if self._shows_our_build_dir(root):
+            chrootroot.check_bound(self._job.lfs_dir, self._identities, self._targets, root)
+        else:
+            # lfsorch in a container of its own without the host's process namespace.
+            with self._job.log_path.open("a") as log:
+                log.write(
+                    "lfsorch: the binds were not compared with the checked partition (the "
+                    "engine's processes are not visible here)\n"
+                )
+        writer = self._wait_for_reader(container)
+        if writer is None:
+            return
+        try:
+            os.unlink(self._fifo)  # before `go`: the build never sees the gate
+            os.write(writer, b"go\n")
+        finally:
+            os.close(writer)
+
+    def _shows_our_build_dir(self, root: Path) -> bool:
+        try:
+            theirs, ours = os.stat(root / BUILD_DIR.lstrip("/")), os.stat(self._build_dir)
+        except OSError:
+            return False
+        return (theirs.st_dev, theirs.st_ino) == (ours.st_dev, ours.st_ino)
+
+    def _wait_for_reader(self, container: Container) -> int | None:
+        """The gate opened for writing once the entry script reads it; None when the
+        container ended first."""
+        deadline = time.monotonic() + GATE_WAIT_S
+        next_look = time.monotonic() + 0.5
+        while time.monotonic() < deadline:
+            try:
+                return os.open(self._fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as exc:
+                if exc.errno != errno.ENXIO:
+                    raise
+            if time.monotonic() >= next_look:
+                next_look = time.monotonic() + 0.5
+                container.reload()
+                if container.status != "running":
+                    return None
+            time.sleep(0.005)
+        raise LfsorchError(
+            f"{self._job.stage}/{self._job.package}: the chroot container did not reach its "
+            f"start within {GATE_WAIT_S:.0f}s",
+            hint="the machine may be overloaded; run again",
+        )
 
 
 def _note_skipped(job: BuildJob, top: chrootroot.ChrootTop) -> None:

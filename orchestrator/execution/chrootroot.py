@@ -11,8 +11,10 @@ missing loader as `exec /usr/bin/bash: no such file or directory`, which names t
 from __future__ import annotations
 
 import os
+import re
 import stat
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO
@@ -34,6 +36,13 @@ _USR_MERGE_HINT = (
     "make the partition's top level as the book's chapter 4 does: "
     "`ln -s usr/bin bin`, `ln -s usr/lib lib`, `ln -s usr/sbin sbin`, real directories else"
 )
+
+
+# What a bind source was when checked: device, inode and file type (a symlink given a
+# freed inode's number is not the file it replaced).
+Identity = tuple[int, int, int]
+# The engine's own mounts (the container's /proc, /sys and /dev, and what it masks in them).
+ENGINE_MOUNT_ROOTS = ("/dev", "/proc", "/sys")
 
 
 @dataclass(frozen=True)
@@ -199,3 +208,85 @@ def resolve_in_root(root: Path, path: str) -> Path | None:
             resolved = []
         pending = [p for p in PurePosixPath(target).parts if p != "/"] + pending
     return root.joinpath(*resolved)
+
+
+def bound_identities(lfs: Path, top: ChrootTop) -> dict[str, Identity]:
+    """Each bind source of the container (`/NAME` and the essential files) as it is now: a
+    real directory or regular file of the partition. Taken after the checks, so that what
+    the engine later binds can be compared with what was checked."""
+    wanted = [(f"/{name}", stat.S_IFDIR) for name in top.directories]
+    wanted += [(f"/{name}", stat.S_IFREG) for name in ESSENTIAL_FILES]
+    identities = {}
+    for target, kind in wanted:
+        try:
+            info = os.lstat(lfs / target.lstrip("/"))
+        except OSError:
+            raise changed_under_the_engine(lfs, target) from None
+        if stat.S_IFMT(info.st_mode) != kind:
+            raise changed_under_the_engine(lfs, target)
+        identities[target] = (info.st_dev, info.st_ino, kind)
+    return identities
+
+
+def check_bound(
+    lfs: Path, identities: dict[str, Identity], targets: Collection[str], container_root: Path
+) -> None:
+    """The container holds the checked binds and nothing else of the host's.
+
+    Its root is read through `container_root` (/proc/PID/root). A top-level directory or an
+    etc file swapped for a symlink between the check and the start makes the engine bind
+    what the link names on the host: at the target when a directory is swapped, at the
+    link's target inside the container when a file is. So each bind target must be the
+    checked file, and every mount point must be a requested target or the engine's own."""
+    for target, identity in identities.items():
+        try:
+            info = os.stat(container_root / target.lstrip("/"), follow_symlinks=False)
+        except OSError:
+            raise changed_under_the_engine(lfs, target) from None
+        if (info.st_dev, info.st_ino, stat.S_IFMT(info.st_mode)) != identity:
+            raise changed_under_the_engine(lfs, target)
+    mountinfo = (container_root.parent / "mountinfo").read_text()
+    expected = {"/", *targets}
+    for point in mount_points(mountinfo):
+        engine_own = any(
+            point.startswith(f"{root}/") or point == root for root in ENGINE_MOUNT_ROOTS
+        )
+        if point not in expected and not engine_own:
+            raise LfsorchError(
+                f"the partition {lfs} changed while a chroot container was being made: the "
+                f"engine mounted something at {point}, which lfsorch did not ask for; "
+                "nothing ran in the container",
+                hint=_CHANGED_HINT,
+            )
+
+
+def mount_points(mountinfo: str) -> list[str]:
+    """The mount points of a /proc/PID/mountinfo, unescaped (`\\040` is a space)."""
+    points = []
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        if len(fields) > 4:
+            points.append(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4]))
+    return points
+
+
+_CHANGED_HINT = (
+    "another process (a `chroot: false` package of the same partition, say) changed its top "
+    "level or etc/hosts, etc/hostname, etc/resolv.conf; check the partition and run again"
+)
+
+
+def changed_under_the_engine(lfs: Path, target: str) -> LfsorchError:
+    source = lfs / target.lstrip("/")
+    try:
+        now = f"a symlink to {os.readlink(source)}"
+    except FileNotFoundError:
+        now = "gone"
+    except OSError:
+        now = "another file"
+    return LfsorchError(
+        f"the partition {lfs} changed while a chroot container was being made: "
+        f"{target.lstrip('/')} is no longer what was checked (now {now}); nothing ran in "
+        "the container",
+        hint=_CHANGED_HINT,
+    )

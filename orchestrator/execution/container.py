@@ -93,6 +93,8 @@ class ContainerSetup:
     pinned: bool = False  # `image` is the id the run's keys were made with
     # Writes outside the mounts fail instead of landing in a layer removed with the container.
     read_only_root: bool = False
+    # Called once the container runs, before the build may start; raises to stop it.
+    after_start: Callable[[Container], None] | None = None
 
 
 def container_name(job: BuildJob) -> str:
@@ -621,7 +623,7 @@ class ContainerRunner:
         with self._lock:
             self._live[container.id] = container
         try:
-            return self._follow(job, container, figures, progress, setup.written_elsewhere)
+            return self._follow(job, container, figures, progress, setup)
         except _ENGINE_GONE as exc:
             return _engine_lost(job, "the build", started, figures, exc)
         finally:
@@ -635,7 +637,7 @@ class ContainerRunner:
         container: Container,
         figures: ContainerFigures,
         progress: ProgressReport,
-        elsewhere: Callable[[], int] | None = None,
+        setup: ContainerSetup,
     ) -> BuildResult:
         """Start the container and follow it to its end: output, stats, disk, timeout."""
         timed_out = threading.Event()
@@ -651,13 +653,15 @@ class ContainerRunner:
         logs = _LogPump(stream, job.log_path, container.name or container_name(job), progress)
         disk = None
         if job.build_space:
-            disk = _DiskWatch(self._client, container, job.build_space, elsewhere)
+            disk = _DiskWatch(self._client, container, job.build_space, setup.written_elsewhere)
         started = time.monotonic()
         try:
             container.start()
             timer.start()
             logs.start()
             _StatsPump(container, figures).start()
+            if setup.after_start is not None:
+                setup.after_start(container)
             if disk is not None:
                 disk.start()
             status = container.wait()

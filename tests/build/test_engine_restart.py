@@ -26,7 +26,9 @@ from tests.helpers import BASE_IMAGE, mounts_under, run_cli, start_cli, wait_for
 pytestmark = [pytest.mark.docker]
 
 WriteStage = Callable[[str, str], Path]
-ROOT = Path("/var/tmp/lfsorch-test-engine")
+# One directory per test process: two test sessions on one machine each start their own
+# engine, and a fixed path would let one remove the other's data root.
+ROOT = Path(f"/var/tmp/lfsorch-test-engine-{os.getpid()}")
 SOCKET = ROOT / "docker.sock"
 HOST = f"unix://{SOCKET}"
 DATA_ROOT = ROOT / "data"

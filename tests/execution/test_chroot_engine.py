@@ -18,13 +18,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import docker
+import docker.models.containers
 import pytest
 
 from orchestrator import api
 from orchestrator.build.state import RunState
 from orchestrator.errors import LfsorchError
-from orchestrator.execution import engine
-from orchestrator.execution.chroot import CHROOT_BUILD_PREFIX
+from orchestrator.execution import chrootroot, engine
+from orchestrator.execution.chroot import CHROOT_BUILD_PREFIX, StartGate
 from orchestrator.monitor.events import Event
 from orchestrator.workspace import Workspace
 from tests.helpers import BASE_IMAGE, run_build, start_cli, started, tree_state, wait_for_container
@@ -264,7 +265,8 @@ def test_a_top_level_fifo_is_left_alone_and_named_in_the_log(
     workspace: Workspace, busybox_lfs: Path, stage_file: WriteStage
 ) -> None:
     os.mkfifo(busybox_lfs / "pipe")
-    script = "test ! -e /pipe && touch /usr/touched"
+    # The start gate is gone from /build before the script's first command.
+    script = "test ! -e /pipe && test ! -e /build/.lfsorch-start && touch /usr/touched"
     state, _ = run_build([_one_package(stage_file, script)], busybox_lfs, workspace)
     assert state.outcome == "succeeded"
     assert (busybox_lfs / "usr/touched").is_file()
@@ -463,3 +465,92 @@ def test_a_new_top_level_entry_fails_the_package_instead_of_vanishing(
     assert not (busybox_lfs / "opt").exists()
     log = Path(str(state.packages[0].log)).read_text()
     assert "Read-only file system" in log
+
+
+@pytest.mark.parametrize("swapped", ["var", "etc/hosts"])
+def test_a_bind_source_swapped_for_a_host_link_after_the_checks_stops_the_build_unrun(
+    workspace: Workspace,
+    busybox_lfs: Path,
+    stage_file: WriteStage,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    swapped: str,
+) -> None:
+    """The race the checks alone leave open: between reading the partition and the engine's
+    bind, a top-level directory or an etc file becomes a symlink to a host path. The
+    container is stopped at its gate, before the build's first command."""
+    host_dir, host_before = _host_side(tmp_path)
+    target = host_dir if swapped == "var" else host_dir / "hosts"
+    recorded = chrootroot.bound_identities
+
+    def record_then_swap(lfs: Path, top: chrootroot.ChrootTop) -> dict[str, chrootroot.Identity]:
+        identities = recorded(lfs, top)
+        victim = lfs / swapped
+        if victim.is_dir():
+            shutil.rmtree(victim)
+        else:
+            victim.unlink()
+        os.symlink(target, victim)
+        return identities
+
+    monkeypatch.setattr(chrootroot, "bound_identities", record_then_swap)
+    error = _swap_refused(stage_file, busybox_lfs, workspace)
+    assert error.message == (
+        f"the partition {busybox_lfs} changed while a chroot container was being made: "
+        f"{swapped} is no longer what was checked (now a symlink to {target}); nothing ran "
+        "in the container"
+    )
+    assert tree_state(host_dir) == host_before
+    assert not (busybox_lfs / "usr/touched").exists()
+    assert _mounts_under(busybox_lfs) == []
+
+
+def test_an_etc_file_swapped_and_put_back_around_the_bind_is_still_caught(
+    workspace: Workspace,
+    busybox_lfs: Path,
+    stage_file: WriteStage,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """etc/hosts moved aside and replaced by a link to a host file while the engine binds,
+    then put back: the checked file is at /etc/hosts again, but the engine bound the host's
+    file where the link pointed inside the container. The mount table gives it away."""
+    host_dir, host_before = _host_side(tmp_path)
+    hosts, aside = busybox_lfs / "etc/hosts", busybox_lfs / "etc/hosts.aside"
+    recorded, gate_open = chrootroot.bound_identities, StartGate.open
+
+    def record_then_swap(lfs: Path, top: chrootroot.ChrootTop) -> dict[str, chrootroot.Identity]:
+        identities = recorded(lfs, top)
+        os.rename(hosts, aside)
+        os.symlink(host_dir / "hosts", hosts)
+        return identities
+
+    def put_back_then_open(gate: StartGate, container: docker.models.containers.Container) -> None:
+        os.rename(aside, hosts)
+        gate_open(gate, container)
+
+    monkeypatch.setattr(chrootroot, "bound_identities", record_then_swap)
+    monkeypatch.setattr(StartGate, "open", put_back_then_open)
+    error = _swap_refused(stage_file, busybox_lfs, workspace)
+    assert error.message == (
+        f"the partition {busybox_lfs} changed while a chroot container was being made: the "
+        f"engine mounted something at {host_dir / 'hosts'}, which lfsorch did not ask for; "
+        "nothing ran in the container"
+    )
+    assert tree_state(host_dir) == host_before
+    assert hosts.read_text() == HOSTS
+    assert _mounts_under(busybox_lfs) == []
+
+
+def _host_side(tmp_path: Path) -> tuple[Path, dict[str, object]]:
+    host_dir = tmp_path / "host-side"
+    host_dir.mkdir()
+    (host_dir / "hosts").write_text("host's own\n")
+    return host_dir, tree_state(host_dir)
+
+
+def _swap_refused(stage_file: WriteStage, lfs: Path, workspace: Workspace) -> LfsorchError:
+    script = "echo escaped > /var/escaped; echo escaped > /etc/hosts; touch /usr/touched"
+    with pytest.raises(LfsorchError) as raised:
+        run_build([_one_package(stage_file, script)], lfs, workspace)
+    return raised.value

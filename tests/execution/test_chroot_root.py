@@ -163,3 +163,72 @@ def test_the_build_tree_s_size_counts_what_it_holds_and_follows_no_link(tmp_path
     os.symlink(tmp_path, tmp_path / "build/loop")
     size = tree_size(tmp_path / "build")
     assert 1 << 20 <= size < 2 << 20
+
+
+MOUNTINFO = (
+    "120 119 254:0 /var/tmp/lfs/usr /usr rw,relatime - ext4 /dev/vda rw\n"
+    "121 119 254:0 /var/tmp/lfs/my\\040dir /my\\040dir rw,relatime - ext4 /dev/vda rw\n"
+    "122 119 0:55 / /proc rw,nosuid - proc proc rw\n"
+    "123 122 0:5 /null /proc/kcore rw,nosuid - devtmpfs udev rw\n"
+    "124 119 0:56 / /dev/pts rw - devpts devpts rw,gid=5,mode=620\n"
+)
+
+
+def test_mount_points_are_read_unescaped() -> None:
+    assert chrootroot.mount_points(MOUNTINFO) == [
+        "/usr",
+        "/my dir",
+        "/proc",
+        "/proc/kcore",
+        "/dev/pts",
+    ]
+
+
+def _container_view(tmp_path: Path, extra_mount: str = "") -> tuple[Path, Path]:
+    """A partition and what /proc/PID of its container would show: `root` (here the
+    partition itself) and `mountinfo`."""
+    lfs = _usr_merged(tmp_path / "lfs")
+    for name in chrootroot.ESSENTIAL_FILES:
+        (lfs / name).write_text("x\n")
+    (lfs / "my dir").mkdir()
+    process = tmp_path / "proc-pid"
+    process.mkdir()
+    os.symlink(lfs, process / "root")
+    (process / "mountinfo").write_text(MOUNTINFO + extra_mount)
+    return lfs, process / "root"
+
+
+def test_binds_that_are_the_checked_files_and_only_the_engine_s_own_mounts_pass(
+    tmp_path: Path,
+) -> None:
+    lfs, root = _container_view(tmp_path)
+    top = chrootroot.survey_top(lfs)
+    identities = chrootroot.bound_identities(lfs, top)
+    targets = ["/usr", "/my dir", "/lib64", "/etc"]
+    chrootroot.check_bound(lfs, identities, targets, root)
+
+
+def test_a_mount_nobody_asked_for_is_refused(tmp_path: Path) -> None:
+    lfs, root = _container_view(
+        tmp_path, "125 119 254:0 /etc/shadow /tmp/x rw - ext4 /dev/vda rw\n"
+    )
+    identities = chrootroot.bound_identities(lfs, chrootroot.survey_top(lfs))
+    with pytest.raises(LfsorchError) as raised:
+        chrootroot.check_bound(lfs, identities, ["/usr", "/my dir"], root)
+    assert raised.value.message == (
+        f"the partition {lfs} changed while a chroot container was being made: the engine "
+        "mounted something at /tmp/x, which lfsorch did not ask for; nothing ran in the container"
+    )
+
+
+def test_an_etc_file_replaced_by_a_link_with_its_old_inode_number_is_not_the_checked_file(
+    tmp_path: Path,
+) -> None:
+    lfs, root = _container_view(tmp_path)
+    identities = chrootroot.bound_identities(lfs, chrootroot.survey_top(lfs))
+    device, inode, _ = identities["/etc/hosts"]
+    # The same device and inode number, another type: what a freed inode reused looks like.
+    identities["/etc/hosts"] = (device, inode, 0o120000)
+    with pytest.raises(LfsorchError) as raised:
+        chrootroot.check_bound(lfs, identities, [], root)
+    assert "etc/hosts is no longer what was checked (now another file)" in raised.value.message

@@ -7,9 +7,12 @@ run can tell containers of a live run from leftovers of a crashed one and remove
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
+import re
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -28,6 +31,11 @@ PURPOSE = f"{LABEL_PREFIX}.purpose"
 OWNER_PID = f"{LABEL_PREFIX}.owner.pid"
 OWNER_START = f"{LABEL_PREFIX}.owner.start"
 OWNER_HOST = f"{LABEL_PREFIX}.owner.host"
+# Set when lfsorch itself runs in a container of the same engine (a CI job's `docker run`
+# with the engine's socket): its host name is that container's, so its liveness is the
+# container's.
+OWNER_CONTAINER = f"{LABEL_PREFIX}.owner.container"
+_HOSTNAME_SOURCE = re.compile(r"/containers/([0-9a-f]{64})/hostname$")
 
 _ENGINE_HINT = (
     "start the Docker engine (for example `dockerd &`) or point DOCKER_HOST at one; "
@@ -67,20 +75,57 @@ def owner_labels(purpose: str, **extra: str) -> dict[str, str]:
         OWNER_START: _own_process_start(),
         OWNER_HOST: socket.gethostname(),
     }
+    container = own_container_id()
+    if container is not None:
+        labels[OWNER_CONTAINER] = container
     labels.update({f"{LABEL_PREFIX}.{key}": value for key, value in extra.items()})
     return labels
 
 
-def owner_alive(labels: dict[str, str]) -> bool:
+@functools.cache
+def own_container_id() -> str | None:
+    """The id of the container this process runs in; None on a host. The engine binds the
+    container's /etc/hostname from the container's own directory in its data root, named by
+    its id (only that mount is read: a host's mount table can name other containers'
+    directories)."""
+    try:
+        text = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        fields = line.split(" ")
+        if len(fields) > 4 and fields[4] == "/etc/hostname":
+            found = _HOSTNAME_SOURCE.search(fields[3])
+            if found:
+                return found.group(1)
+    return None
+
+
+def owner_alive(labels: dict[str, str], client: docker.DockerClient | None = None) -> bool:
     if labels.get(OWNER_HOST) != socket.gethostname():
-        # Another machine's (or another container's) run: we cannot judge it, so keep it.
-        return True
+        # Another machine's or another container's run. A container of this engine is
+        # judged by the engine: gone or stopped, its builds are leftovers. Anything else
+        # cannot be judged from here, so it is kept.
+        owner = labels.get(OWNER_CONTAINER)
+        if client is None or not owner:
+            return True
+        return _container_running(client, owner)
     try:
         pid = int(labels.get(OWNER_PID, "0"))
         process = psutil.Process(pid)
     except (ValueError, psutil.NoSuchProcess, psutil.AccessDenied):
         return False
     return f"{process.create_time():.2f}" == labels.get(OWNER_START)
+
+
+def _container_running(client: docker.DockerClient, container_id: str) -> bool:
+    try:
+        attrs = client.api.inspect_container(container_id)
+    except docker.errors.NotFound:
+        return False
+    except docker.errors.APIError:
+        return True
+    return bool((attrs.get("State") or {}).get("Running"))
 
 
 def managed_containers(
@@ -103,7 +148,7 @@ def reap_leftovers(client: docker.DockerClient) -> list[str]:
     """Remove containers left by lfsorch processes that no longer exist; return their names."""
     removed: list[str] = []
     for listed in managed_containers(client):
-        if owner_alive(listed.get("Labels") or {}):
+        if owner_alive(listed.get("Labels") or {}, client):
             continue
         with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
             client.api.remove_container(listed["Id"], force=True)

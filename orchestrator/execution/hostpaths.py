@@ -35,7 +35,6 @@ from orchestrator.execution import engine
 PROBE_MOUNT = "/lfsorch-probe"
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 _PROBE_TIMEOUT_S = 120
-_CONTAINER_ID = re.compile(r"/containers/([0-9a-f]{64})/")
 _NO_SOURCE = re.compile(r"bind source path does not exist: (.*)$")
 
 
@@ -271,7 +270,7 @@ def _problem(
 def _own_mounts(client: docker.DockerClient) -> list[tuple[str, str]]:
     """(destination, host source) of this container's bind mounts, longest destination
     first; empty when this process is not in a container the engine knows."""
-    container_id = _own_container_id()
+    container_id = engine.own_container_id()
     if container_id is None:
         return []
     try:
@@ -284,17 +283,6 @@ def _own_mounts(client: docker.DockerClient) -> list[tuple[str, str]]:
         if m.get("Type") == "bind"
     ]
     return sorted(pairs, key=lambda pair: len(pair[0]), reverse=True)
-
-
-def _own_container_id() -> str | None:
-    """Docker bind-mounts /etc/hostname (and hosts, resolv.conf) from the container's own
-    directory in the engine's data root, whose name is the container's id."""
-    try:
-        text = Path("/proc/self/mountinfo").read_text()
-    except OSError:
-        return None
-    found = _CONTAINER_ID.search(text)
-    return found.group(1) if found else None
 
 
 def _host_source(target: Path, mounts: list[tuple[str, str]]) -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import docker
 import pytest
 
 from orchestrator.execution import engine, images
-from tests.helpers import REPO, tree_state
+from tests.helpers import BASE_IMAGE, REPO, tree_state
 
 pytestmark = pytest.mark.docker
 
@@ -205,3 +206,47 @@ def test_verify_reproducible_runs_from_the_image(
     ]
     assert report[4:7] == ["diffoscope stamp:", "  | --- a/stamp", "  | +++ b/stamp"]
     assert list((workspace / "verify").iterdir()) == []
+
+
+def test_builds_of_a_killed_lfsorch_container_are_leftovers_to_a_run_on_the_host(
+    docker_client: docker.DockerClient, self_image: str, dirs: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """lfsorch in a container labels its builds with that container's host name, which no
+    process on the host has; the container's id goes with it, so once the engine says that
+    container is gone, a run on the host removes what it left."""
+    workspace, lfs = dirs
+    stages = tmp_path / "held"
+    stages.mkdir()
+    (stages / "held.yaml").write_text(
+        f"stage: held\nimage: {BASE_IMAGE}\npackages:\n"
+        "  - {name: held-by-test, script: 'sleep 300'}\n"
+    )
+    volumes = {SOCKET: {"bind": SOCKET, "mode": "rw"}}
+    volumes.update({str(p): {"bind": str(p), "mode": "rw"} for p in (workspace, lfs)})
+    volumes[str(stages)] = {"bind": "/stages", "mode": "ro"}
+    with engine.managed_container(
+        docker_client,
+        "test-self-image",
+        image=self_image,
+        command=["run", "/stages/held.yaml", "--lfs", str(lfs)],
+        volumes=volumes,
+        environment={"LFSORCH_HOME": str(workspace)},
+    ) as runner:
+        runner.start()
+        # The build's container (the runner's engine-path probe is another, short-lived).
+        owned_by_runner = {
+            "label": [f"{engine.OWNER_CONTAINER}={runner.id}", f"{engine.PACKAGE}=held-by-test"]
+        }
+        deadline = time.monotonic() + 120
+        while not docker_client.containers.list(filters=owned_by_runner):
+            runner.reload()
+            assert runner.status == "running", runner.logs().decode(errors="replace")
+            assert time.monotonic() < deadline, "the build container never started"
+            time.sleep(0.2)
+        kept = engine.reap_leftovers(docker_client)
+        assert docker_client.containers.list(filters=owned_by_runner), kept  # its owner runs
+        runner.kill()  # no chance to clean up
+        runner.wait(timeout=60)
+        removed = engine.reap_leftovers(docker_client)
+    assert [name for name in removed if "held-by-test" in name], removed
+    assert docker_client.containers.list(all=True, filters=owned_by_runner) == []

@@ -265,6 +265,7 @@ def verify_reproducible(
     diffoscope: int = 3,
     keep: bool = False,
     workspace: Workspace | None = None,
+    against: Path | None = None,
     make_view: Callable[[], ConsoleView] | None = None,
     notify: Callable[[str], None] | None = None,
 ) -> reproducible.ReproducibilityReport:
@@ -272,13 +273,26 @@ def verify_reproducible(
     workspace of its own (so nothing is a cache hit), and compare their checkpoints stage by
     stage; diffoscope shows where inside the first `diffoscope` differing files they differ.
 
+    With `against` (a workspace), the first build is the newest run recorded there that
+    checkpointed every stage, and only the second is built here.
+
     The throwaway workspaces (and partitions made for the builds) are removed afterwards
     unless `keep`; after a failed build they stay, for its logs.
     """
     config = load_config([*overrides, "checkpoint=stage"])  # a checkpoint after every stage
     plan = load_plan(paths)
     workspace = checked_workspace(workspace)
-    sites = reproducible.build_sites(workspace, lfs_a, lfs_b, new_run_id())
+    stages = [stage_plan.name for stage_plan in plan.stages]
+    earlier = None
+    if against is not None:
+        if lfs_a is not None:
+            raise reproducible.NotReproducibleSetup(
+                "--against and --lfs-a exclude each other: the first build is the earlier one",
+                hint="give --lfs-b alone for the build made here, or neither",
+            )
+        earlier_workspace = checked_workspace(Workspace(against))
+        earlier = (earlier_workspace, reproducible.earlier_build(earlier_workspace, stages))
+    sites = reproducible.build_sites(workspace, lfs_a, lfs_b, new_run_id(), one=earlier is not None)
 
     def build(site: reproducible.BuildSite) -> RunState:
         if notify is not None:
@@ -287,12 +301,13 @@ def verify_reproducible(
         return run(paths, site.lfs, config=config, parallel=parallel, workspace=site.workspace,
                    view=view)  # fmt: skip
 
-    states = _build_twice(sites, build)
-    stores = (
-        SnapshotStore(sites.a.workspace.snapshots_dir),
-        SnapshotStore(sites.b.workspace.snapshots_dir),
-    )
-    stages = [stage_plan.name for stage_plan in plan.stages]
+    if earlier is None:
+        states = _build_twice(sites, build)
+        first_store = SnapshotStore(sites.a.workspace.snapshots_dir)
+    else:
+        states = [earlier[1], *_build_twice(sites, build, only=(sites.b,))]
+        first_store = SnapshotStore(earlier[0].snapshots_dir)
+    stores = (first_store, SnapshotStore(sites.b.workspace.snapshots_dir))
     report = reproducible.ReproducibilityReport(
         states[0].run_id,
         states[1].run_id,
@@ -311,13 +326,15 @@ def verify_reproducible(
 
 
 def _build_twice(
-    sites: reproducible.BuildSites, build: Callable[[reproducible.BuildSite], RunState]
-) -> tuple[RunState, RunState]:
-    """Build a, then b. A failed build keeps both sites, for its logs; anything else that
-    stops them (a refusal, an interrupt) removes them."""
+    sites: reproducible.BuildSites,
+    build: Callable[[reproducible.BuildSite], RunState],
+    only: Sequence[reproducible.BuildSite] = (),
+) -> list[RunState]:
+    """Build a, then b (or `only` those). A failed build keeps both sites, for its logs;
+    anything else that stops them (a refusal, an interrupt) removes them."""
     states = []
     try:
-        for site in (sites.a, sites.b):
+        for site in only or (sites.a, sites.b):
             state = build(site)
             if state.outcome != "succeeded":
                 raise reproducible.BuildFailed(
@@ -330,7 +347,7 @@ def _build_twice(
         if not isinstance(exc, reproducible.BuildFailed):
             sites.remove()
         raise
-    return states[0], states[1]
+    return states
 
 
 def engine_paths(

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.build.state import RunState
+from orchestrator.build.state import RunState, load_state
 from orchestrator.checkpoints import compare
 from orchestrator.checkpoints.compare import EntryDifference
 from orchestrator.checkpoints.extract import remove_tree
@@ -63,11 +63,12 @@ class BuildSites:
 
 
 def build_sites(
-    workspace: Workspace, lfs_a: Path | None, lfs_b: Path | None, run_tag: str
+    workspace: Workspace, lfs_a: Path | None, lfs_b: Path | None, run_tag: str, one: bool = False
 ) -> BuildSites:
     """Two fresh workspaces under the real one's `verify/`, with its sources, and two empty
-    partitions (the given ones, which must be empty, or new ones beside the workspaces)."""
-    if (lfs_a is None) != (lfs_b is None):
+    partitions (the given ones, which must be empty, or new ones beside the workspaces).
+    With `one`, only b's is made (a names the same place and is never built)."""
+    if (lfs_a is None) != (lfs_b is None) and not one:
         raise NotReproducibleSetup(
             "--lfs-a and --lfs-b go together", hint="give both, or neither for temporary ones"
         )
@@ -82,14 +83,34 @@ def build_sites(
     root = workspace.root / VERIFY_DIR / run_tag
     root.mkdir(parents=True)
     sites = []
-    for name, given in (("a", lfs_a), ("b", lfs_b)):
+    for name, given in (("b", lfs_b),) if one else (("a", lfs_a), ("b", lfs_b)):
         home = root / name / "workspace"
         home.mkdir(parents=True)
         os.symlink(workspace.sources_dir, home / "sources", target_is_directory=True)
         lfs = given if given is not None else root / name / "lfs"
         lfs.mkdir(exist_ok=True)
         sites.append(BuildSite(name, Workspace(home), lfs))
-    return BuildSites(root, sites[0], sites[1])
+    return BuildSites(root, sites[0], sites[-1])
+
+
+def earlier_build(workspace: Workspace, stages: list[str]) -> RunState:
+    """The newest run recorded in `workspace` with a checkpoint of every one of `stages`:
+    the first build, when the second is compared with a build made before (on another
+    partition, another runner or another day)."""
+    runs = workspace.runs_dir
+    candidates = sorted(runs.iterdir(), reverse=True) if runs.is_dir() else []
+    for run_dir in candidates:
+        try:
+            state = load_state(run_dir / "state.json")
+        except LfsorchError:
+            continue
+        if state is not None and all(stage in state.checkpoints for stage in stages):
+            return state
+    raise NotReproducibleSetup(
+        f"no run in the workspace {workspace.root} has a checkpoint of every stage "
+        f"({', '.join(stages)})",
+        hint="build the same stage files there first, or leave out --against to build twice",
+    )
 
 
 def _refuse_used(path: Path) -> None:

@@ -35,14 +35,22 @@ def verify_reproducible(
     parallel: Annotated[
         int | None, typer.Option("--parallel", "-j", min=1, help="packages built side by side")
     ] = None,
+    against: Annotated[
+        Path | None,
+        typer.Option(
+            "--against",
+            help="workspace of an earlier build to compare with (its newest run that "
+            "checkpointed these stages): only one build is made here",
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
     option: Annotated[
         list[str] | None,
         typer.Option("-o", "--option", help="configuration override KEY=VALUE (repeatable)"),
     ] = None,
 ) -> None:
-    """Build the stages twice in empty partitions and compare the checkpoints entry by entry;
-    exit status 1 when they differ."""
+    """Build the stages twice in empty partitions (or once, compared with an earlier build)
+    and compare the checkpoints entry by entry; exit status 1 when they differ."""
     jobs = [f"parallel_builds={parallel}"] if parallel is not None else []
     report = api.verify_reproducible(
         files,
@@ -52,6 +60,7 @@ def verify_reproducible(
         parallel=parallel,
         diffoscope=diffoscope,
         keep=keep,
+        against=against,
         make_view=None if as_json else (lambda: ConsoleView(out)),
         notify=None if as_json else out.print,
     )

@@ -19,7 +19,15 @@ from orchestrator.build.state import load_state
 from orchestrator.checkpoints.compare import MTIMES_NOT_COMPARED
 from orchestrator.execution import engine
 from orchestrator.workspace import Workspace
-from tests.helpers import BASE_IMAGE, REPO, run_cli, start_cli, tree_state, wait_for_container
+from tests.helpers import (
+    BASE_IMAGE,
+    REPO,
+    run_build,
+    run_cli,
+    start_cli,
+    tree_state,
+    wait_for_container,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -215,3 +223,58 @@ def test_ctrl_c_in_a_build_leaves_no_container_and_no_site(
     owned = {"label": [f"{engine.OWNER_PID}={process.pid}"]}
     assert docker_client.containers.list(all=True, filters=owned) == []
     assert list((workspace.root / VERIFY_DIR).iterdir()) == []
+
+
+def test_against_an_earlier_build_only_the_second_is_built_here(
+    demo: Path, workspace: Workspace, tmp_path: Path, no_leftovers: None
+) -> None:
+    """The first build is a run made before in another workspace, on another partition (a
+    long build, or another runner's): its checkpoints are compared with one new build."""
+    earlier = Workspace(tmp_path / "earlier")
+    (tmp_path / "earlier-lfs").mkdir()
+    state, _ = run_build([demo], tmp_path / "earlier-lfs", earlier)
+    assert state.outcome == "succeeded"
+
+    report = api.verify_reproducible([demo], workspace=workspace, against=earlier.root, keep=True)
+
+    assert report.reproducible and report.run_a == state.run_id
+    assert report.kept is not None
+    assert sorted(item.name for item in report.kept.iterdir()) == ["b"], "one build made here"
+    built = load_state(Workspace(report.kept / "b" / "workspace").state_file)
+    assert built is not None and [p.status for p in built.packages] == ["done"] * 5
+    assert all(len(p.attempts) == 1 for p in built.packages), "built, not restored"
+    [stage] = report.stages
+    assert stage.key == state.checkpoints["demo"] and stage.identical >= 10
+
+
+def test_against_an_earlier_build_names_what_differs_from_it(
+    noisy: Path, workspace: Workspace, tmp_path: Path, no_leftovers: None
+) -> None:
+    earlier = Workspace(tmp_path / "earlier")
+    (tmp_path / "earlier-lfs").mkdir()
+    run_build([noisy], tmp_path / "earlier-lfs", earlier)
+    done = run_cli(
+        "verify-reproducible", str(noisy), "--against", str(earlier.root), "--json",
+        "--diffoscope", "0", home=workspace.root,
+    )  # fmt: skip
+    assert done.returncode == 1, done.stderr
+    report = json.loads(done.stdout)
+    assert [(d["path"], d["kinds"]) for d in report["stages"][0]["differences"]] == [
+        ("usr/share/random.bin", ["content"]),
+        ("usr/share/stamp", ["content"]),
+    ]
+
+
+def test_against_a_workspace_without_those_stages_is_refused_before_anything_is_built(
+    noisy: Path, workspace: Workspace, tmp_path: Path, no_leftovers: None
+) -> None:
+    empty = tmp_path / "empty-home"
+    done = run_cli("verify-reproducible", str(noisy), "--against", str(empty), home=workspace.root)
+    assert done.returncode == 2, done.stderr
+    assert f"error: no run in the workspace {empty} has a checkpoint of every stage (noisy)" in (
+        done.stderr
+    )
+    assert not empty.exists()
+    assert not (workspace.root / VERIFY_DIR).exists() or not any(
+        (workspace.root / VERIFY_DIR).iterdir()
+    )

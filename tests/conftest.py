@@ -43,6 +43,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def docker_client() -> docker.DockerClient:
     client = _engine()
     assert client is not None
+    # What an lfsorch process that no longer exists left on the engine (a build killed with
+    # the machine's last session, say) is not this test session's leftover: the tool's own
+    # cleanup removes it first, as any command of it would.
+    engine.reap_leftovers(client)
     return client
 
 

@@ -274,7 +274,7 @@ def verify_reproducible(
     stage; diffoscope shows where inside the first `diffoscope` differing files they differ.
 
     With `against` (a workspace), the first build is the newest run recorded there that
-    checkpointed every stage, and only the second is built here.
+    checkpointed every stage once the second, the only one built here, is done.
 
     The throwaway workspaces (and partitions made for the builds) are removed afterwards
     unless `keep`; after a failed build they stay, for its logs.
@@ -283,15 +283,15 @@ def verify_reproducible(
     plan = load_plan(paths)
     workspace = checked_workspace(workspace)
     stages = [stage_plan.name for stage_plan in plan.stages]
-    earlier = None
+    earlier: Workspace | None = None
     if against is not None:
         if lfs_a is not None:
             raise reproducible.NotReproducibleSetup(
                 "--against and --lfs-a exclude each other: the first build is the earlier one",
                 hint="give --lfs-b alone for the build made here, or neither",
             )
-        earlier_workspace = checked_workspace(Workspace(against))
-        earlier = (earlier_workspace, reproducible.earlier_build(earlier_workspace, stages))
+        earlier = checked_workspace(Workspace(against))
+        reproducible.check_earlier_builds(earlier, stages)
     sites = reproducible.build_sites(workspace, lfs_a, lfs_b, new_run_id(), one=earlier is not None)
 
     def build(site: reproducible.BuildSite) -> RunState:
@@ -305,8 +305,14 @@ def verify_reproducible(
         states = _build_twice(sites, build)
         first_store = SnapshotStore(sites.a.workspace.snapshots_dir)
     else:
-        states = [earlier[1], *_build_twice(sites, build, only=(sites.b,))]
-        first_store = SnapshotStore(earlier[0].snapshots_dir)
+        built = _build_twice(sites, build, only=(sites.b,))
+        try:
+            states = [reproducible.earlier_build(earlier, stages), *built]
+        except reproducible.NotReproducibleSetup:
+            if not keep:
+                sites.remove()
+            raise
+        first_store = SnapshotStore(earlier.snapshots_dir)
     stores = (first_store, SnapshotStore(sites.b.workspace.snapshots_dir))
     report = reproducible.ReproducibilityReport(
         states[0].run_id,

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -93,24 +94,43 @@ def build_sites(
     return BuildSites(root, sites[0], sites[-1])
 
 
+def check_earlier_builds(workspace: Workspace, stages: list[str]) -> None:
+    """Refuse, before anything is built, a workspace none of whose runs builds every one of
+    `stages` (finished or still under way: it is read again once the second build is done)."""
+    for state in _runs(workspace):
+        planned = {package.stage for package in state.packages} | set(state.checkpoints)
+        if planned.issuperset(stages):
+            return
+    raise NotReproducibleSetup(
+        f"no run in the workspace {workspace.root} builds every stage ({', '.join(stages)})",
+        hint="build the same stage files there first, or leave out --against to build twice",
+    )
+
+
 def earlier_build(workspace: Workspace, stages: list[str]) -> RunState:
     """The newest run recorded in `workspace` with a checkpoint of every one of `stages`:
-    the first build, when the second is compared with a build made before (on another
-    partition, another runner or another day)."""
-    runs = workspace.runs_dir
-    candidates = sorted(runs.iterdir(), reverse=True) if runs.is_dir() else []
-    for run_dir in candidates:
-        try:
-            state = load_state(run_dir / "state.json")
-        except LfsorchError:
-            continue
-        if state is not None and all(stage in state.checkpoints for stage in stages):
+    the first build, when the second is compared with a build made elsewhere (on another
+    partition, another runner, or still under way when the second started)."""
+    for state in _runs(workspace):
+        if all(stage in state.checkpoints for stage in stages):
             return state
     raise NotReproducibleSetup(
         f"no run in the workspace {workspace.root} has a checkpoint of every stage "
         f"({', '.join(stages)})",
-        hint="build the same stage files there first, or leave out --against to build twice",
+        hint="let its build of those stages finish, then run again",
     )
+
+
+def _runs(workspace: Workspace) -> Iterator[RunState]:
+    """The workspace's run records, newest first; unreadable ones are passed over."""
+    runs = workspace.runs_dir
+    for run_dir in sorted(runs.iterdir(), reverse=True) if runs.is_dir() else []:
+        try:
+            state = load_state(run_dir / "state.json")
+        except LfsorchError:
+            continue
+        if state is not None:
+            yield state
 
 
 def _refuse_used(path: Path) -> None:

@@ -271,10 +271,35 @@ def test_against_a_workspace_without_those_stages_is_refused_before_anything_is_
     empty = tmp_path / "empty-home"
     done = run_cli("verify-reproducible", str(noisy), "--against", str(empty), home=workspace.root)
     assert done.returncode == 2, done.stderr
-    assert f"error: no run in the workspace {empty} has a checkpoint of every stage (noisy)" in (
-        done.stderr
-    )
+    assert f"error: no run in the workspace {empty} builds every stage (noisy)" in done.stderr
     assert not empty.exists()
     assert not (workspace.root / VERIFY_DIR).exists() or not any(
         (workspace.root / VERIFY_DIR).iterdir()
     )
+
+
+def test_against_a_run_that_never_checkpointed_the_stages_is_refused_after_the_build(
+    noisy: Path, workspace: Workspace, tmp_path: Path, no_leftovers: None
+) -> None:
+    """The earlier run may still be building when the second starts; it is read again at
+    the end, and one that never got a checkpoint of every stage (it failed) is named."""
+    failing = tmp_path / "failing" / "noisy.yaml"
+    failing.parent.mkdir()
+    failing.write_text(
+        f"stage: noisy\nimage: {BASE_IMAGE}\npackages:\n  - {{name: broken, script: 'exit 3'}}\n"
+    )
+    earlier = Workspace(tmp_path / "earlier")
+    (tmp_path / "earlier-lfs").mkdir()
+    state, _ = run_build([failing], tmp_path / "earlier-lfs", earlier)
+    assert state.outcome == "failed"
+
+    done = run_cli(
+        "verify-reproducible", str(noisy), "--against", str(earlier.root), home=workspace.root
+    )
+    assert done.returncode == 2, done.stderr
+    assert (
+        f"error: no run in the workspace {earlier.root} has a checkpoint of every stage (noisy)"
+        in done.stderr
+    )
+    assert "build b: in" in done.stdout, "the second build was made"
+    assert list((workspace.root / VERIFY_DIR).iterdir()) == [], "and removed"

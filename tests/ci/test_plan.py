@@ -200,3 +200,23 @@ def test_the_workflow_names_a_lock_in_the_checkout_relative_to_it(
     inside = tmp_path / "repo" / "stages" / "lfsorch.lock"
     assert jobs._as_in_checkout(inside) == "stages/lfsorch.lock"
     assert jobs._as_in_checkout(tmp_path / "elsewhere.lock") == str(tmp_path / "elsewhere.lock")
+
+
+def test_the_book_times_chapters_7_and_8_after_a_real_ch4_6_run(tmp_path: Path) -> None:
+    # The first chapter 8 plan of a team that has built only chapters 4-6 so far.
+    history = History.read(_home_with_real_run(tmp_path) / "runs")
+    plan = load_plan([REPO / "stages" / "ch8.yaml"])
+    steps = slices.plan_steps(plan)
+    found = slices.estimates(plan, steps, history, None)
+    assert found["ch5/gcc-pass1"] == slices.Estimate(1538.196, "history")
+    assert found["ch7/gettext"] == slices.Estimate(1.0 * 183.465, "book")
+    assert found["ch8/gcc"] == slices.Estimate(43 * 183.465, "book")
+    assert {e.source for name, e in found.items() if name.startswith(("ch7/", "ch8/"))} == {"book"}
+    # GitHub's hosted jobs stop at 6 h: 4.5 h after the default margin.
+    cut = slices.split(steps, found, 6 * 3600 * 0.75)
+    assert [(s.after, s.until) for s in cut] == [
+        (None, "ch8/shadow"),
+        ("ch8/shadow", "ch8/texinfo"),
+        ("ch8/texinfo", "ch8"),
+    ]
+    assert all(s.seconds <= 6 * 3600 * 0.75 for s in cut)

@@ -4,10 +4,8 @@ modules are imported here only for constants, types and the console view."""
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -20,6 +18,7 @@ from orchestrator.cli import images as images_cli
 from orchestrator.cli import snapshots as snapshots_cli
 from orchestrator.cli import sources as sources_cli
 from orchestrator.cli import verify as verify_cli
+from orchestrator.cli.interrupt import stop_on_sigterm
 from orchestrator.errors import ExitCode, LfsorchError, local_file_error
 from orchestrator.monitor.console import ConsoleView, printable
 from orchestrator.monitor.report import SBU_REFERENCE
@@ -111,10 +110,6 @@ def schema() -> None:
     print(json.dumps(api.stage_schema(), indent=2))
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 @app.command()
 def run(
     files: StageFiles,
@@ -160,7 +155,7 @@ def run(
     """Build the stages, each package in a fresh container; resumes after a failure.
 
     An `lfsorch.lock` beside the first stage file is used unless --no-lock is given."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    stop_on_sigterm()
     # -j is checked as the configuration's parallel_builds is, with the same cap.
     jobs = [f"parallel_builds={parallel}"] if parallel is not None else []
     config = api.configuration([*(option or []), *jobs])

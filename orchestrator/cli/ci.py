@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import shlex
-import signal
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
 
 from orchestrator.ci import jobs
+from orchestrator.cli.interrupt import stop_on_sigterm
 from orchestrator.errors import ExitCode
 from orchestrator.monitor.console import ConsoleView, printable
 
@@ -86,10 +85,6 @@ def plan(
         err.print(f"wrote {output}")
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 @app.command("job")
 def job(
     files: StageFiles,
@@ -107,7 +102,7 @@ def job(
 ) -> None:
     """Run one job of `ci plan`: pull the lock's image and the previous checkpoint, build up
     to --until, push that checkpoint (nothing to do when the registry has it)."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    stop_on_sigterm()
     result = jobs.ci_job(
         files,
         lfs,

@@ -4,11 +4,9 @@ over the api."""
 from __future__ import annotations
 
 import json
-import signal
 import sys
 from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING
 
 import typer
@@ -17,6 +15,7 @@ from rich.table import Table
 
 from orchestrator import api
 from orchestrator.checkpoints.store import IMAGE_REPOSITORY
+from orchestrator.cli.interrupt import stop_on_sigterm
 from orchestrator.errors import ConfigError, LfsorchError
 from orchestrator.monitor.console import printable
 from orchestrator.spec.models import parse_size
@@ -174,10 +173,6 @@ def pull(image_ref: str = typer.Argument(..., metavar="IMAGE")) -> None:
           "start after it")  # fmt: skip
 
 
-def _raise_interrupt(signum: int, frame: FrameType | None) -> None:
-    raise KeyboardInterrupt
-
-
 def restore(
     target: str = typer.Argument(
         ..., metavar="STAGE|KEY|IMAGE", help="Stage name, snapshot key, or with --image an image."
@@ -188,6 +183,6 @@ def restore(
     ),
 ) -> None:
     """Make the LFS directory equal a snapshot (by stage or key); refuses unsafe archives."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # a kill stops it as Ctrl-C does
+    stop_on_sigterm()
     info = api.restore(target, lfs, image=image, notify=lambda line: print(line, file=sys.stderr))
     _say(f"restored {info.stage} ({info.key[:12]}) into {lfs}")

@@ -11,6 +11,7 @@ from rich.console import Console
 
 from orchestrator import api
 from orchestrator.build.reproducible import report_lines
+from orchestrator.cli.interrupt import stop_on_sigterm
 from orchestrator.errors import ExitCode
 from orchestrator.monitor.console import ConsoleView, printable
 
@@ -51,6 +52,7 @@ def verify_reproducible(
 ) -> None:
     """Build the stages twice in empty partitions (or once, compared with an earlier build)
     and compare the checkpoints entry by entry; exit status 1 when they differ."""
+    stop_on_sigterm()
     jobs = [f"parallel_builds={parallel}"] if parallel is not None else []
     report = api.verify_reproducible(
         files,

@@ -207,8 +207,13 @@ def test_a_failed_build_keeps_its_logs_and_is_not_compared(
     assert [p.name for p in log.glob("*/logs/failing/boom.log")] == ["boom.log"]
 
 
-def test_ctrl_c_in_a_build_leaves_no_container_and_no_site(
-    stage_file: Callable[[str, str], Path], workspace: Workspace, docker_client: docker.DockerClient
+# SIGTERM is what CI runners, `timeout` and `docker stop` send.
+@pytest.mark.parametrize("stop", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_a_stopped_build_leaves_no_container_and_no_site(
+    stop: signal.Signals,
+    stage_file: Callable[[str, str], Path],
+    workspace: Workspace,
+    docker_client: docker.DockerClient,
 ) -> None:
     endless = stage_file(
         "endless.yaml",
@@ -217,7 +222,7 @@ def test_ctrl_c_in_a_build_leaves_no_container_and_no_site(
     )
     process = start_cli("verify-reproducible", str(endless), home=workspace.root)
     wait_for_container(docker_client, "vr-sleeper", owner=process.pid)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(stop)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 130, output
     owned = {"label": [f"{engine.OWNER_PID}={process.pid}"]}

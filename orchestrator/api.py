@@ -274,7 +274,8 @@ def verify_reproducible(
     stage; diffoscope shows where inside the first `diffoscope` differing files they differ.
 
     With `against` (a workspace), the first build is the newest run recorded there that
-    checkpointed every stage once the second, the only one built here, is done.
+    checkpointed every stage once the second, the only one built here, is done (or, while
+    a run there is still building them, once it has).
 
     The throwaway workspaces (and partitions made for the builds) are removed afterwards
     unless `keep`; after a failed build they stay, for its logs.
@@ -307,7 +308,7 @@ def verify_reproducible(
     else:
         built = _build_twice(sites, build, only=(sites.b,))
         try:
-            states = [reproducible.earlier_build(earlier, stages), *built]
+            states = [reproducible.earlier_build(earlier, stages, notify=notify), *built]
         except reproducible.NotReproducibleSetup:
             if not keep:
                 sites.remove()

@@ -90,19 +90,9 @@ def _summary(run_dir: Path) -> RunSummary:
     for package in state.packages:
         counts[package.status] = counts.get(package.status, 0) + 1
     outcome: str = state.outcome
-    if outcome == "running" and not _alive(state.owner_pid):
+    if outcome == "running" and not state.under_way():
         outcome = "stopped (its process is gone)"
     return RunSummary(state.run_id, state.lfs, state.started, state.finished, outcome, counts)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class SpaceReserve:

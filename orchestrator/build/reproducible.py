@@ -13,7 +13,8 @@ import os
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from orchestrator.workspace import Workspace
 
 VERIFY_DIR = "verify"
 DIFFOSCOPE_TIMEOUT_S = 300
+EARLIER_POLL_S = 30.0
 DIFFOSCOPE_MAX_LINES = 200
 DIFFOSCOPE_MAX_BYTES = 256 * 1024
 
@@ -97,28 +99,54 @@ def build_sites(
 def check_earlier_builds(workspace: Workspace, stages: list[str]) -> None:
     """Refuse, before anything is built, a workspace none of whose runs builds every one of
     `stages` (finished or still under way: it is read again once the second build is done)."""
-    for state in _runs(workspace):
-        planned = {package.stage for package in state.packages} | set(state.checkpoints)
-        if planned.issuperset(stages):
-            return
-    raise NotReproducibleSetup(
-        f"no run in the workspace {workspace.root} builds every stage ({', '.join(stages)})",
-        hint="build the same stage files there first, or leave out --against to build twice",
-    )
+    if not any(_builds_all(state, stages) for state in _runs(workspace)):
+        raise NotReproducibleSetup(
+            f"no run in the workspace {workspace.root} builds every stage ({', '.join(stages)})",
+            hint="build the same stage files there first, or leave out --against to build twice",
+        )
 
 
-def earlier_build(workspace: Workspace, stages: list[str]) -> RunState:
+def earlier_build(
+    workspace: Workspace,
+    stages: list[str],
+    *,
+    poll_s: float = EARLIER_POLL_S,
+    notify: Callable[[str], None] | None = None,
+) -> RunState:
     """The newest run recorded in `workspace` with a checkpoint of every one of `stages`:
     the first build, when the second is compared with a build made elsewhere (on another
-    partition, another runner, or still under way when the second started)."""
-    for state in _runs(workspace):
-        if all(stage in state.checkpoints for stage in stages):
-            return state
-    raise NotReproducibleSetup(
-        f"no run in the workspace {workspace.root} has a checkpoint of every stage "
-        f"({', '.join(stages)})",
-        hint="let its build of those stages finish, then run again",
-    )
+    partition, another runner, or still under way when the second started).
+
+    When none has them yet but a run that builds them is still under way (its process is
+    alive), this waits for it: two long builds started side by side rarely end in order."""
+    announced: set[str] = set()
+    while True:
+        under_way: RunState | None = None
+        for state in _runs(workspace):
+            if all(stage in state.checkpoints for stage in stages):
+                return state
+            if under_way is None and state.under_way() and _builds_all(state, stages):
+                under_way = state
+        if under_way is None:
+            raise NotReproducibleSetup(
+                f"no run in the workspace {workspace.root} has a checkpoint of every stage "
+                f"({', '.join(stages)})",
+                hint="finish its build of those stages (a stopped one resumes with the same "
+                "`lfsorch run`), then run again",
+            )
+        if notify is not None and under_way.run_id not in announced:
+            announced.add(under_way.run_id)
+            missing = [stage for stage in stages if stage not in under_way.checkpoints]
+            notify(
+                f"waiting for run {under_way.run_id} (process {under_way.owner_pid}) in "
+                f"{workspace.root} to checkpoint {', '.join(missing)}"
+            )
+        time.sleep(poll_s)
+
+
+def _builds_all(state: RunState, stages: list[str]) -> bool:
+    planned = {package.stage for package in state.packages} | set(state.checkpoints)
+    return planned.issuperset(stages)
 
 
 def _runs(workspace: Workspace) -> Iterator[RunState]:

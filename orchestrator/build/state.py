@@ -83,6 +83,10 @@ class RunState(BaseModel):
     checkpoints: dict[str, str] = Field(default_factory=dict)
     partition_at: str | None = None
 
+    def under_way(self) -> bool:
+        """Recorded as running by a process that still exists (not one killed mid-build)."""
+        return self.outcome == "running" and process_exists(self.owner_pid)
+
     def find(self, stage: str, name: str) -> PackageState | None:
         for package in self.packages:
             if package.stage == stage and package.name == name:
@@ -102,6 +106,16 @@ class RunState(BaseModel):
             record["attempt_log"] = [a.model_dump() for a in package.attempts]
             packages.append(record)
         return {"run_id": self.run_id, "outcome": self.outcome, "packages": packages}
+
+
+def process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def save_state(state: RunState, path: Path) -> None:

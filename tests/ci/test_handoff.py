@@ -37,8 +37,11 @@ import docker
 import pytest
 import yaml
 
+from orchestrator.build.state import load_state
 from orchestrator.checkpoints.store import IMAGE_REPOSITORY, SnapshotStore
-from tests.helpers import BASE_IMAGE, mounts_under, run_cli
+from orchestrator.execution import engine
+from orchestrator.workspace import Workspace
+from tests.helpers import BASE_IMAGE, mounts_under, run_cli, start_cli, wait_for_container
 
 pytestmark = [pytest.mark.docker]
 
@@ -185,24 +188,20 @@ def _needs(*programs: str) -> None:
 
 
 @pytest.fixture
-def runners(docker_client: docker.DockerClient) -> Iterator[tuple[Registry, RunnerB]]:
-    _needs("docker-registry", "dockerd", "unshare", "nsenter", "ip")
+def registry(docker_client: docker.DockerClient) -> Iterator[Registry]:
+    """A registry on the host's loopback, for the machine's engine (runner A)."""
+    _needs("docker-registry")
     root = Path(f"/var/tmp/lfsorch-handoff-{os.getpid()}")
     root.mkdir(parents=True)
-    machine_bridge = Path("/sys/class/net/docker0").exists()
     registry = Registry(root, _free_port())
-    runner_b = RunnerB(root / "b", registry)
-    runner_b.root.mkdir()
-    port = registry.port
     try:
         registry.serve([], "a")
-        yield registry, runner_b
+        yield registry
     finally:
-        runner_b.stop()
         registry.stop()
         # Only the names this test gave images in the machine's engine: the pushed ones,
         # and the local snapshot images of the checkpoints it pushed.
-        pushed = f"127.0.0.1:{port}/"
+        pushed = f"127.0.0.1:{registry.port}/"
         for image in docker_client.images.list():
             for tag in image.tags:
                 if tag.startswith(pushed):
@@ -214,7 +213,19 @@ def runners(docker_client: docker.DockerClient) -> Iterator[tuple[Registry, Runn
                             docker_client.images.remove(name)
         if not mounts_under(root):
             shutil.rmtree(root, ignore_errors=True)
-    assert not mounts_under(root), "runner B's data root is still mounted"
+
+
+@pytest.fixture
+def runners(registry: Registry) -> Iterator[tuple[Registry, RunnerB]]:
+    _needs("dockerd", "unshare", "nsenter", "ip")
+    machine_bridge = Path("/sys/class/net/docker0").exists()
+    runner_b = RunnerB(registry.root / "b", registry)
+    runner_b.root.mkdir()
+    try:
+        yield registry, runner_b
+    finally:
+        runner_b.stop()
+    assert not mounts_under(registry.root), "runner B's data root is still mounted"
     assert Path("/sys/class/net/docker0").exists() == machine_bridge, "the host's bridge changed"
 
 
@@ -356,3 +367,36 @@ def test_two_runners_hand_a_build_over_through_a_registry(
     assert SnapshotStore(home_single / "snapshots").has(final_key)
     assert _manifest(home_b, final_key) == _manifest(home_single, final_key)
     assert len(_manifest(home_b, final_key)) == 6  # ., a, d, usr, usr/b, usr/c
+
+
+# SIGTERM is how a CI runner ends a job that overran its time limit.
+def test_a_ci_job_stopped_by_its_runner_leaves_no_container(
+    registry: Registry,
+    stage_file: WriteStage,
+    lfs_dir: Path,
+    tmp_path: Path,
+    docker_client: docker.DockerClient,
+) -> None:
+    plan = stage_file(
+        "endless.yaml",
+        f"stage: endless\nimage: {BASE_IMAGE}\npackages:\n"
+        "  - name: ci-sleeper\n    script: sleep 300\n",
+    )
+    home = tmp_path / "home"
+    repo = f"127.0.0.1:{registry.port}/lfsorch"
+    _ok(run_cli("lock", str(plan), "--push", f"{repo}/base", home=home))
+    job = start_cli(
+        "ci", "job", str(plan), "--lfs", str(lfs_dir), "--registry", repo, "--until", "endless",
+        home=home,
+    )  # fmt: skip
+    wait_for_container(docker_client, "ci-sleeper", owner=job.pid, timeout=120)
+    job.send_signal(signal.SIGTERM)
+    output, _ = job.communicate(timeout=60)
+
+    assert job.returncode == 130, output
+    assert "error: interrupted: running containers were stopped and removed" in output
+    owned = {"label": [f"{engine.OWNER_PID}={job.pid}"]}
+    assert docker_client.containers.list(all=True, filters=owned) == []
+    [state] = [load_state(path) for path in Workspace(home).runs_dir.glob("*/state.json")]
+    assert state is not None and state.outcome == "interrupted"
+    assert f"pushed {repo}/snapshot:" not in output

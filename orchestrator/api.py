@@ -309,7 +309,7 @@ def verify_reproducible(
         built = _build_twice(sites, build, only=(sites.b,))
         try:
             states = [reproducible.earlier_build(earlier, stages, notify=notify), *built]
-        except reproducible.NotReproducibleSetup:
+        except BaseException:  # a refusal, or Ctrl-C while waiting for the earlier run
             if not keep:
                 sites.remove()
             raise

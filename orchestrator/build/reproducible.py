@@ -29,7 +29,7 @@ from orchestrator.workspace import Workspace
 
 VERIFY_DIR = "verify"
 DIFFOSCOPE_TIMEOUT_S = 300
-EARLIER_POLL_S = 30.0
+EARLIER_POLL_S = 5.0
 DIFFOSCOPE_MAX_LINES = 200
 DIFFOSCOPE_MAX_BYTES = 256 * 1024
 

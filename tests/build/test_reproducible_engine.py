@@ -308,3 +308,52 @@ def test_against_a_run_that_never_checkpointed_the_stages_is_refused_after_the_b
     )
     assert "build b: in" in done.stdout, "the second build was made"
     assert list((workspace.root / VERIFY_DIR).iterdir()) == [], "and removed"
+
+
+def test_against_a_build_still_running_waits_for_its_checkpoint(
+    stage_file: Callable[[str, str], Path],
+    workspace: Workspace,
+    tmp_path: Path,
+    docker_client: docker.DockerClient,
+    no_leftovers: None,
+) -> None:
+    """Two long builds started side by side rarely end in order: the second one, made here,
+    waits for the earlier one to checkpoint the stage instead of refusing."""
+    # The same script and inputs in both builds; the earlier one runs with a twentieth of a
+    # core (a CPU limit is output-neutral: it stays out of the keys), so it ends last.
+    held = stage_file(
+        "held.yaml",
+        f"""
+        stage: held
+        image: {BASE_IMAGE}
+        packages:
+          - name: vr-held
+            script: |
+              i=0; while [ $i -lt 400000 ]; do i=$((i + 1)); done
+              echo "$i" > /mnt/lfs/out
+        """,
+    )
+    slow = tmp_path / "slow" / "held.yaml"
+    slow.parent.mkdir()
+    slow.write_text(held.read_text().replace("packages:", "resources: {cpus: 0.05}\npackages:"))
+    earlier = Workspace(tmp_path / "earlier")
+    earlier_lfs = tmp_path / "earlier-lfs"
+    earlier_lfs.mkdir()
+    first = start_cli("run", str(slow), "--lfs", str(earlier_lfs), home=earlier.root)
+    try:
+        wait_for_container(docker_client, "vr-held", owner=first.pid)
+        done = run_cli("verify-reproducible", str(held), "--against", str(earlier.root),
+                       home=workspace.root)  # fmt: skip
+    finally:
+        first.communicate(timeout=120)
+    assert first.returncode == 0
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert (earlier_lfs / "out").read_text() == "400000\n"
+    [state] = [load_state(p) for p in earlier.runs_dir.glob("*/state.json")]
+    assert state is not None
+    assert (
+        f"waiting for run {state.run_id} (process {first.pid}) in {earlier.root} to checkpoint held"
+    ) in done.stdout
+    key = state.checkpoints["held"][:12]
+    assert f"stage held (checkpoint {key}): 2 identical, 0 differ" in done.stdout
+    assert list((workspace.root / VERIFY_DIR).iterdir()) == []

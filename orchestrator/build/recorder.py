@@ -57,24 +57,25 @@ class RunRecorder:
             self.save()
 
     def _record_files(self) -> list[Path]:
-        """The partition's record (what resume reads), then the workspace's last run."""
+        """The partition's record (what resume reads), the workspace's last run, and the run
+        directory's own, which `runs`, `ci plan` and `verify-reproducible --against` read,
+        also while the run is under way."""
         assert self.state.partition is not None
-        return [self.partition.record_file(self.state.partition), self.workspace.state_file]
+        return [
+            self.partition.record_file(self.state.partition),
+            self.workspace.state_file,
+            self.workspace.run_dir(self.run_id) / "state.json",
+        ]
 
     def save(self) -> None:
         for path in self._record_files():
             save_state(self.state, path)
 
-    def save_first(self) -> None:
-        """The first copies, the run directory's included."""
-        self.save()
-        save_state(self.state, self.workspace.run_dir(self.run_id) / "state.json")
-
     def save_final(self) -> None:
         """Write every copy of the finished record, each one even if another fails; raise
         the first failure unless an error is already on its way out."""
         failures: list[LfsorchError] = []
-        for path in [*self._record_files(), self.workspace.run_dir(self.run_id) / "state.json"]:
+        for path in self._record_files():
             try:
                 save_state(self.state, path)
             except LfsorchError as exc:

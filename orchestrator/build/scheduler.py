@@ -238,7 +238,7 @@ class Build:
 
     def _start_record(self, reserve: records.SpaceReserve) -> None:
         try:
-            self.recorder.save_first()
+            self.recorder.save()
             self.partition.note_last_run(self.run_id, "running")
         except BaseException:
             self.state.outcome, self.state.finished = "failed", now_iso()

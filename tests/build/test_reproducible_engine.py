@@ -318,9 +318,8 @@ def test_against_a_build_still_running_waits_for_its_checkpoint(
     no_leftovers: None,
 ) -> None:
     """Two long builds started side by side rarely end in order: the second one, made here,
-    waits for the earlier one to checkpoint the stage instead of refusing."""
-    # The same script and inputs in both builds; the earlier one runs with a twentieth of a
-    # core (a CPU limit is output-neutral: it stays out of the keys), so it ends last.
+    waits for the earlier one to checkpoint the stage instead of refusing, and compares as
+    soon as it has, while the earlier run goes on with its later stages."""
     held = stage_file(
         "held.yaml",
         f"""
@@ -333,21 +332,32 @@ def test_against_a_build_still_running_waits_for_its_checkpoint(
               echo "$i" > /mnt/lfs/out
         """,
     )
+    # The same script and inputs in the earlier build, with a twentieth of a core (a CPU
+    # limit is output-neutral: it stays out of the keys), so its stage ends last; a later
+    # stage keeps that run going.
     slow = tmp_path / "slow" / "held.yaml"
     slow.parent.mkdir()
     slow.write_text(held.read_text().replace("packages:", "resources: {cpus: 0.05}\npackages:"))
+    later = slow.parent / "later.yaml"
+    later.write_text(
+        f"stage: later\nimage: {BASE_IMAGE}\nrequires: [held]\npackages:\n"
+        "  - {name: vr-later, script: sleep 120}\n"
+    )
     earlier = Workspace(tmp_path / "earlier")
     earlier_lfs = tmp_path / "earlier-lfs"
     earlier_lfs.mkdir()
-    first = start_cli("run", str(slow), "--lfs", str(earlier_lfs), home=earlier.root)
+    first = start_cli("run", str(slow), str(later), "--lfs", str(earlier_lfs), home=earlier.root)
     try:
         wait_for_container(docker_client, "vr-held", owner=first.pid)
         done = run_cli("verify-reproducible", str(held), "--against", str(earlier.root),
                        home=workspace.root)  # fmt: skip
+        still_running = first.poll() is None
+        first.send_signal(signal.SIGTERM)
     finally:
         first.communicate(timeout=120)
-    assert first.returncode == 0
     assert done.returncode == 0, done.stdout + done.stderr
+    assert still_running, "compared while the earlier run was in its later stage"
+    assert first.returncode == 130
     assert (earlier_lfs / "out").read_text() == "400000\n"
     [state] = [load_state(p) for p in earlier.runs_dir.glob("*/state.json")]
     assert state is not None

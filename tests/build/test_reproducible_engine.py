@@ -352,8 +352,9 @@ def test_against_a_build_still_running_waits_for_its_checkpoint(
         done = run_cli("verify-reproducible", str(held), "--against", str(earlier.root),
                        home=workspace.root)  # fmt: skip
         still_running = first.poll() is None
-        first.send_signal(signal.SIGTERM)
     finally:
+        if first.poll() is None:
+            first.send_signal(signal.SIGTERM)  # also when waiting failed: no run left behind
         first.communicate(timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert still_running, "compared while the earlier run was in its later stage"

@@ -389,9 +389,11 @@ def test_a_ci_job_stopped_by_its_runner_leaves_no_container(
         "ci", "job", str(plan), "--lfs", str(lfs_dir), "--registry", repo, "--until", "endless",
         home=home,
     )  # fmt: skip
-    wait_for_container(docker_client, "ci-sleeper", owner=job.pid, timeout=120)
-    job.send_signal(signal.SIGTERM)
-    output, _ = job.communicate(timeout=60)
+    try:
+        wait_for_container(docker_client, "ci-sleeper", owner=job.pid, timeout=120)
+    finally:
+        job.send_signal(signal.SIGTERM)  # also when waiting failed: no job left behind
+        output, _ = job.communicate(timeout=60)
 
     assert job.returncode == 130, output
     assert "error: interrupted: running containers were stopped and removed" in output

@@ -36,6 +36,7 @@ from orchestrator.lockfile import (
     write_lock,
 )
 from orchestrator.monitor.console import ConsoleView
+from orchestrator.monitor.estimates import History, estimate
 from orchestrator.monitor.eventlog import JsonEventLog
 from orchestrator.monitor.events import Event, EventBus
 from orchestrator.monitor.plugins import PluginBridge, plugin_manager
@@ -643,9 +644,22 @@ def last_report(
     reference: str = SBU_REFERENCE, workspace: Workspace | None = None
 ) -> Report | None:
     """Per-package figures of the last run, with SBUs relative to `reference`; None before
-    the first run."""
+    the first run. A run under way also gets its time to go (`monitor.estimates`)."""
+    workspace = workspace or Workspace.from_env()
     state = last_run(workspace)
-    return None if state is None else build_report(state, reference)
+    if state is None:
+        return None
+    if not state.under_way():
+        return build_report(state, reference)
+    sbu_s = build_report(state, reference).sbu_s
+    history = History.read(workspace.runs_dir)
+    try:
+        book = load_plan([Path(name) for name in state.files]).book_sbus()
+    except LfsorchError:
+        book = {}  # stage files changed or gone since the run began: earlier runs alone tell
+    left = [f"{p.stage}/{p.name}" for p in state.packages if p.status in ("pending", "running")]
+    found = {name: estimate(name, book.get(name), history, sbu_s) for name in left}
+    return build_report(state, reference, estimates=found)
 
 
 # --------------------------------------------------------------------------- snapshots

@@ -47,6 +47,13 @@ def _cli_env(home: Path | None, env: dict[str, str] | None) -> dict[str, str]:
     return {**os.environ, **isolated, **(env or {})}
 
 
+def gone_pid() -> int:
+    """The id of a process that has ended (a record left by a killed run names one)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
 def run_cli(
     *args: str,
     home: Path | None = None,

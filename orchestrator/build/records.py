@@ -89,10 +89,9 @@ def _summary(run_dir: Path) -> RunSummary:
     counts: dict[str, int] = {}
     for package in state.packages:
         counts[package.status] = counts.get(package.status, 0) + 1
-    outcome: str = state.outcome
-    if outcome == "running" and not state.under_way():
-        outcome = "stopped (its process is gone)"
-    return RunSummary(state.run_id, state.lfs, state.started, state.finished, outcome, counts)
+    return RunSummary(
+        state.run_id, state.lfs, state.started, state.finished, state.outcome_now(), counts
+    )
 
 
 class SpaceReserve:

@@ -87,6 +87,12 @@ class RunState(BaseModel):
         """Recorded as running by a process that still exists (not one killed mid-build)."""
         return self.outcome == "running" and process_exists(self.owner_pid)
 
+    def outcome_now(self) -> str:
+        """The outcome, where a record left `running` by a killed process says so."""
+        if self.outcome == "running" and not self.under_way():
+            return "stopped (its process is gone)"
+        return self.outcome
+
     def find(self, stage: str, name: str) -> PackageState | None:
         for package in self.packages:
             if package.stage == stage and package.name == name:

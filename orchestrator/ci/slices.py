@@ -1,25 +1,22 @@
 """A plan as consecutive CI jobs that each fit a time limit.
 
 Every package of every stage, in the order a run builds them one at a time (`-j 1`, a
-checkpoint after each package), gets an estimated build time: from the workspace's earlier
-runs (its SBU relative to `binutils-pass1` times `--sbu-seconds`, or its wall time as
-recorded), else from the book's SBU (`sbu:` in the stage file) times one SBU. Jobs are cut
+checkpoint after each package), gets an estimated build time (`monitor.estimates`: from the
+workspace's earlier runs, scaled to `--sbu-seconds` where given, else the book's SBU times
+one SBU). Jobs are cut
 only between packages, where a checkpoint is taken; a package longer than a job alone is an
 error naming it.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import networkx as nx
 
-from orchestrator.build.state import load_state
 from orchestrator.errors import ExitCode, LfsorchError
-from orchestrator.monitor.report import SBU_REFERENCE
+from orchestrator.monitor.estimates import Estimate, History, estimate
 from orchestrator.spec.graph import Plan, StagePlan, package_graph
 
 
@@ -43,12 +40,6 @@ class Step:
     def checkpoint(self) -> str:
         """What `--stop-after` names to stop after this package: the stage after its last."""
         return self.stage if self.last_of_stage else self.name
-
-
-@dataclass(frozen=True)
-class Estimate:
-    seconds: float
-    source: str  # "history" or "book"
 
 
 @dataclass(frozen=True)
@@ -83,72 +74,24 @@ def plan_steps(plan: Plan) -> list[Step]:
     return steps
 
 
-@dataclass(frozen=True)
-class Recorded:
-    seconds: float
-    reference_s: float | None  # that run's binutils-pass1, the SBU
-
-
-@dataclass
-class History:
-    """The newest recorded build time of each package in the workspace's runs."""
-
-    packages: dict[str, Recorded]
-    sbu_s: float | None  # the newest run's SBU, where one had the reference package
-
-    @classmethod
-    def read(cls, runs_dir: Path) -> History:
-        states = []
-        for record in sorted(runs_dir.glob("*/state.json")) if runs_dir.is_dir() else []:
-            try:
-                state = load_state(record)
-            except LfsorchError:
-                continue  # an unreadable record estimates nothing
-            if state is not None:
-                states.append(state)
-        states.sort(key=lambda s: (s.started, s.run_id), reverse=True)
-        packages: dict[str, Recorded] = {}
-        sbu_s = None
-        for state in states:
-            done = {
-                f"{p.stage}/{p.name}": p.duration_s
-                for p in state.packages
-                if p.status == "done" and p.duration_s is not None and math.isfinite(p.duration_s)
-            }
-            reference = next(
-                (s for n, s in done.items() if n.split("/", 1)[1] == SBU_REFERENCE), None
-            )
-            reference = reference if reference and reference > 0 else None
-            sbu_s = sbu_s or reference
-            for name, seconds in done.items():
-                assert seconds is not None
-                packages.setdefault(name, Recorded(max(seconds, 0.0), reference))
-        return cls(packages, sbu_s)
-
-
 def estimates(
     plan: Plan, steps: Sequence[Step], history: History, sbu_seconds: float | None
 ) -> dict[str, Estimate]:
     """Each step's estimated build time; every package without one is listed at once."""
-    book = {f"{s.name}/{p.name}": p.sbu for s in plan.stages for p in s.file.stage.packages}
-    sbu = sbu_seconds or history.sbu_s
+    book = plan.book_sbus()
     found: dict[str, Estimate] = {}
     unknown = []
     for step in steps:
-        recorded = history.packages.get(step.name)
-        if recorded is not None and (sbu_seconds is None or recorded.reference_s):
-            seconds = recorded.seconds
-            if sbu_seconds is not None and recorded.reference_s:
-                seconds = recorded.seconds / recorded.reference_s * sbu_seconds
-            found[step.name] = Estimate(seconds, "history")
-        elif book.get(step.name) is not None and sbu is not None:
-            found[step.name] = Estimate(float(book[step.name] or 0.0) * sbu, "book")
-        else:
+        found_one = estimate(step.name, book.get(step.name), history, sbu_seconds)
+        if found_one is None:
             unknown.append(step.name)
+        else:
+            found[step.name] = found_one
     if unknown:
+        known_sbu = sbu_seconds or history.sbu_s
         raise CiPlanError(
             f"no estimate for {', '.join(unknown)}: no earlier run built them and "
-            + ("the stage files give no `sbu:`" if sbu else "no SBU is known"),
+            + ("the stage files give no `sbu:`" if known_sbu else "no SBU is known"),
             hint="give `--sbu-seconds S` (one SBU on the runner) and `sbu:` for each package, "
             "or build once here so the workspace has their times",
         )

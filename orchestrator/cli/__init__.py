@@ -21,7 +21,7 @@ from orchestrator.cli import verify as verify_cli
 from orchestrator.cli.interrupt import stop_on_sigterm
 from orchestrator.errors import ExitCode, LfsorchError, local_file_error
 from orchestrator.monitor.console import ConsoleView, printable
-from orchestrator.monitor.report import SBU_REFERENCE
+from orchestrator.monitor.report import SBU_REFERENCE, Report
 
 if TYPE_CHECKING:
     from orchestrator.build.state import RunState
@@ -267,6 +267,47 @@ def _attempt_lines(state: RunState) -> list[str]:
     return lines
 
 
+_ESTIMATED_FROM = {"history": "earlier runs", "book": "the book's SBU"}
+
+
+def _clock(seconds: float, *, exact: bool = True) -> str:
+    """`1h 02m 05s`, or for an estimate `1h 02m`."""
+    whole = int(seconds + 0.5) if exact else int(seconds / 60 + 0.5) * 60
+    hours_minutes = f"{whole // 3600}h {whole // 60 % 60:02d}m"
+    return f"{hours_minutes} {whole % 60:02d}s" if exact else hours_minutes
+
+
+def _run_time_lines(result: Report) -> list[str]:
+    """The run's own wall time (checkpoints and waits included), and a run under way's time to
+    go."""
+    lines = []
+    if result.elapsed_s is not None:
+        if result.outcome == "running":
+            lines.append(
+                f"run wall time so far: {_clock(result.elapsed_s)} (started {result.started})"
+            )
+        else:
+            lines.append(
+                f"run wall time: {_clock(result.elapsed_s)} (started {result.started}, "
+                f"{result.outcome} {result.ended})"
+            )
+    to_go = result.to_go
+    if to_go is not None and to_go.packages:
+        known = to_go.packages - len(to_go.unknown)
+        whence = ", ".join(
+            f"{count} from {_ESTIMATED_FROM.get(source, source)}"
+            for source, count in sorted(to_go.sources.items(), reverse=True)
+        )
+        line = f"to go: {to_go.packages} package(s)"
+        if known:
+            counted = f" for {known} of them" if to_go.unknown else ""
+            line += f", about {_clock(to_go.seconds, exact=False)}{counted} ({whence})"
+        if to_go.unknown:
+            line += f"; no estimate for {', '.join(to_go.unknown)}"
+        lines.append(line)
+    return lines
+
+
 def _mib(value: int | None) -> str:
     return "-" if value is None else f"{value / 2**20:.1f}"
 
@@ -317,6 +358,8 @@ def report(
         )
     out.print(table)
     out.print(f"total wall time of the packages: {result.total_wall_s / 60:.1f} min")
+    for line in _run_time_lines(result):
+        out.print(line, markup=False)
     steps = [(row, step) for row in result.rows for step in row.recovery]
     if steps:
         out.print("recovery decisions:")

@@ -1,13 +1,17 @@
 """The build report a jhalfs user reads after a build: time, SBU, CPU, memory, disk per package,
-and the recovery decisions taken on the way, attempt by attempt."""
+the recovery decisions taken on the way, attempt by attempt, the run's own wall time, and for a
+run under way, how long it has to go."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
 
 from orchestrator.build.state import PackageState, RunState
+from orchestrator.monitor.estimates import SBU_REFERENCE, Estimate
 
-SBU_REFERENCE = "binutils-pass1"
+__all__ = ["SBU_REFERENCE", "Report", "ReportRow", "ToGo", "build_report", "time_to_go"]
 
 
 @dataclass(frozen=True)
@@ -43,11 +47,27 @@ class ReportRow:
 
 
 @dataclass(frozen=True)
+class ToGo:
+    """What a run under way has left: its packages not built yet, and about how long they take
+    (the one building counted with what its estimate has left)."""
+
+    packages: int
+    seconds: float
+    sources: dict[str, int] = field(default_factory=dict)  # estimates from "history", "book"
+    unknown: list[str] = field(default_factory=list)  # `stage/package` that nothing estimates
+
+
+@dataclass(frozen=True)
 class Report:
     run_id: str
     reference: str
     sbu_s: float | None
     rows: list[ReportRow]
+    started: str | None = None
+    ended: str | None = None  # when it finished, or its last package ended if it was killed
+    outcome: str | None = None
+    elapsed_s: float | None = None  # from start to end, or to now while under way
+    to_go: ToGo | None = None
 
     @property
     def total_wall_s(self) -> float:
@@ -59,12 +79,42 @@ class Report:
             "sbu_reference": self.reference,
             "sbu_seconds": self.sbu_s,
             "total_wall_s": round(self.total_wall_s, 3),
+            "started": self.started,
+            "ended": self.ended,
+            "outcome": self.outcome,
+            "elapsed_s": None if self.elapsed_s is None else round(self.elapsed_s, 3),
+            "to_go": None if self.to_go is None else asdict(self.to_go),
             "packages": [asdict(row) for row in self.rows],
         }
 
 
-def build_report(state: RunState, reference: str = SBU_REFERENCE) -> Report:
-    """One Standard Build Unit is the wall time of the reference package in the same record."""
+def _instant(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return None  # a hand-edited record: no elapsed time rather than a traceback
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _last_package_end(state: RunState) -> str | None:
+    ends = [(moment, p.finished) for p in state.packages if (moment := _instant(p.finished))]
+    return max(ends)[1] if ends else None
+
+
+def build_report(
+    state: RunState,
+    reference: str = SBU_REFERENCE,
+    *,
+    now: datetime | None = None,
+    estimates: Mapping[str, Estimate | None] | None = None,
+) -> Report:
+    """One Standard Build Unit is the wall time of the reference package in the same record.
+
+    `estimates` (by `stage/package`) give a run under way its time to go; `now` is the clock
+    for a run under way, the current time unless given.
+    """
     sbu = next(
         (p.duration_s for p in state.packages if p.name == reference and p.status == "done"),
         None,
@@ -83,7 +133,44 @@ def build_report(state: RunState, reference: str = SBU_REFERENCE) -> Report:
         )
         for p in state.packages
     ]
-    return Report(state.run_id, reference, sbu, rows)
+    now = now or datetime.now(UTC)
+    under_way = state.under_way()
+    ended = state.finished or (None if under_way else _last_package_end(state))
+    start, end = _instant(state.started), (_instant(ended) if ended else now)
+    elapsed = (end - start).total_seconds() if start and end and end >= start else None
+    to_go = time_to_go(state, estimates, now) if under_way and estimates is not None else None
+    return Report(
+        state.run_id,
+        reference,
+        sbu,
+        rows,
+        started=state.started,
+        ended=ended,
+        outcome=state.outcome_now(),
+        elapsed_s=elapsed,
+        to_go=to_go,
+    )
+
+
+def time_to_go(state: RunState, estimates: Mapping[str, Estimate | None], now: datetime) -> ToGo:
+    """The packages still pending or building, and the sum of what their estimates leave."""
+    seconds = 0.0
+    sources: dict[str, int] = {}
+    unknown: list[str] = []
+    left = [p for p in state.packages if p.status in ("pending", "running")]
+    for package in left:
+        name = f"{package.stage}/{package.name}"
+        found = estimates.get(name)
+        if found is None:
+            unknown.append(name)
+            continue
+        sources[found.source] = sources.get(found.source, 0) + 1
+        remaining = found.seconds
+        attempt = package.attempts[-1] if package.attempts else None
+        if package.status == "running" and attempt and (begun := _instant(attempt.started)):
+            remaining -= max((now - begun).total_seconds(), 0.0)
+        seconds += max(remaining, 0.0)
+    return ToGo(len(left), seconds, sources, unknown)
 
 
 def recovery_steps(package: PackageState) -> list[RecoveryStep]:

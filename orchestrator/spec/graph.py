@@ -28,6 +28,10 @@ class Plan:
     def as_json(self) -> dict[str, object]:
         return {"stages": [{"stage": s.name, "levels": s.levels} for s in self.stages]}
 
+    def book_sbus(self) -> dict[str, float | None]:
+        """Each package's `sbu:` (the book's build time in SBU), by `stage/package`."""
+        return {f"{s.name}/{p.name}": p.sbu for s in self.stages for p in s.file.stage.packages}
+
 
 def _cycle_text(cycle: Sequence[str]) -> str:
     return " -> ".join([*cycle, cycle[0]])

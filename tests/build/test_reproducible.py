@@ -12,6 +12,7 @@ import pytest
 from orchestrator.build.reproducible import NotReproducibleSetup, earlier_build
 from orchestrator.build.state import PackageState, RunState, save_state
 from orchestrator.workspace import Workspace
+from tests.helpers import gone_pid
 
 
 def record(workspace: Workspace, run_id: str, state: RunState) -> None:
@@ -28,12 +29,6 @@ def building(run_id: str, owner_pid: int, checkpoints: dict[str, str]) -> RunSta
         packages=[PackageState(stage="ch5", name="gcc"), PackageState(stage="ch6", name="m4")],
         checkpoints=checkpoints,
     )
-
-
-def gone_pid() -> int:
-    child = subprocess.Popen(["true"])
-    child.wait()
-    return child.pid
 
 
 def test_a_run_still_building_the_stages_is_waited_for(tmp_path: Path) -> None:

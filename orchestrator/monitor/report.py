@@ -136,7 +136,8 @@ def build_report(
     now = now or datetime.now(UTC)
     under_way = state.under_way()
     ended = state.finished or (None if under_way else _last_package_end(state))
-    start, end = _instant(state.started), (_instant(ended) if ended else now)
+    start = _instant(state.started)
+    end = _instant(ended) if ended else (now if under_way else None)  # killed before any end
     elapsed = (end - start).total_seconds() if start and end and end >= start else None
     to_go = time_to_go(state, estimates, now) if under_way and estimates is not None else None
     return Report(

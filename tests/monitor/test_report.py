@@ -185,3 +185,14 @@ def test_report_prices_what_is_left_from_earlier_runs_then_the_book(tmp_path: Pa
     assert report is not None and report.to_go is not None
     assert report.to_go.unknown == ["ch5/glibc", "ch5/libstdcxx"]
     assert report.to_go.seconds == 1200.0
+
+
+def test_a_run_killed_before_any_package_ended_has_no_wall_time() -> None:
+    state = RunState(run_id="r", lfs="/x", files=[], owner_pid=gone_pid())
+    state.packages = [PackageState(stage="ch5", name="binutils-pass1", status="running")]
+    report = build_report(state)
+    assert (report.outcome, report.ended, report.elapsed_s) == (
+        "stopped (its process is gone)",
+        None,
+        None,
+    )

@@ -3,9 +3,8 @@
 Every package of every stage, in the order a run builds them one at a time (`-j 1`, a
 checkpoint after each package), gets an estimated build time (`monitor.estimates`: from the
 workspace's earlier runs, scaled to `--sbu-seconds` where given, else the book's SBU times
-one SBU). Jobs are cut
-only between packages, where a checkpoint is taken; a package longer than a job alone is an
-error naming it.
+one SBU). Jobs are cut only between packages, where a checkpoint is taken; a package longer
+than a job alone is an error naming it.
 """
 
 from __future__ import annotations

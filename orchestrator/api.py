@@ -40,7 +40,7 @@ from orchestrator.monitor.estimates import History, estimate
 from orchestrator.monitor.eventlog import JsonEventLog
 from orchestrator.monitor.events import Event, EventBus
 from orchestrator.monitor.plugins import PluginBridge, plugin_manager
-from orchestrator.monitor.report import SBU_REFERENCE, Report, build_report
+from orchestrator.monitor.report import SBU_REFERENCE, Report, build_report, sbu_seconds
 from orchestrator.partition import Partition, PartitionBusy, refuse_unsafe_workspace
 from orchestrator.sources import cache as sources
 from orchestrator.sources.sets import Source, SourceSet, default_set_dirs, load_source_set
@@ -651,7 +651,7 @@ def last_report(
         return None
     if not state.under_way():
         return build_report(state, reference)
-    sbu_s = build_report(state, reference).sbu_s
+    sbu_s = sbu_seconds(state, reference)
     history = History.read(workspace.runs_dir)
     try:
         book = load_plan([Path(name) for name in state.files]).book_sbus()

@@ -11,7 +11,15 @@ from datetime import UTC, datetime
 from orchestrator.build.state import PackageState, RunState
 from orchestrator.monitor.estimates import SBU_REFERENCE, Estimate
 
-__all__ = ["SBU_REFERENCE", "Report", "ReportRow", "ToGo", "build_report", "time_to_go"]
+__all__ = [
+    "SBU_REFERENCE",
+    "Report",
+    "ReportRow",
+    "ToGo",
+    "build_report",
+    "sbu_seconds",
+    "time_to_go",
+]
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,14 @@ def _last_package_end(state: RunState) -> str | None:
     return max(ends)[1] if ends else None
 
 
+def sbu_seconds(state: RunState, reference: str = SBU_REFERENCE) -> float | None:
+    """One Standard Build Unit: the wall time of the reference package in the same record."""
+    return next(
+        (p.duration_s for p in state.packages if p.name == reference and p.status == "done"),
+        None,
+    )
+
+
 def build_report(
     state: RunState,
     reference: str = SBU_REFERENCE,
@@ -110,15 +126,12 @@ def build_report(
     now: datetime | None = None,
     estimates: Mapping[str, Estimate | None] | None = None,
 ) -> Report:
-    """One Standard Build Unit is the wall time of the reference package in the same record.
+    """Per-package figures, SBUs relative to `reference` (`sbu_seconds`), and the run's times.
 
     `estimates` (by `stage/package`) give a run under way its time to go; `now` is the clock
     for a run under way, the current time unless given.
     """
-    sbu = next(
-        (p.duration_s for p in state.packages if p.name == reference and p.status == "done"),
-        None,
-    )
+    sbu = sbu_seconds(state, reference)
     rows = [
         ReportRow(
             stage=p.stage,

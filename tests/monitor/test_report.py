@@ -196,3 +196,11 @@ def test_a_run_killed_before_any_package_ended_has_no_wall_time() -> None:
         None,
         None,
     )
+
+
+def test_a_hand_edited_start_time_gives_no_wall_time_rather_than_an_error() -> None:
+    state = _finished_run()
+    state.started = "yesterday-ish"
+    report = build_report(state)
+    assert (report.outcome, report.elapsed_s) == ("succeeded", None)
+    assert report.as_json()["elapsed_s"] is None

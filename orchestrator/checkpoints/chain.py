@@ -10,6 +10,7 @@ atomic writes and which snapshots a prune keeps; this module, what a chain's arc
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import tempfile
@@ -41,8 +42,23 @@ from orchestrator.errors import LfsorchError
 if TYPE_CHECKING:
     from orchestrator.checkpoints.store import SnapshotStore
 
-# Deltas of deltas make restores slower and pruning harder; past this depth, take a full one.
-MAX_CHAIN = 8
+
+# When a new snapshot is a delta and when it is full. A restore reads every layer's manifest
+# (a third of a second each for a whole LFS system) and every archive of the chain, so a chain
+# ends at `max_layers` snapshots, or when its deltas would carry more than `max_delta_share`
+# of its full base's bytes: a restore then reads at most 1.5 full archives. A fixed depth
+# alone made chapter 8, where most packages change a few MiB of a 3 GiB tree, take a full
+# archive every 8 packages: 14 full archives, 10.0 of the build's 12.7 GiB of archives
+# (`benchmarks/chain.py --replay` gives 5.0 GiB under this policy).
+@dataclasses.dataclass(frozen=True)
+class ChainPolicy:
+    max_layers: int = 32
+    max_delta_share: float = 0.5
+
+
+DEFAULT_POLICY = ChainPolicy()
+# A chain longer than this cannot have been written by any policy: it loops, or was forged.
+MAX_CHAIN = 128
 # The scratch tree a rebase restores into, in the store; a later prune removes a killed one's.
 REBASE_PREFIX = ".rebase-"
 # Written beside its final name, renamed into place when complete.
@@ -53,7 +69,7 @@ def manifests_to(key: str, manifest_of: Callable[[str], Manifest]) -> list[Manif
     """Manifests from the full base snapshot to `key`."""
     chain = [manifest_of(key)]
     while chain[-1].delta_of is not None:
-        if len(chain) > 4 * MAX_CHAIN:
+        if len(chain) > MAX_CHAIN:
             raise SnapshotError(f"snapshot {key}: delta chain loops or is too long")
         chain.append(manifest_of(chain[-1].delta_of))
     return chain[::-1]
@@ -62,20 +78,55 @@ def manifests_to(key: str, manifest_of: Callable[[str], Manifest]) -> list[Manif
 # --------------------------------------------------------------------------- writing
 
 
-def delta_base(store: SnapshotStore, parent: str | None, tree: Path) -> Manifest | None:
-    """The manifest a snapshot of `tree` is a delta over, or None for a full snapshot."""
+@dataclasses.dataclass
+class DeltaBase:
+    """What a new snapshot may be a delta over: the base's manifest (a private copy, the
+    tree's stat index applied) and the tar bytes the delta may carry before a full snapshot
+    is the better choice (below zero once the chain carries its share, infinite for a
+    policy without one)."""
+
+    manifest: Manifest
+    budget: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ChainLink:
+    """What walking a chain needs of a snapshot, without its entries."""
+
+    delta_of: str | None
+    raw_size: int
+
+
+def delta_base(
+    store: SnapshotStore, parent: str | None, tree: Path, policy: ChainPolicy = DEFAULT_POLICY
+) -> DeltaBase | None:
+    """The base a snapshot of `tree` is a delta over, or None for a full snapshot."""
     if parent is None or not store.has(parent):
         return None
-    # Each manifest is parsed once: it is the bulk of an incremental snapshot's fixed cost.
-    base = store.read_manifest(parent)  # a private copy: the stat index is applied to it
-    depth, below = 1, base.delta_of
-    while below is not None and depth < MAX_CHAIN:
-        depth += 1
-        below = store.manifest(below).delta_of
-    if depth >= MAX_CHAIN:
+    layers, carried, link = 1, 0, store.link(parent)
+    while link.delta_of is not None:
+        if layers >= policy.max_layers:
+            return None
+        layers, carried = layers + 1, carried + link.raw_size
+        link = store.link(link.delta_of)
+    if layers >= policy.max_layers:
         return None
+    # Once the chain carries its share, only an empty delta (a stage's checkpoint over its
+    # last package's tree) stays one.
+    budget = policy.max_delta_share * link.raw_size - carried
+    base = store.read_manifest(parent)  # a private copy: the stat index is applied to it
     apply_stat_index(store.directory(parent), base, tree)
-    return base
+    return DeltaBase(base, budget)
+
+
+def _tar_bytes(entries: dict[str, Entry], paths: list[str]) -> int:
+    """About what tar writes for `paths`: a header each and file data in 512-byte blocks."""
+    total = 0
+    for path in paths:
+        entry = entries[path]
+        data = entry.size if entry.type == "file" else 0
+        total += 512 + -(-data // 512) * 512
+    return total
 
 
 def write_snapshot(
@@ -85,12 +136,24 @@ def write_snapshot(
     key: str,
     stage: str,
     parent: str | None,
-    base: Manifest | None,
+    delta_over: DeltaBase | None,
     metadata: dict[str, Any],
 ) -> Manifest:
-    """Archive `tree` into `staging` (whole, or what changed since `base`); its manifest."""
-    scan = TreeScan(tree, base.entries if base is not None else None)
-    archived = scan.paths(changed_only=base is not None, refuse_block_devices=True)
+    """Archive `tree` into `staging` (whole, or what changed since `delta_over`, unless that
+    is more than its budget); its manifest."""
+    base: Manifest | None = None
+    archived: Iterable[str]
+    if delta_over is None:
+        scan = TreeScan(tree)
+        # The walk feeds tar as it goes: no separate scan before archiving.
+        archived = scan.paths(refuse_block_devices=True)
+    else:
+        scan = TreeScan(tree, delta_over.manifest.entries)
+        archived = list(scan.paths(changed_only=True, refuse_block_devices=True))
+        if archived and _tar_bytes(scan.entries, archived) > delta_over.budget:
+            archived = list(scan.entries)  # a full snapshot: e.g. after a chown of every file
+        else:
+            base = delta_over.manifest
     target = staging / ARCHIVE
     # A delta hashes as its base did: its manifest lists the base's digests too.
     algorithm = base.digest if base is not None else digests.DEFAULT
@@ -129,9 +192,8 @@ def _write_archive(
     target: Path, tree: Path, paths: Iterable[str], algorithm: str
 ) -> archive.WriteResult:
     with target.open("wb") as out:
-        # The walk feeds tar as it goes (no separate scan before archiving). No fsync:
-        # the rename makes an interrupted snapshot invisible, and one damaged by a power
-        # cut fails its archive digest, so it is refused, never trusted.
+        # No fsync: the rename makes an interrupted snapshot invisible, and one damaged by a
+        # power cut fails its archive digest, so it is refused, never trusted.
         return archive.write_archive(tree, paths, out, digest=algorithm)
 
 

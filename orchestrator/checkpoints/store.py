@@ -73,11 +73,18 @@ Layers = list[Layer]
 class SnapshotStore:
     """Snapshots under one directory (normally `Workspace.snapshots_dir`)."""
 
-    def __init__(self, root: Path, *, isolate: bool = False) -> None:
+    def __init__(
+        self, root: Path, *, isolate: bool = False, policy: chain.ChainPolicy = chain.DEFAULT_POLICY
+    ) -> None:
         """`isolate`: extract this store's archives in a throwaway container, not in the
-        host's sandbox (images from elsewhere always go through a container)."""
+        host's sandbox (images from elsewhere always go through a container). `policy`: when
+        a new snapshot is a delta, and when full."""
         self.root = root
         self.isolate = isolate
+        self.policy = policy
+        # Deciding between a delta and a full snapshot walks the parent's chain: remembered,
+        # so that walk does not parse a whole manifest per layer for every new snapshot.
+        self._links: dict[str, chain.ChainLink] = {}
         # Parsing a manifest of a whole root filesystem takes tens of milliseconds, and a
         # restore asks for the same one several times (resolve, chain, check). Keyed by the
         # file's identity too, so a manifest replaced on disk is read again.
@@ -135,6 +142,14 @@ class SnapshotStore:
             entries=len(manifest.entries),
             path=self.directory(manifest.key),
         )
+
+    def link(self, key: str) -> chain.ChainLink:
+        """What snapshot `key` is a delta of, and its archive's tar bytes."""
+        link = self._links.get(key)
+        if link is None:
+            manifest = self.manifest(key)
+            link = self._links[key] = chain.ChainLink(manifest.delta_of, manifest.raw_size)
+        return link
 
     def has(self, key: str) -> bool:
         """Whether a complete snapshot with this key exists (no manifest is read)."""
@@ -225,7 +240,7 @@ class SnapshotStore:
         if not tree.is_dir():
             raise SnapshotError(f"cannot snapshot {tree}: not a directory")
         refuse_nested_mounts(tree.absolute(), "snapshot")
-        base = chain.delta_base(self, delta_base or parent, tree) if not full else None
+        base = None if full else chain.delta_base(self, delta_base or parent, tree, self.policy)
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
         try:
@@ -235,11 +250,12 @@ class SnapshotStore:
                 key=key,
                 stage=stage,
                 parent=parent,
-                base=base,
+                delta_over=base,
                 metadata=metadata or {},
             )
             (staging / MANIFEST).write_bytes(orjson.dumps(manifest.to_json()))
             os.rename(staging, self.directory(key))
+            self._links[key] = chain.ChainLink(manifest.delta_of, manifest.raw_size)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -303,6 +319,7 @@ class SnapshotStore:
             if relabelled is not None:
                 self._commit_manifest(relabelled)
         removed = [info.key for info in snapshots if info.key not in keep]
+        self._links.clear()
         # Newest first: a delta goes before its base, so a kill leaves no listed orphan.
         for key in reversed(removed):
             doomed = self.root / f"{PRUNE_PREFIX}{key}"
@@ -322,6 +339,7 @@ class SnapshotStore:
         partial = path.with_name(MANIFEST + PARTIAL_SUFFIX)
         partial.write_bytes(orjson.dumps(manifest.to_json()))
         os.rename(partial, path)
+        self._links.pop(manifest.key, None)
 
     def _remove_prune_leftovers(self) -> None:
         """What a killed prune left: scratch trees, half-deleted snapshots, unused archives."""

@@ -16,8 +16,9 @@ import pytest
 import zstandard
 
 from orchestrator.checkpoints.archive import sort_key
+from orchestrator.checkpoints.chain import ChainPolicy
 from orchestrator.checkpoints.digests import data_digest
-from orchestrator.checkpoints.manifest import ARCHIVE, SnapshotError, snapshot_key
+from orchestrator.checkpoints.manifest import ARCHIVE, Manifest, SnapshotError, snapshot_key
 from orchestrator.checkpoints.store import KEY_LABEL, MANIFEST, MANIFEST_MEMBER, SnapshotStore
 from orchestrator.checkpoints.tarstream import UnsafeArchiveError
 from orchestrator.checkpoints.treescan import scan_tree, verify_tree
@@ -247,6 +248,108 @@ def test_first_snapshot_after_a_restore_stays_small(
     store.create(target, "next", stage="ch6", parent="base")
     carried = {p for p, e in store.manifest("next").entries.items() if e.layer == "next"}
     assert carried == {".", "new-file"}
+
+
+def _kinds(store: SnapshotStore, keys: list[str]) -> list[str]:
+    return ["full" if store.manifest(key).delta_of is None else "delta" for key in keys]
+
+
+def _restores_exactly(
+    store: SnapshotStore, key: str, target: Path, client: docker.DockerClient
+) -> None:
+    store.restore(key, target, client)
+    assert verify_tree(store.manifest(key), target) == []
+    assert store.verify(key) == []
+
+
+def test_small_deltas_chain_until_the_policy_depth(
+    tree: Path, store: SnapshotStore, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    (tree / "usr/lib").mkdir()
+    (tree / "usr/lib/big.so").write_bytes(os.urandom(1 << 20))
+    keys = [f"k{index:02d}" for index in range(12)]
+    for index, key in enumerate(keys):
+        (tree / f"usr/bin/tool{index}").write_bytes(os.urandom(1000))  # a package's worth
+        store.create(tree, key, stage="ch8", parent=keys[index - 1] if index else None)
+    # Twelve layers: deeper than a fixed depth of 8 would allow, well under the default 32.
+    assert _kinds(store, keys) == ["full"] + ["delta"] * 11
+    _restores_exactly(store, keys[-1], tmp_path / "tip", docker_client)
+
+    store.policy = ChainPolicy(max_layers=5)
+    more = [f"m{index:02d}" for index in range(7)]
+    for index, key in enumerate(more):
+        os.unlink(tree / f"usr/bin/tool{index}")
+        store.create(tree, key, stage="ch8", parent=more[index - 1] if index else keys[-1])
+    # The chain already had 12 layers, so the first is full; then 4 deltas, then full again.
+    assert _kinds(store, more) == ["full"] + ["delta"] * 4 + ["full", "delta"]
+    _restores_exactly(store, more[-1], tmp_path / "tip", docker_client)
+
+
+def test_a_delta_larger_than_its_budget_is_written_full(
+    tree: Path, store: SnapshotStore, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    (tree / "usr/lib").mkdir()
+    for index in range(8):
+        (tree / f"usr/lib/lib{index}.so").write_bytes(os.urandom(200_000))
+    store.create(tree, "before-chown", stage="ch6")
+    # Section 7.2's chown: every file changes owner, so a delta would carry the whole tree.
+    for path in [tree, *tree.rglob("*")]:
+        os.lchown(path, 0, 0)
+    info = store.create(tree, "after-chown", stage="ch7", parent="before-chown")
+    assert info.delta_of is None
+    manifest = store.manifest("after-chown")
+    assert {entry.layer for entry in manifest.entries.values()} == {"after-chown"}
+    # The same archive as a snapshot asked to be full.
+    alone = SnapshotStore(tmp_path / "alone", isolate=store.isolate)
+    alone.create(tree, "after-chown", stage="ch7", full=True)
+    assert manifest.archive_digest == alone.manifest("after-chown").archive_digest
+    _restores_exactly(store, "after-chown", tmp_path / "restored", docker_client)
+
+
+def test_deltas_that_add_up_past_the_share_end_the_chain(
+    tree: Path, store: SnapshotStore, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    (tree / "usr/lib").mkdir()
+    (tree / "usr/lib/base.so").write_bytes(os.urandom(4 << 20))
+    keys = ["base", "gcc", "glibc", "perl", "python"]
+    for index, key in enumerate(keys):
+        if index:  # each package adds a fifth of the base: 2 fit in half of it, 3 do not
+            (tree / f"usr/lib/{key}.so").write_bytes(os.urandom(900 << 10))
+        store.create(tree, key, stage="ch8", parent=keys[index - 1] if index else None)
+    assert _kinds(store, keys) == ["full", "delta", "delta", "full", "delta"]
+    _restores_exactly(store, "python", tmp_path / "tip", docker_client)
+
+
+def test_choosing_a_delta_reads_each_manifest_of_the_chain_once(
+    tree: Path, store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tree / "usr/lib").mkdir()
+    (tree / "usr/lib/big.so").write_bytes(os.urandom(1 << 20))
+    keys = [f"k{index}" for index in range(7)]
+
+    def build(index: int, on: SnapshotStore) -> None:
+        (tree / f"usr/bin/tool{index}").write_text(keys[index])
+        on.create(tree, keys[index], stage="ch8", parent=keys[index - 1] if index else None)
+
+    for index in range(5):
+        build(index, store)
+    assert _kinds(store, keys[:5]) == ["full"] + ["delta"] * 4
+    # A new process (a resume): the chain is walked from its manifests once, then remembered.
+    store = SnapshotStore(store.root, isolate=store.isolate)
+    read: list[str] = []
+    original = store.read_manifest
+
+    def counting(key: str) -> Manifest:
+        read.append(key)
+        return original(key)
+
+    monkeypatch.setattr(store, "read_manifest", counting)
+    build(5, store)
+    assert sorted(read) == ["k0", "k1", "k2", "k3", "k4", "k4"]  # the links, and the base
+    read.clear()
+    build(6, store)
+    assert read == ["k5"]  # only the delta's base: its entries are what the delta is over
+    assert _kinds(store, keys) == ["full"] + ["delta"] * 6
 
 
 def test_drift_check_reports_changes(tree: Path, store: SnapshotStore) -> None:

@@ -66,9 +66,11 @@ def _swap(staging: Path, target: Path) -> list[str]:
         return ["."]
     if not target.is_dir() or target.is_symlink():
         raise SnapshotError(f"cannot restore over {target}: it is not a directory")
+    restored_root = os.lstat(staging)  # before moving the marker in changes its mtime
     for name in PRIVATE_NAMES:  # the partition's identity and lock stay with it
         if os.path.lexists(target / name):
             os.rename(target / name, staging / name)
+    os.utime(staging, ns=(restored_root.st_atime_ns, restored_root.st_mtime_ns))
     trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
     os.rename(target, trash / "tree")
     os.rename(staging, target)

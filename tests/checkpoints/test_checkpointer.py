@@ -109,6 +109,30 @@ def test_cache_hit_restores_instead_of_building(
     assert started(recorded) == ["one/base", "two/a", "two/b"]
 
 
+def test_a_second_partition_builds_on_a_stage_from_the_cache(
+    workspace: Workspace, tmp_path: Path, two_stages: list[Path]
+) -> None:
+    first = tmp_path / "first"
+    first.mkdir()
+    assert run_build(two_stages, first, workspace)[0].outcome == "succeeded"
+    # Stage two changes: on a new partition, stage one comes from the cache, two is built on
+    # it. The restore keeps the partition's marker, and must keep the checkpoint's root too.
+    two = two_stages[0]
+    two.write_text(two.read_text().replace('"echo a >>', '"echo a2 >>'))
+    second = tmp_path / "second"
+    second.mkdir()
+    state, recorded = run_build(two_stages, second, workspace)
+    assert state.outcome == "succeeded", state.packages
+    assert [e.stage for e in recorded if e.name == "stage.cached"] == ["one"]
+    assert started(recorded) == ["two/a", "two/b"]
+    assert partition_text(second) == {
+        "usr": "<dir>",
+        "usr/a": "a2\n",
+        "usr/b": "b\n",
+        "usr/one": "one\n",
+    }
+
+
 def test_failed_build_resumes_on_the_restored_checkpoint(
     workspace: Workspace, lfs_dir: Path, two_stages: list[Path]
 ) -> None:

@@ -21,7 +21,7 @@ from orchestrator.checkpoints.digests import data_digest
 from orchestrator.checkpoints.manifest import ARCHIVE, Manifest, SnapshotError, snapshot_key
 from orchestrator.checkpoints.store import KEY_LABEL, MANIFEST, MANIFEST_MEMBER, SnapshotStore
 from orchestrator.checkpoints.tarstream import UnsafeArchiveError
-from orchestrator.checkpoints.treescan import scan_tree, verify_tree
+from orchestrator.checkpoints.treescan import PARTITION_MARKER, scan_tree, verify_tree
 from tests.helpers import assert_tree_kinds, tree_state
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]
@@ -49,6 +49,19 @@ def test_restore_over_an_existing_tree_removes_what_the_snapshot_lacks(
     assert not (tree / "stray-file").exists()
     assert_tree_kinds(tree)
     assert verify_tree(store.manifest("k1"), tree) == []
+
+
+def test_restore_keeps_the_partition_marker_and_the_snapshots_root(
+    tree: Path, store: SnapshotStore, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    store.create(tree, "k1", stage="ch5")
+    partition = tmp_path / "partition"
+    (partition / PARTITION_MARKER).mkdir(parents=True)
+    (partition / PARTITION_MARKER / "lock").write_text("4242\n")
+    store.restore("k1", partition, docker_client)
+    assert (partition / PARTITION_MARKER / "lock").read_text() == "4242\n"
+    # The root's mtime too: the next build's drift check compares it with the checkpoint.
+    assert verify_tree(store.manifest("k1"), partition) == []
 
 
 def test_same_tree_gives_the_same_archive(tree: Path, store: SnapshotStore) -> None:

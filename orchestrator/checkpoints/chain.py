@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 # (`benchmarks/chain.py --replay` gives 5.0 GiB under this policy).
 @dataclasses.dataclass(frozen=True)
 class ChainPolicy:
+    """How long a chain of deltas may grow: in snapshots, and in its deltas' share of the
+    tar bytes of the full snapshot it starts from."""
+
     max_layers: int = 32
     max_delta_share: float = 0.5
 

@@ -240,7 +240,9 @@ class SnapshotStore:
         if not tree.is_dir():
             raise SnapshotError(f"cannot snapshot {tree}: not a directory")
         refuse_nested_mounts(tree.absolute(), "snapshot")
-        base = None if full else chain.delta_base(self, delta_base or parent, tree, self.policy)
+        delta_over = (
+            None if full else chain.delta_base(self, delta_base or parent, tree, self.policy)
+        )
         self.root.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
         try:
@@ -250,7 +252,7 @@ class SnapshotStore:
                 key=key,
                 stage=stage,
                 parent=parent,
-                delta_over=base,
+                delta_over=delta_over,
                 metadata=metadata or {},
             )
             (staging / MANIFEST).write_bytes(orjson.dumps(manifest.to_json()))

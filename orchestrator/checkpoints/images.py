@@ -52,7 +52,7 @@ def to_image(store: SnapshotStore, client: Any, key: str) -> str:
             tree_chunks = archive.tar_chunks(tree, list(manifest.entries))
         _check_docker_names(manifest)
         digest = hashlib.sha256()
-        head = _manifest_member(store.manifest_path(key).read_bytes(), manifest.created)
+        head = _manifest_member(store.manifest_json(key), manifest.created)
 
         def counted() -> Iterator[bytes]:
             for chunk in itertools.chain([head], tree_chunks):

@@ -1,6 +1,7 @@
 """Checkpoints of the LFS partition between stages: the snapshot store, create/restore.
 
-A snapshot is a directory `<store>/<key>/` holding `manifest.json` and `archive.tar.zst`.
+A snapshot is a directory `<store>/<key>/` holding `manifest.json.zst` (`manifest.json`,
+uncompressed, in stores written before) and `archive.tar.zst`.
 It is either full, or a delta over an earlier snapshot (`delta_of`, see `chain.py`). Every
 manifest is complete: it lists the whole tree, each entry naming the snapshot whose archive
 carries it (`layer`), so a restore of a delta replays base, then deltas, and ends with a
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import zstandard
 
 from orchestrator.checkpoints import archive, chain, extract, images, swap
 from orchestrator.checkpoints.chain import PARTIAL_SUFFIX, REBASE_PREFIX
@@ -35,7 +37,11 @@ from orchestrator.checkpoints.mounts import refuse_nested_mounts
 from orchestrator.checkpoints.swap import OLD_PREFIX as OLD_PREFIX
 from orchestrator.checkpoints.swap import STAGING_PREFIX as STAGING_PREFIX
 
-MANIFEST = "manifest.json"
+# Every manifest lists the whole tree (a delta's too): 16 MB of JSON for a whole LFS system,
+# 2.5 MB compressed, and a build takes a hundred of them.
+MANIFEST = "manifest.json.zst"
+PLAIN_MANIFEST = "manifest.json"
+MANIFEST_LEVEL = 3
 RECENT_MANIFESTS = 4
 # Snapshots a prune removes are renamed to this first; a later prune removes a killed one's.
 PRUNE_PREFIX = ".pruned-"
@@ -99,7 +105,33 @@ class SnapshotStore:
         return self.root / key
 
     def manifest_path(self, key: str) -> Path:
-        return self.directory(key) / MANIFEST
+        """The manifest file of snapshot `key`: the compressed one unless only a plain one
+        (from an older store) is there."""
+        directory = self.directory(key)
+        plain = directory / PLAIN_MANIFEST
+        return (
+            plain
+            if not (directory / MANIFEST).is_file() and plain.is_file()
+            else directory / MANIFEST
+        )
+
+    def manifest_json(self, key: str) -> bytes:
+        """The manifest of snapshot `key` as JSON bytes, as it was written."""
+        path = self.manifest_path(key)
+        data = path.read_bytes()
+        if path.name != MANIFEST:
+            return data
+        # Read in pieces against a cap: a frame's own size field is not to be trusted.
+        out = bytearray()
+        try:
+            with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+                while piece := reader.read(1 << 20):
+                    out += piece
+                    if len(out) > images.MAX_MANIFEST_BYTES:
+                        raise ValueError(f"over {images.MAX_MANIFEST_BYTES} bytes decompressed")
+        except zstandard.ZstdError as exc:
+            raise ValueError(f"not zstd data: {exc}") from None
+        return bytes(out)
 
     def manifest(self, key: str) -> Manifest:
         """The manifest of snapshot `key`, shared with other callers: do not modify it."""
@@ -122,7 +154,7 @@ class SnapshotStore:
         """The manifest of snapshot `key`, read from disk: a private copy to modify."""
         path = self.manifest_path(key)
         try:
-            return Manifest.from_json(orjson.loads(path.read_bytes()))
+            return Manifest.from_json(orjson.loads(self.manifest_json(key)))
         except FileNotFoundError:
             raise SnapshotError(
                 f"no snapshot {key} in {self.root}", hint="`lfsorch snapshots list` shows them"
@@ -155,6 +187,9 @@ class SnapshotStore:
         """Whether a complete snapshot with this key exists (no manifest is read)."""
         return self.manifest_path(key).is_file()
 
+    def _is_snapshot(self, item: Path) -> bool:
+        return not item.name.startswith(".") and self.has(item.name)
+
     def get(self, key: str) -> SnapshotInfo | None:
         """The snapshot with this key, or None (a cache miss)."""
         if not self.has(key):
@@ -168,7 +203,7 @@ class SnapshotStore:
             return []
         found = []
         for item in self.root.iterdir():
-            if item.name.startswith(".") or not (item / MANIFEST).is_file():
+            if not self._is_snapshot(item):
                 continue
             try:
                 found.append(self._info(self.manifest(item.name)))
@@ -255,7 +290,7 @@ class SnapshotStore:
                 delta_over=delta_over,
                 metadata=metadata or {},
             )
-            (staging / MANIFEST).write_bytes(orjson.dumps(manifest.to_json()))
+            (staging / MANIFEST).write_bytes(_compressed(manifest))
             os.rename(staging, self.directory(key))
             self._links[key] = chain.ChainLink(manifest.delta_of, manifest.raw_size)
         except BaseException:
@@ -337,10 +372,11 @@ class SnapshotStore:
 
     def _commit_manifest(self, manifest: Manifest) -> None:
         """Replace a stored snapshot's manifest in one rename."""
-        path = self.manifest_path(manifest.key)
-        partial = path.with_name(MANIFEST + PARTIAL_SUFFIX)
-        partial.write_bytes(orjson.dumps(manifest.to_json()))
-        os.rename(partial, path)
+        directory = self.directory(manifest.key)
+        partial = directory / (MANIFEST + PARTIAL_SUFFIX)
+        partial.write_bytes(_compressed(manifest))
+        os.rename(partial, directory / MANIFEST)
+        (directory / PLAIN_MANIFEST).unlink(missing_ok=True)  # the older store's form
         self._links.pop(manifest.key, None)
 
     def _remove_prune_leftovers(self) -> None:
@@ -350,12 +386,13 @@ class SnapshotStore:
         for item in self.root.iterdir():
             if item.name.startswith((REBASE_PREFIX, PRUNE_PREFIX)):
                 extract.remove_tree(item)
-            elif not item.name.startswith(".") and (item / MANIFEST).is_file():
+            elif self._is_snapshot(item):
                 in_use = self.manifest(item.name).archive_file
                 for name in (*ARCHIVE_FILES, *(n + PARTIAL_SUFFIX for n in ARCHIVE_FILES)):
                     if name != in_use:
                         (item / name).unlink(missing_ok=True)
-                (item / (MANIFEST + PARTIAL_SUFFIX)).unlink(missing_ok=True)
+                for name in (MANIFEST, PLAIN_MANIFEST):
+                    (item / (name + PARTIAL_SUFFIX)).unlink(missing_ok=True)
 
     # ---- image form
 
@@ -422,3 +459,7 @@ def _kept(
 
 
 __all__ = ["PruneResult", "SnapshotInfo", "SnapshotStore"]
+
+
+def _compressed(manifest: Manifest) -> bytes:
+    return zstandard.ZstdCompressor(level=MANIFEST_LEVEL).compress(orjson.dumps(manifest.to_json()))

@@ -17,7 +17,7 @@ import pytest
 from orchestrator import api
 from orchestrator.checkpoints import digests
 from orchestrator.checkpoints.manifest import REBASED_ARCHIVE
-from orchestrator.checkpoints.store import MANIFEST, SnapshotStore
+from orchestrator.checkpoints.store import MANIFEST, PLAIN_MANIFEST, SnapshotStore
 from orchestrator.checkpoints.treescan import verify_tree
 from orchestrator.workspace import Workspace, WorkspaceBusy
 from tests.helpers import BASE_IMAGE, REPO, run_cli, start_cli, wait_for_container
@@ -187,9 +187,11 @@ def test_a_killed_prune_leaves_every_listed_snapshot_whole(
 
 
 def as_version_one(store: SnapshotStore, key: str) -> None:
-    """Rewrite a manifest exactly as lfsorch wrote them before manifests named their digest."""
-    path = store.root / key / MANIFEST
-    data = json.loads(path.read_text())
+    """Rewrite a manifest exactly as lfsorch wrote them before manifests named their digest
+    (and before they were compressed)."""
+    data = json.loads(store.manifest_json(key))
+    (store.root / key / MANIFEST).unlink()
+    path = store.root / key / PLAIN_MANIFEST
     assert data.pop("digest") == "sha256"
     data["version"] = 1
     data["archive"]["sha256"] = data["archive"].pop("digest")

@@ -15,11 +15,18 @@ import docker
 import pytest
 import zstandard
 
+from orchestrator.checkpoints import images
 from orchestrator.checkpoints.archive import sort_key
 from orchestrator.checkpoints.chain import ChainPolicy
 from orchestrator.checkpoints.digests import data_digest
 from orchestrator.checkpoints.manifest import ARCHIVE, Manifest, SnapshotError, snapshot_key
-from orchestrator.checkpoints.store import KEY_LABEL, MANIFEST, MANIFEST_MEMBER, SnapshotStore
+from orchestrator.checkpoints.store import (
+    KEY_LABEL,
+    MANIFEST,
+    MANIFEST_MEMBER,
+    PLAIN_MANIFEST,
+    SnapshotStore,
+)
 from orchestrator.checkpoints.tarstream import UnsafeArchiveError
 from orchestrator.checkpoints.treescan import PARTITION_MARKER, scan_tree, verify_tree
 from tests.helpers import assert_tree_kinds, tree_state
@@ -62,6 +69,43 @@ def test_restore_keeps_the_partition_marker_and_the_snapshots_root(
     assert (partition / PARTITION_MARKER / "lock").read_text() == "4242\n"
     # The root's mtime too: the next build's drift check compares it with the checkpoint.
     assert verify_tree(store.manifest("k1"), partition) == []
+
+
+def test_manifests_are_compressed_and_an_older_stores_plain_ones_still_read(
+    tree: Path, store: SnapshotStore, tmp_path: Path, docker_client: docker.DockerClient
+) -> None:
+    for index in range(300):
+        (tree / "usr/bin" / f"tool{index}").write_text(f"tool {index}\n")
+    store.create(tree, "k1", stage="ch5")
+    directory = store.root / "k1"
+    text = store.manifest_json("k1")
+    assert not (directory / PLAIN_MANIFEST).exists()
+    assert (directory / MANIFEST).stat().st_size < len(text) / 4
+    # As a store written before manifests were compressed holds it.
+    (directory / MANIFEST).unlink()
+    (directory / PLAIN_MANIFEST).write_bytes(text)
+    older = SnapshotStore(store.root, isolate=store.isolate)
+    assert [info.key for info in older.list()] == ["k1"] and older.has("k1")
+    assert older.manifest_json("k1") == text
+    _restores_exactly(older, "k1", tmp_path / "restored", docker_client)
+    (tree / "usr/bin/tool0").write_text("rebuilt\n")
+    assert older.create(tree, "k2", stage="ch6", parent="k1").delta_of == "k1"
+    _restores_exactly(older, "k2", tmp_path / "restored", docker_client)
+
+
+def test_a_manifest_that_decompresses_past_the_cap_is_refused(
+    tree: Path, store: SnapshotStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store.create(tree, "good", stage="ch5")
+    store.create(tree, "bomb", stage="ch6")
+    monkeypatch.setattr(images, "MAX_MANIFEST_BYTES", 1 << 20)
+    (store.root / "bomb" / MANIFEST).write_bytes(zstandard.compress(b"{" * (8 << 20)))
+    broken: list[str] = []
+    assert [info.key for info in store.list(broken)] == ["good"]
+    path = store.root / "bomb" / MANIFEST
+    assert broken == [
+        f"snapshot bomb: manifest {path} is unreadable (over 1048576 bytes decompressed)"
+    ]
 
 
 def test_same_tree_gives_the_same_archive(tree: Path, store: SnapshotStore) -> None:
@@ -116,7 +160,7 @@ def _plant(store: SnapshotStore, key: str, raw_tar: bytes) -> None:
     compressed = zstandard.ZstdCompressor(level=3).compress(raw_tar)
     directory = store.root / key
     (directory / ARCHIVE).write_bytes(compressed)
-    manifest = json.loads((directory / MANIFEST).read_text())
+    manifest = json.loads(store.manifest_json(key))
     manifest["archive"].update(
         digest=data_digest(compressed, manifest["digest"]),
         size=len(compressed),
@@ -133,7 +177,7 @@ def _plant(store: SnapshotStore, key: str, raw_tar: bytes) -> None:
                  "link": info.linkname or None, "layer": key}
             )  # fmt: skip
     manifest["entries"] = entries
-    (directory / MANIFEST).write_text(json.dumps(manifest))
+    (directory / MANIFEST).write_bytes(zstandard.compress(json.dumps(manifest).encode()))
 
 
 def _attacks(outside: Path) -> Iterator[tuple[str, bytes, str]]:

@@ -101,7 +101,7 @@ def test_builds_and_restores_with_the_paths_mapped_the_same(
     release = (lfs / "etc" / "demo-release").read_text()
     assert f"{lfs}/usr/bin/hello" not in release and "/mnt/lfs/usr/bin/hello" in release
     assert (lfs / "usr" / "bin" / "hello").stat().st_mode & 0o111
-    assert list((workspace / "snapshots").glob("*/manifest.json")), "a checkpoint was taken"
+    assert list((workspace / "snapshots").glob("*/manifest.json.zst")), "a checkpoint was taken"
 
     # A second, empty partition: the checkpoint is restored, by a container the engine
     # starts (no mount namespace sandbox in an unprivileged container).

@@ -11,8 +11,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+import zstandard
 
-from orchestrator.checkpoints.store import SnapshotStore
+from orchestrator.checkpoints.store import MANIFEST, PLAIN_MANIFEST, SnapshotStore
 from orchestrator.workspace import Workspace
 from tests.helpers import BASE_IMAGE, run_cli
 
@@ -79,16 +80,18 @@ def test_a_binary_configuration_file(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("content", "reason"),
+    ("content", "reason", "form"),
     [
-        (b"{not json", "unexpected character"),
-        (b"[]", "'list' object has no attribute 'get'"),
-        (b'{"version": 1}', "'archive'"),
-        (bytes(range(256)), "not valid utf-8"),
+        (b"{not json", "unexpected character", "compressed"),
+        (b"{not json", "unexpected character", "plain"),
+        (b"[]", "'list' object has no attribute 'get'", "compressed"),
+        (b'{"version": 1}', "'archive'", "plain"),
+        (bytes(range(256)), "not valid utf-8", "compressed"),
+        (b'{"version": 1}', "not zstd data", "not compressed"),
     ],
 )
 def test_one_malformed_manifest_does_not_hide_the_other_snapshots(
-    workspace: Workspace, tmp_path: Path, content: bytes, reason: str
+    workspace: Workspace, tmp_path: Path, content: bytes, reason: str, form: str
 ) -> None:
     tree = tmp_path / "tree"
     tree.mkdir()
@@ -96,8 +99,12 @@ def test_one_malformed_manifest_does_not_hide_the_other_snapshots(
     store = SnapshotStore(workspace.snapshots_dir)
     store.create(tree, "a" * 64, stage="good")
     store.create(tree, "b" * 64, stage="bad")
-    manifest = workspace.snapshots_dir / ("b" * 64) / "manifest.json"
-    manifest.write_bytes(content)
+    manifest = workspace.snapshots_dir / ("b" * 64) / MANIFEST
+    if form == "plain":  # as a store written before manifests were compressed holds them
+        manifest.unlink()
+        manifest = manifest.with_name(PLAIN_MANIFEST)
+    written = zstandard.compress(content) if form == "compressed" else content
+    manifest.write_bytes(written)
 
     listed = run_cli("snapshots", "list")
 
@@ -110,7 +117,7 @@ def test_one_malformed_manifest_does_not_hide_the_other_snapshots(
     assert shown.returncode == 1
     assert shown.stderr.startswith(f"error: snapshot {'b' * 64}: manifest {manifest} is unreadable")
     assert "Traceback" not in shown.stderr
-    assert manifest.read_bytes() == content
+    assert manifest.read_bytes() == written
 
 
 # ------------------------------------------------------------------ the workspace's own files

@@ -123,12 +123,16 @@ def delta_base(
 
 
 def _tar_bytes(entries: dict[str, Entry], paths: list[str]) -> int:
-    """About what tar writes for `paths`: a header each and file data in 512-byte blocks."""
+    """About what tar writes for `paths`: a ustar and a PAX header each (3 blocks), and each
+    inode's data once (the other names of a hard link are headers only), in 512-byte blocks."""
     total = 0
+    inodes: set[int] = set()
     for path in paths:
         entry = entries[path]
-        data = entry.size if entry.type == "file" else 0
-        total += 512 + -(-data // 512) * 512
+        total += 3 * 512
+        if entry.type == "file" and entry.ino not in inodes:
+            inodes.add(entry.ino)
+            total += -(-entry.size // 512) * 512
     return total
 
 
@@ -230,13 +234,24 @@ def index_path(directory: Path, tree: Path) -> Path:
     return directory / f"index-{where}.json"
 
 
+def replace_file(path: Path, data: bytes) -> None:
+    """Write `path` whole by rename, through a fresh file: nothing planted in the store (a
+    symlink at a fixed scratch name) can redirect the write."""
+    handle, scratch = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "wb") as out:
+            out.write(data)
+        os.rename(scratch, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(scratch)
+        raise
+
+
 def write_stat_index(directory: Path, tree: Path, found: dict[str, Entry]) -> None:
     """Record inode/ctime of a tree just restored and verified to equal the snapshot."""
     stats = {path: [e.ino, e.ctime_ns] for path, e in found.items()}
-    index = index_path(directory, tree)
-    scratch = index.with_suffix(".tmp")
-    scratch.write_bytes(orjson.dumps(stats))
-    os.rename(scratch, index)
+    replace_file(index_path(directory, tree), orjson.dumps(stats))
 
 
 def apply_stat_index(directory: Path, base: Manifest, tree: Path) -> None:

@@ -22,6 +22,7 @@ import docker.errors
 import orjson
 
 from orchestrator.checkpoints import archive, tarstream
+from orchestrator.checkpoints.chain import replace_file
 from orchestrator.checkpoints.extract import Layer
 from orchestrator.checkpoints.manifest import Manifest, SnapshotError, check_member
 from orchestrator.checkpoints.tarstream import Member, MemberPolicy
@@ -70,7 +71,7 @@ def to_image(store: SnapshotStore, client: Any, key: str) -> str:
     if layers != [f"sha256:{digest.hexdigest()}"]:
         raise SnapshotError(f"{manifest.label}: the engine stored a different layer {layers}")
     record = {"image": image_id, "diff_id": layers[0]}
-    (store.directory(key) / IMAGE_RECORD).write_text(json.dumps(record))
+    replace_file(store.directory(key) / IMAGE_RECORD, json.dumps(record).encode())
     return str(image_id)
 
 

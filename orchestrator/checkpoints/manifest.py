@@ -193,6 +193,13 @@ class Manifest:
         archive_file = data["archive"].get("file", ARCHIVE)
         if archive_file not in ARCHIVE_FILES:
             raise SnapshotError(f"snapshot {data.get('key')}: unknown archive {archive_file!r}")
+        sizes = (data["archive"]["size"], data["archive"]["raw_size"])
+        if not all(type(size) is int and size >= 0 for size in sizes):
+            raise SnapshotError(
+                f"snapshot {data.get('key')}: archive sizes {sizes!r} are not sizes"
+            )
+        if not all(isinstance(data[name], str | None) for name in ("parent", "delta_of")):
+            raise SnapshotError(f"snapshot {data.get('key')}: parent or base is not a key")
         from_json = Entry.from_json
         entries = [from_json(item) for item in data["entries"]]
         return cls(

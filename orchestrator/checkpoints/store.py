@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -118,7 +119,7 @@ class SnapshotStore:
     def manifest_json(self, key: str) -> bytes:
         """The manifest of snapshot `key` as JSON bytes, as it was written."""
         path = self.manifest_path(key)
-        data = path.read_bytes()
+        data = _read_capped(path, images.MAX_MANIFEST_BYTES)
         if path.name != MANIFEST:
             return data
         # Read in pieces against a cap: a frame's own size field is not to be trusted.
@@ -154,13 +155,19 @@ class SnapshotStore:
         """The manifest of snapshot `key`, read from disk: a private copy to modify."""
         path = self.manifest_path(key)
         try:
-            return Manifest.from_json(orjson.loads(self.manifest_json(key)))
+            manifest = Manifest.from_json(orjson.loads(self.manifest_json(key)))
         except FileNotFoundError:
             raise SnapshotError(
                 f"no snapshot {key} in {self.root}", hint="`lfsorch snapshots list` shows them"
             ) from None
-        except (ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
             raise SnapshotError(f"snapshot {key}: manifest {path} is unreadable ({exc})") from None
+        if manifest.key != key:  # e.g. a link to another snapshot's manifest
+            raise SnapshotError(
+                f"snapshot {key}: manifest {path} is unreadable (it is of snapshot "
+                f"{str(manifest.key)[:64]!r})"
+            )
+        return manifest
 
     def _info(self, manifest: Manifest) -> SnapshotInfo:
         return SnapshotInfo(
@@ -393,6 +400,8 @@ class SnapshotStore:
                         (item / name).unlink(missing_ok=True)
                 for name in (MANIFEST, PLAIN_MANIFEST):
                     (item / (name + PARTIAL_SUFFIX)).unlink(missing_ok=True)
+                if (item / MANIFEST).is_file():  # a commit killed before it removed the old form
+                    (item / PLAIN_MANIFEST).unlink(missing_ok=True)
 
     # ---- image form
 
@@ -463,3 +472,19 @@ __all__ = ["PruneResult", "SnapshotInfo", "SnapshotStore"]
 
 def _compressed(manifest: Manifest) -> bytes:
     return zstandard.ZstdCompressor(level=MANIFEST_LEVEL).compress(orjson.dumps(manifest.to_json()))
+
+
+def _read_capped(path: Path, cap: int) -> bytes:
+    """A regular file's bytes, refused past `cap` before it is read (the store is not
+    trusted: a sparse terabyte, a FIFO or a device must not reach memory)."""
+    handle = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(handle, "rb") as source:
+        info = os.fstat(source.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_size > cap:
+            raise ValueError(f"over {cap} bytes")
+        data = source.read(cap + 1)
+    if len(data) > cap:
+        raise ValueError(f"over {cap} bytes")
+    return data

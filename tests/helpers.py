@@ -22,6 +22,7 @@ import docker
 
 from orchestrator import api
 from orchestrator.build.state import RunState
+from orchestrator.checkpoints.store import MANIFEST, PLAIN_MANIFEST, SnapshotStore
 from orchestrator.checkpoints.treescan import PARTITION_MARKER
 from orchestrator.config import load_config
 from orchestrator.execution import engine
@@ -275,3 +276,16 @@ def mounts_under(root: Path) -> list[str]:
         if point == str(root) or point.startswith(f"{root}/"):
             points.append(point)
     return sorted(points, key=len, reverse=True)
+
+
+def snapshot_kinds(store: SnapshotStore, keys: Sequence[str]) -> list[str]:
+    """ "full" or "delta" for each snapshot, in order."""
+    return ["full" if store.manifest(key).delta_of is None else "delta" for key in keys]
+
+
+def as_plain_manifests(store: SnapshotStore, *keys: str) -> None:
+    """Store the manifests as plain JSON, as lfsorch did before compressing them."""
+    for key in keys:
+        text = store.manifest_json(key)
+        (store.root / key / MANIFEST).unlink()
+        (store.root / key / PLAIN_MANIFEST).write_bytes(text)

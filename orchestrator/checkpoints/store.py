@@ -118,21 +118,7 @@ class SnapshotStore:
 
     def manifest_json(self, key: str) -> bytes:
         """The manifest of snapshot `key` as JSON bytes, as it was written."""
-        path = self.manifest_path(key)
-        data = _read_capped(path, images.MAX_MANIFEST_BYTES)
-        if path.name != MANIFEST:
-            return data
-        # Read in pieces against a cap: a frame's own size field is not to be trusted.
-        out = bytearray()
-        try:
-            with zstandard.ZstdDecompressor().stream_reader(data) as reader:
-                while piece := reader.read(1 << 20):
-                    out += piece
-                    if len(out) > images.MAX_MANIFEST_BYTES:
-                        raise ValueError(f"over {images.MAX_MANIFEST_BYTES} bytes decompressed")
-        except zstandard.ZstdError as exc:
-            raise ValueError(f"not zstd data: {exc}") from None
-        return bytes(out)
+        return _manifest_bytes(self.manifest_path(key))
 
     def manifest(self, key: str) -> Manifest:
         """The manifest of snapshot `key`, shared with other callers: do not modify it."""
@@ -155,7 +141,7 @@ class SnapshotStore:
         """The manifest of snapshot `key`, read from disk: a private copy to modify."""
         path = self.manifest_path(key)
         try:
-            manifest = Manifest.from_json(orjson.loads(self.manifest_json(key)))
+            manifest = Manifest.from_json(orjson.loads(_manifest_bytes(path)))
         except FileNotFoundError:
             raise SnapshotError(
                 f"no snapshot {key} in {self.root}", hint="`lfsorch snapshots list` shows them"
@@ -380,9 +366,7 @@ class SnapshotStore:
     def _commit_manifest(self, manifest: Manifest) -> None:
         """Replace a stored snapshot's manifest in one rename."""
         directory = self.directory(manifest.key)
-        partial = directory / (MANIFEST + PARTIAL_SUFFIX)
-        partial.write_bytes(_compressed(manifest))
-        os.rename(partial, directory / MANIFEST)
+        chain.replace_file(directory / MANIFEST, _compressed(manifest))
         (directory / PLAIN_MANIFEST).unlink(missing_ok=True)  # the older store's form
         self._links.pop(manifest.key, None)
 
@@ -472,6 +456,24 @@ __all__ = ["PruneResult", "SnapshotInfo", "SnapshotStore"]
 
 def _compressed(manifest: Manifest) -> bytes:
     return zstandard.ZstdCompressor(level=MANIFEST_LEVEL).compress(orjson.dumps(manifest.to_json()))
+
+
+def _manifest_bytes(path: Path) -> bytes:
+    """A manifest file's JSON, decompressed in pieces against the cap: a frame's own size
+    field is not to be trusted."""
+    data = _read_capped(path, images.MAX_MANIFEST_BYTES)
+    if path.name != MANIFEST:
+        return data
+    out = bytearray()
+    try:
+        with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+            while piece := reader.read(1 << 20):
+                out += piece
+                if len(out) > images.MAX_MANIFEST_BYTES:
+                    raise ValueError(f"over {images.MAX_MANIFEST_BYTES} bytes decompressed")
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"not zstd data: {exc}") from None
+    return bytes(out)
 
 
 def _read_capped(path: Path, cap: int) -> bytes:

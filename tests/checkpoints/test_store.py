@@ -29,7 +29,7 @@ from orchestrator.checkpoints.store import (
 )
 from orchestrator.checkpoints.tarstream import UnsafeArchiveError
 from orchestrator.checkpoints.treescan import PARTITION_MARKER, scan_tree, verify_tree
-from tests.helpers import assert_tree_kinds, tree_state
+from tests.helpers import as_plain_manifests, assert_tree_kinds, snapshot_kinds, tree_state
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("no_leftovers")]
 
@@ -81,9 +81,7 @@ def test_manifests_are_compressed_and_an_older_stores_plain_ones_still_read(
     text = store.manifest_json("k1")
     assert not (directory / PLAIN_MANIFEST).exists()
     assert (directory / MANIFEST).stat().st_size < len(text) / 4
-    # As a store written before manifests were compressed holds it.
-    (directory / MANIFEST).unlink()
-    (directory / PLAIN_MANIFEST).write_bytes(text)
+    as_plain_manifests(store, "k1")  # as a store written before compression holds it
     older = SnapshotStore(store.root, isolate=store.isolate)
     assert [info.key for info in older.list()] == ["k1"] and older.has("k1")
     assert older.manifest_json("k1") == text
@@ -307,10 +305,6 @@ def test_first_snapshot_after_a_restore_stays_small(
     assert carried == {".", "new-file"}
 
 
-def _kinds(store: SnapshotStore, keys: list[str]) -> list[str]:
-    return ["full" if store.manifest(key).delta_of is None else "delta" for key in keys]
-
-
 def _restores_exactly(
     store: SnapshotStore, key: str, target: Path, client: docker.DockerClient
 ) -> None:
@@ -329,7 +323,7 @@ def test_small_deltas_chain_until_the_policy_depth(
         (tree / f"usr/bin/tool{index}").write_bytes(os.urandom(1000))  # a package's worth
         store.create(tree, key, stage="ch8", parent=keys[index - 1] if index else None)
     # Twelve layers: deeper than a fixed depth of 8 would allow, well under the default 32.
-    assert _kinds(store, keys) == ["full"] + ["delta"] * 11
+    assert snapshot_kinds(store, keys) == ["full"] + ["delta"] * 11
     _restores_exactly(store, keys[-1], tmp_path / "tip", docker_client)
 
     store.policy = ChainPolicy(max_layers=5)
@@ -338,7 +332,7 @@ def test_small_deltas_chain_until_the_policy_depth(
         os.unlink(tree / f"usr/bin/tool{index}")
         store.create(tree, key, stage="ch8", parent=more[index - 1] if index else keys[-1])
     # The chain already had 12 layers, so the first is full; then 4 deltas, then full again.
-    assert _kinds(store, more) == ["full"] + ["delta"] * 4 + ["full", "delta"]
+    assert snapshot_kinds(store, more) == ["full"] + ["delta"] * 4 + ["full", "delta"]
     _restores_exactly(store, more[-1], tmp_path / "tip", docker_client)
 
 
@@ -373,7 +367,7 @@ def test_deltas_that_add_up_past_the_share_end_the_chain(
         if index:  # each package adds a fifth of the base: 2 fit in half of it, 3 do not
             (tree / f"usr/lib/{key}.so").write_bytes(os.urandom(900 << 10))
         store.create(tree, key, stage="ch8", parent=keys[index - 1] if index else None)
-    assert _kinds(store, keys) == ["full", "delta", "delta", "full", "delta"]
+    assert snapshot_kinds(store, keys) == ["full", "delta", "delta", "full", "delta"]
     _restores_exactly(store, "python", tmp_path / "tip", docker_client)
 
 
@@ -390,7 +384,7 @@ def test_choosing_a_delta_reads_each_manifest_of_the_chain_once(
 
     for index in range(5):
         build(index, store)
-    assert _kinds(store, keys[:5]) == ["full"] + ["delta"] * 4
+    assert snapshot_kinds(store, keys[:5]) == ["full"] + ["delta"] * 4
     # A new process (a resume): the chain is walked from its manifests once, then remembered.
     store = SnapshotStore(store.root, isolate=store.isolate)
     read: list[str] = []
@@ -406,7 +400,7 @@ def test_choosing_a_delta_reads_each_manifest_of_the_chain_once(
     read.clear()
     build(6, store)
     assert read == ["k5"]  # only the delta's base: its entries are what the delta is over
-    assert _kinds(store, keys) == ["full"] + ["delta"] * 6
+    assert snapshot_kinds(store, keys) == ["full"] + ["delta"] * 6
 
 
 def test_drift_check_reports_changes(tree: Path, store: SnapshotStore) -> None:

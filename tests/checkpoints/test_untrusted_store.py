@@ -18,7 +18,7 @@ from orchestrator.checkpoints import chain
 from orchestrator.checkpoints.manifest import SnapshotError
 from orchestrator.checkpoints.store import MANIFEST, PLAIN_MANIFEST, SnapshotStore
 from orchestrator.checkpoints.treescan import verify_tree
-from tests.helpers import tree_state
+from tests.helpers import as_plain_manifests, snapshot_kinds, tree_state
 
 CAP = 1 << 30
 
@@ -28,16 +28,11 @@ def host_store(tmp_path: Path) -> SnapshotStore:
     return SnapshotStore(tmp_path / "snapshots")
 
 
-def _kinds(store: SnapshotStore, *keys: str) -> list[str]:
-    return ["full" if store.manifest(key).delta_of is None else "delta" for key in keys]
-
-
-def _as_older_store(store: SnapshotStore, *keys: str) -> None:
-    """Store the manifests as plain JSON, as lfsorch did before compressing them."""
-    for key in keys:
-        text = store.manifest_json(key)
-        (store.root / key / MANIFEST).unlink()
-        (store.root / key / PLAIN_MANIFEST).write_bytes(text)
+@pytest.fixture
+def empty_tree(tmp_path: Path) -> Path:
+    root = tmp_path / "empty"
+    root.mkdir()
+    return root
 
 
 def test_touching_every_entry_of_a_tree_of_small_files_gives_a_full_snapshot(
@@ -53,7 +48,7 @@ def test_touching_every_entry_of_a_tree_of_small_files_gives_a_full_snapshot(
     for path in [tree, *tree.rglob("*")]:  # headers are all a delta would carry
         os.utime(path, (later, later))
     host_store.create(tree, "touched", stage="s", parent="base")
-    assert _kinds(host_store, "touched") == ["full"]
+    assert snapshot_kinds(host_store, ["touched"]) == ["full"]
 
 
 def test_a_package_of_hard_links_stays_a_small_delta(
@@ -68,7 +63,7 @@ def test_a_package_of_hard_links_stays_a_small_delta(
     for name in ("mkfs.ext2", "mkfs.ext3", "mkfs.ext4", "e2fsck", "fsck.ext4"):  # one inode
         os.link(tree / "bin/mke2fs", tree / "bin" / name)
     host_store.create(tree, "e2fsprogs", stage="s", parent="base")
-    assert _kinds(host_store, "e2fsprogs") == ["delta"]
+    assert snapshot_kinds(host_store, ["e2fsprogs"]) == ["delta"]
     assert host_store.manifest("e2fsprogs").raw_size < 400 << 10
 
 
@@ -93,10 +88,9 @@ def test_a_forged_size_in_the_parent_is_a_readable_refusal(
 
 @pytest.mark.parametrize("form", [MANIFEST, PLAIN_MANIFEST])
 def test_a_sparse_terabyte_manifest_is_refused_unread(
-    tmp_path: Path, host_store: SnapshotStore, form: str
+    empty_tree: Path, host_store: SnapshotStore, form: str
 ) -> None:
-    tree = tmp_path / "tree"
-    tree.mkdir()
+    tree = empty_tree
     host_store.create(tree, "good", stage="a")
     host_store.create(tree, "huge", stage="b")
     (host_store.root / "huge" / MANIFEST).unlink()
@@ -109,10 +103,9 @@ def test_a_sparse_terabyte_manifest_is_refused_unread(
 
 
 def test_a_fifo_for_a_manifest_is_refused_without_blocking(
-    tmp_path: Path, host_store: SnapshotStore
+    empty_tree: Path, host_store: SnapshotStore
 ) -> None:
-    tree = tmp_path / "tree"
-    tree.mkdir()
+    tree = empty_tree
     host_store.create(tree, "k1", stage="a")
     path = host_store.root / "k1" / MANIFEST
     path.unlink()
@@ -125,10 +118,9 @@ def test_a_fifo_for_a_manifest_is_refused_without_blocking(
 
 
 def test_a_manifest_of_another_snapshot_is_refused(
-    tmp_path: Path, host_store: SnapshotStore
+    empty_tree: Path, host_store: SnapshotStore
 ) -> None:
-    tree = tmp_path / "tree"
-    tree.mkdir()
+    tree = empty_tree
     host_store.create(tree, "k1", stage="a")
     (tree / "other").write_text("other")
     host_store.create(tree, "k2", stage="b", full=True)
@@ -167,7 +159,7 @@ def test_a_commit_killed_between_the_two_forms_leaves_no_stale_manifest(
     host_store.create(tree, "base", stage="a")
     (tree / "usr/bin/new").write_text("built")
     host_store.create(tree, "tip", stage="b", parent="base")
-    _as_older_store(host_store, "base", "tip")
+    as_plain_manifests(host_store, "base", "tip")
     unlink = Path.unlink
 
     def killed_at_the_plain_manifest(self: Path, missing_ok: bool = False) -> None:
